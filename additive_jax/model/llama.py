@@ -3,6 +3,7 @@
 Einsum letters, used in every shape suffix of the project:
   B batch   T query length   S key length   D model width   N query heads
   K kv heads   H head dim    F d_ff (MLP hidden)   V vocab   L layers   R adapter rank/dim
+  P virtual tokens (prompt vectors, prefix key/value slots)
 
 Pre-norm block:  r = x; f = Attn(RMSNorm(x)); x = r + f; r = x; f = MLP(RMSNorm(x)); x = r + f.
 With no method configured, logits equal `transformers`' `LlamaForCausalLM`.
@@ -54,12 +55,13 @@ class KVCache:
 
 @flax.struct.dataclass
 class AttentionContext:
-  """Per-call tensors every layer shares (broadcast through the layer scan)."""
+  """Per-call tensors every layer shares (broadcast through the layer scan), and the config."""
   positions_BT: jax.Array
   cos_BTH: jax.Array
   sin_BTH: jax.Array
   mask_BTS: jax.Array     # True where query t may attend key slot s (prefix slots first)
   cache_end: jax.Array | None
+  config: LlamaConfig = flax.struct.field(pytree_node=False)  # static; the ladder's side net
 
 
 class Attention(nn.Module):
@@ -205,7 +207,13 @@ class Llama(nn.Module):
     x_BTD = embedder(tokens_BT)
     for method in methods:
       x_BTD = method.embed(trees[method.key], x_BTD)
+    embedded_BTD = x_BTD
     virtual = x_BTD.shape[1] - length   # vectors a method prepended (prompt tuning)
+    prefix = sum(m.num_prefix_tokens for m in methods)
+    if cache is None and prefix + virtual + length > cfg.max_position_embeddings:
+      raise ValueError(f'{length} tokens + {virtual} prompt vectors + {prefix} prefix slots need '
+                       f'{prefix + virtual + length} positions; the model has '
+                       f'max_position_embeddings={cfg.max_position_embeddings}')
 
     if attention_mask is None:
       attention_mask = jnp.ones((batch, length), bool)
@@ -217,8 +225,8 @@ class Llama(nn.Module):
     elif virtual:
       positions = jnp.concatenate([jnp.arange(virtual, dtype=jnp.int32)[None].repeat(batch, 0),
                                    positions + virtual], axis=1)
-    positions = positions + sum(m.num_prefix_tokens for m in methods)
-    ctx, cache = self._context(positions, attention_mask, segment_ids, cache, methods)
+    positions = positions + prefix
+    ctx, cache = self._context(positions, attention_mask, segment_ids, cache, virtual, prefix)
 
     block = Block
     if cfg.remat != 'none':
@@ -228,11 +236,13 @@ class Llama(nn.Module):
                      metadata_params={nn.PARTITION_NAME: 'layers'})
     layer_inputs = {m.key: m.layer_inputs(trees[m.key], cfg) for m in methods}
     kv = None if cache is None else (cache.k_LBSKH, cache.v_LBSKH)
-    x_BTD, (kv, taps_LBTD) = layers(cfg, methods, any(m.wants_taps for m in methods),
-                                    name='layers')(x_BTD, layer_inputs, kv, ctx)
+    wants_taps = any(m.wants_taps for m in methods)
+    x_BTD, (kv, taps_LBTD) = layers(cfg, methods, wants_taps, name='layers')(
+        x_BTD, layer_inputs, kv, ctx)
+    taps = (embedded_BTD, taps_LBTD) if wants_taps else None  # the embeddings, each layer's output
     x_BTD = _rms_norm(cfg, 'norm')(x_BTD)
     for method in methods:
-      x_BTD = method.final_hidden(trees[method.key], x_BTD, taps_LBTD, ctx)
+      x_BTD = method.final_hidden(trees[method.key], x_BTD, taps, ctx)
     x_BTD = x_BTD[:, virtual:]
     if cfg.tie_word_embeddings:
       logits_BTV = embedder.attend(x_BTD)
@@ -259,7 +269,7 @@ class Llama(nn.Module):
       raise ValueError(f"variables['peft'] lacks {missing}; it has {sorted(trees)}")
     return dict(trees)
 
-  def _context(self, positions_BT, mask_BT, segment_ids_BT, cache, methods):
+  def _context(self, positions_BT, mask_BT, segment_ids_BT, cache, virtual: int, prefix: int):
     """Rotary tables and the boolean attention mask [B, T, prefix + S]."""
     cfg = self.config
     cos_BTH, sin_BTH = rotary_tables(positions_BT, cfg)
@@ -277,11 +287,12 @@ class Llama(nn.Module):
     key_slot_S = jnp.arange(valid_BS.shape[1])
     mask_BTS = (key_slot_S[None, None, :] <= query_slot_T[None, :, None]) & valid_BS[:, None, :]
     if segment_ids_BT is not None:
-      if segment_ids_BT.shape[1] != length:
-        raise ValueError(f'segment_ids has length {segment_ids_BT.shape[1]}, the sequence {length} '
-                         '(prompt tuning cannot be combined with packed segments)')
-      mask_BTS &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-    prefix = sum(m.num_prefix_tokens for m in methods)
+      if segment_ids_BT.shape[1] != length - virtual:
+        raise ValueError(f'segment_ids has length {segment_ids_BT.shape[1]}, '
+                         f'the tokens {length - virtual}')
+      same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+      # prompt vectors open every packed segment: each segment sees them as if it were alone
+      mask_BTS &= jnp.pad(same_BTS, ((0, 0), (virtual, 0), (virtual, 0)), constant_values=True)
     if prefix:  # prefix key/value slots are visible to every position
       mask_BTS = jnp.concatenate([jnp.ones((batch, length, prefix), bool), mask_BTS], axis=-1)
-    return AttentionContext(positions_BT, cos_BTH, sin_BTH, mask_BTS, end), cache
+    return AttentionContext(positions_BT, cos_BTH, sin_BTH, mask_BTS, end, cfg), cache

@@ -1,0 +1,153 @@
+"""Bottleneck adapters: a small down → act → up module added to the residual stream.
+
+Each adapter maps a hidden state h (width D) through a bottleneck of width R:
+
+    A(h) = W_up · act(W_down · h + b_down) + b_up        W_down: [D, R], W_up: [R, D]
+
+and its (scaled) output is added to the stream. Where it reads and where it adds
+is the placement; with r the stream before a sublayer and f that sublayer's
+output (pre-norm block: x = r + f), the three placements of AdapterHub on Llama:
+
+    'pfeiffer'  after the MLP                    x = r + f + s·A(r + f)    (AdapterHub seq_bn)
+    'houlsby'   after attention and after MLP    x = r + f + s·A(f)        (double_seq_bn; 2 per layer)
+    'parallel'  beside the MLP, reading r        x = r + f + s·A(r)        (par_bn)
+
+`act` is relu, gelu (erf-based, exact, as PyTorch's and AdapterHub's "gelu") or
+silu (AdapterHub's "swish"). The scale s multiplies the adapter output at every
+placement, as AdapterHub's `scaling` does (`up = up * self.scaling` in
+`Adapter.forward` and `ParallelAdapter.forward`); AdapterHub's defaults are
+s = 1 for seq_bn/double_seq_bn and s = 4 for par_bn, ours s = 1 everywhere.
+
+Width: `dim=R`, or `reduction_factor=rf` with R = int(D // rf) as AdapterHub.
+
+Parameters: per adapter 2·D·R + R + D; L of them for pfeiffer and parallel, 2·L
+for houlsby (Llama-3.2-1B, R = 64, pfeiffer: 16 · (2·2048·64 + 64 + 2048) = 4,228,096).
+
+Initialization. W_up and b_up are zero so the adapter is the identity at init
+(as AdapterHub's par_bn, "mam_adapter" init; its seq_bn and double_seq_bn use
+"bert" init, which also draws W_up from N(0, 0.02): we deviate there so that
+every method starts as the identity). W_down is drawn as AdapterHub does for that
+placement: N(0, 0.02) ("bert") for pfeiffer and houlsby; kaiming-uniform with
+a = √5, i.e. U(±1/√D) ("mam_adapter") for parallel. b_down = 0.
+
+Leaves (fp32, leading layers axis): {'mlp': {'down': [L,D,R], 'down_bias': [L,R],
+'up': [L,R,D], 'up_bias': [L,D]}}, plus the same under 'attn' for houlsby.
+
+Houlsby et al., "Parameter-Efficient Transfer Learning for NLP", ICML 2019;
+Pfeiffer et al., "AdapterFusion", EACL 2021 (arXiv 2005.00247, 2020);
+He et al., "Towards a Unified View of Parameter-Efficient Transfer Learning",
+ICLR 2022. AdapterHub (`adapters`): SeqBnConfig, DoubleSeqBnConfig, ParBnConfig
+with `reduction_factor`, `non_linearity`, `scaling`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from additive_jax.peft.base import Method
+
+PLACEMENTS = ('pfeiffer', 'houlsby', 'parallel')
+ACTIVATIONS = {'relu': jax.nn.relu,
+               'gelu': lambda x: jax.nn.gelu(x, approximate=False),  # erf-based, as torch's
+               'silu': jax.nn.silu}
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bottleneck(Method):
+  dim: int | None = None
+  placement: str = 'pfeiffer'
+  activation: str = 'relu'
+  scale: float = 1.0
+  reduction_factor: float | None = None
+
+  key: ClassVar[str] = 'bottleneck'
+
+  def __post_init__(self):
+    if self.placement not in PLACEMENTS:
+      raise ValueError(f'Bottleneck placement must be one of {PLACEMENTS}, got {self.placement!r}')
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f'Bottleneck activation must be one of {tuple(ACTIVATIONS)}, '
+                       f'got {self.activation!r}')
+    if (self.dim is None) == (self.reduction_factor is None):
+      raise ValueError('Bottleneck takes exactly one of dim and reduction_factor, got '
+                       f'dim={self.dim!r}, reduction_factor={self.reduction_factor!r}')
+    if self.dim is not None and (not _is_int(self.dim) or self.dim <= 0):
+      raise ValueError(f'Bottleneck dim must be a positive integer, got {self.dim!r}')
+    rf = self.reduction_factor
+    if rf is not None and (not _is_real(rf) or not rf > 0):
+      raise ValueError(f'Bottleneck reduction_factor must be a positive number, got {rf!r}')
+    if not _is_real(self.scale):
+      raise ValueError(f'Bottleneck scale must be a number, got {self.scale!r}')
+
+  @property
+  def sites(self) -> tuple[str, ...]:
+    """The subtrees: one adapter per layer after the MLP, and one after attention for houlsby."""
+    return ('attn', 'mlp') if self.placement == 'houlsby' else ('mlp',)
+
+  def bottleneck_dim(self, config) -> int:
+    """R: `dim`, or int(D // reduction_factor) as AdapterHub computes its `down_sample`."""
+    if self.dim is not None:
+      return self.dim
+    return int(config.hidden_size // self.reduction_factor)
+
+  def check(self, config) -> None:
+    dim, width = self.bottleneck_dim(config), config.hidden_size
+    if self.dim is not None and dim > width:
+      raise ValueError(f'Bottleneck dim={dim} exceeds the hidden size {width}; a bottleneck '
+                       'must not be wider than the stream it reads')
+    if self.reduction_factor is not None and not 1 <= dim <= width:
+      raise ValueError(f'Bottleneck reduction_factor={self.reduction_factor!r} gives a bottleneck '
+                       f'of int({width} // {self.reduction_factor!r}) = {dim}; it must lie in '
+                       f'1…{width}')
+
+  def num_params(self, config) -> int:
+    d, r = config.hidden_size, self.bottleneck_dim(config)
+    return len(self.sites) * config.num_layers * (2 * d * r + r + d)
+
+  def init(self, rng, config, params, tokenizer=None):
+    layers, d, r = config.num_layers, config.hidden_size, self.bottleneck_dim(config)
+    tree = {}
+    for site, key in zip(self.sites, jax.random.split(rng, len(self.sites))):
+      if self.placement == 'parallel':  # AdapterHub "mam_adapter": kaiming_uniform_(a=√5)
+        bound = 1.0 / d ** 0.5
+        down_LDR = jax.random.uniform(key, (layers, d, r), jnp.float32, -bound, bound)
+      else:                             # AdapterHub "bert": N(0, 0.02)
+        down_LDR = 0.02 * jax.random.normal(key, (layers, d, r), jnp.float32)
+      tree[site] = {'down': down_LDR,
+                    'down_bias': jnp.zeros((layers, r), jnp.float32),
+                    'up': jnp.zeros((layers, r, d), jnp.float32),  # zero: the identity at init
+                    'up_bias': jnp.zeros((layers, d), jnp.float32)}
+    return tree
+
+  def adapter(self, p, h_BTD):
+    """s · A(h) for one layer's leaves `p` (down [D,R], down_bias [R], up [R,D], up_bias [D])."""
+    dtype = h_BTD.dtype  # the model's compute dtype; the leaves stay fp32 in storage
+    z_BTR = jnp.einsum('btd,dr->btr', h_BTD, p['down'].astype(dtype)) + p['down_bias'].astype(dtype)
+    z_BTR = ACTIVATIONS[self.activation](z_BTR)
+    out_BTD = jnp.einsum('btr,rd->btd', z_BTR, p['up'].astype(dtype)) + p['up_bias'].astype(dtype)
+    return out_BTD * jnp.asarray(self.scale, dtype)
+
+  def attn_delta(self, p, r, f):
+    if self.placement == 'houlsby':
+      return self.adapter(p['attn'], f)
+    return None
+
+  def mlp_delta(self, p, r, f):
+    if self.placement == 'pfeiffer':
+      return self.adapter(p['mlp'], r + f)
+    if self.placement == 'houlsby':
+      return self.adapter(p['mlp'], f)
+    return self.adapter(p['mlp'], r)  # parallel: the stream before the MLP

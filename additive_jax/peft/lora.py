@@ -1,0 +1,136 @@
+"""LoRA: a trainable low-rank update beside each targeted projection (the baseline).
+
+Each targeted projection y = W x gains a rank-r path scaled by α/r:
+
+    y = W x + (α/r) · B (A x)        A: [I, r], B: [r, O]
+
+where I and O are the projection's flattened input and output widths (q: I = D,
+O = N·H; k, v: D → K·H; o: N·H → D; gate, up: D → F; down: F → D). Targets are
+any of q, k, v, o, gate, up, down (HF PEFT's q_proj … down_proj).
+
+Initialization as HF PEFT's default (`init_lora_weights=True`): A is
+kaiming-uniform with a = √5, i.e. U(±1/√I) (`nn.init.kaiming_uniform_` on the
+[r, I] `lora_A.weight`); B = 0, so LoRA is the identity at init.
+
+Parameters: L · r · Σ_targets (I + O) (Llama-3.2-1B, r = 16, all seven targets:
+16 · 16 · (2·(2048 + 2048) + 2·(2048 + 512) + 3·(2048 + 8192)) = 11,272,192).
+
+Merging adds (α/r)·A·B, reshaped to the kernel's head layout, to the kernel;
+unmerging subtracts the same product (computed identically), which restores the
+weights up to two fp32 roundings: |ΔW| ≤ u·(|W_merged| + |W_restored|), u = 2⁻²⁴.
+
+Leaves (fp32, leading layers axis), per target: {'q': {'a': [L, I, r], 'b': [L, r, O]}}.
+HF PEFT keeps the transposes: `...q_proj.lora_A.weight` [r, I] = aᵀ and
+`...q_proj.lora_B.weight` [O, r] = bᵀ.
+
+Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022.
+HF PEFT: `LoraConfig(r=rank, lora_alpha=alpha, target_modules=[...])`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from additive_jax.peft.base import Method
+from additive_jax.peft.merge import stages
+
+# target -> the params path of its projection
+TARGETS = {'q': ('layers', 'self_attn', 'q_proj'), 'k': ('layers', 'self_attn', 'k_proj'),
+           'v': ('layers', 'self_attn', 'v_proj'), 'o': ('layers', 'self_attn', 'o_proj'),
+           'gate': ('layers', 'mlp', 'gate_proj'), 'up': ('layers', 'mlp', 'up_proj'),
+           'down': ('layers', 'mlp', 'down_proj')}
+
+
+def widths(config, target: str) -> tuple[int, int]:
+  """(I, O): the flattened input and output widths of a target projection."""
+  d, f = config.hidden_size, config.intermediate_size
+  nh, kh = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+  return {'q': (d, nh), 'k': (d, kh), 'v': (d, kh), 'o': (nh, d),
+          'gate': (d, f), 'up': (d, f), 'down': (f, d)}[target]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA(Method):
+  rank: int = 8
+  alpha: float = 16
+  targets: tuple[str, ...] = ('q', 'v')
+
+  key: ClassVar[str] = 'lora'
+  mergeable: ClassVar[bool] = True
+
+  def __post_init__(self):
+    if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+      raise ValueError(f'LoRA rank must be a positive integer, got {self.rank!r}')
+    if not isinstance(self.alpha, numbers.Real) or isinstance(self.alpha, bool):
+      raise ValueError(f'LoRA alpha must be a number, got {self.alpha!r}')
+    targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or not targets or len(set(targets)) != len(targets):
+      problem = f'unknown {unknown}' if unknown else 'empty or repeated'
+      raise ValueError(f'LoRA targets {problem} in {self.targets!r}; valid targets: '
+                       f'{", ".join(TARGETS)}')
+    object.__setattr__(self, 'targets', targets)  # a list becomes a hashable tuple
+
+  @property
+  def scaling(self) -> float:
+    return self.alpha / self.rank
+
+  def num_params(self, config) -> int:
+    return config.num_layers * self.rank * sum(sum(widths(config, t)) for t in self.targets)
+
+  def init(self, rng, config, params, tokenizer=None):
+    tree = {}
+    for target, key in zip(self.targets, jax.random.split(rng, len(self.targets))):
+      i, o = widths(config, target)
+      bound = 1.0 / math.sqrt(i)  # kaiming_uniform_(a=√5) on [r, I]: gain √(1/3) · √(3/I)
+      tree[target] = {
+          'a': jax.random.uniform(key, (config.num_layers, i, self.rank), jnp.float32, -bound, bound),
+          'b': jnp.zeros((config.num_layers, self.rank, o), jnp.float32)}
+    return tree
+
+  def project(self, p, name, x, y):
+    if name not in self.targets:
+      return y
+    dtype = y.dtype  # the compute dtype; the leaves stay fp32 in storage
+    batch = x.shape[:2]
+    x_BTI = x.reshape(batch + (-1,))  # o_proj reads the heads [B,T,N,H] as N·H features
+    z_BTR = jnp.einsum('bti,ir->btr', x_BTI.astype(dtype), p[name]['a'].astype(dtype))
+    delta_BTO = jnp.einsum('btr,ro->bto', z_BTR, p[name]['b'].astype(dtype))
+    return y + (delta_BTO * jnp.asarray(self.scaling, dtype)).reshape(y.shape)
+
+  def delta(self, tree, target: str, kernel_shape) -> jax.Array:
+    """(α/r)·A·B for every layer, fp32, in the kernel's layout ([L, D, N, H] for q, ...).
+
+    HIGHEST precision so that accelerators do not round the product through bf16
+    passes; the same function serves merge and unmerge, so both add the same numbers.
+    """
+    ab_LIO = jnp.einsum('lir,lro->lio', jnp.asarray(tree[target]['a'], jnp.float32),
+                        jnp.asarray(tree[target]['b'], jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST)
+    return (ab_LIO * jnp.float32(self.scaling)).reshape(kernel_shape)
+
+  def merge(self, tree, params, config, stage=None):
+    """Params with W + (α/r)·A·B. LoRA acts only at the projection sites, so it has
+    nothing to fold at `stage='mlp_hidden'` (see merge.py for the stages)."""
+    return self._fold(tree, params, stage, jnp.add)
+
+  def unmerge(self, tree, params, config, stage=None):
+    return self._fold(tree, params, stage, jnp.subtract)
+
+  def _fold(self, tree, params, stage, op):
+    if 'project' not in stages(stage):
+      return params
+    flat = traverse_util.flatten_dict(params)
+    for target in self.targets:
+      path = TARGETS[target] + ('kernel',)
+      kernel = flat[path]
+      merged = op(kernel.astype(jnp.float32), self.delta(tree, target, kernel.shape))
+      flat[path] = merged.astype(kernel.dtype)
+    return traverse_util.unflatten_dict(flat)

@@ -1,0 +1,120 @@
+"""Prefix tuning: n trainable key/value pairs per layer, per KV head.
+
+Every attention layer l attends over `[P_k^l ; K]` and `[P_v^l ; V]`: n free key
+and value vectors for each of the K key/value heads (grouped-query attention:
+the query heads of a group share their KV head's prefix) before the real keys.
+As in HF PEFT, the prefix enters the attention as a KV cache would: no rotary
+embedding is applied to it, every position sees it, and the real tokens take
+positions n…n+T−1.
+
+    attn_l(x) = softmax(q [P_k^l ; k(x)]ᵀ / √H) [P_v^l ; v(x)]      P_k^l, P_v^l: [n, K, H]
+
+Parameters: L · n · 2 · K · H (Llama-3.2-3B, n = 200: 11,468,800). The prefix
+takes n positions, so the model refuses a call with n + T > max_position_embeddings.
+
+With `projection_dim=R` (Li & Liang's reparameterization, PEFT's
+`prefix_projection=True`) the prefix is produced during training by
+    [P_k ; P_v] = W_out · tanh(W_in · E + b_in) + b_out,    E: [n, K·H]
+(PEFT's `token_dim` for a GQA model is K·H, so E is [n, K·H] and W_out has
+L·2·K·H outputs), with n·KH + KH·R + R + 2·L·KH·(R + 1) parameters;
+`PrefixTuning.fold` evaluates it once into the plain per-layer prefix for
+inference and export.
+
+Initialization follows HF PEFT's: the prefix (or E) ~ N(0, 1), as a
+`torch.nn.Embedding`; W_in, W_out and their biases ~ U(±1/√fan_in), as a
+`torch.nn.Linear`. Prefixes are not the identity at init by nature; their
+effect is tested against HF PEFT.
+
+Layout: PEFT's encoder output [n, L·2·K·H] is viewed [n, L·2, K, H]; layer l's
+key is entry 2l of the L·2 axis and its value entry 2l + 1 (`view`,
+`permute([2, 0, 3, 1, 4])`, `split(2)` in `PeftModel.get_prompt`). Here keys and
+values are kept apart with the layers axis first: `k_LPKH`, `v_LPKH`.
+
+Li & Liang, "Prefix-Tuning: Optimizing Continuous Prompts for Generation",
+ACL 2021. HF PEFT: `PrefixTuningConfig(num_virtual_tokens=n, prefix_projection=...,
+encoder_hidden_size=R)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from additive_jax.peft.base import Method
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixTuning(Method):
+  num_tokens: int
+  projection_dim: int | None = None
+
+  key: ClassVar[str] = 'prefix'
+
+  def __post_init__(self):
+    if not isinstance(self.num_tokens, int) or isinstance(self.num_tokens, bool) or self.num_tokens <= 0:
+      raise ValueError(f'PrefixTuning num_tokens must be a positive integer, got {self.num_tokens!r}')
+    dim = self.projection_dim
+    if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0):
+      raise ValueError(f'PrefixTuning projection_dim must be a positive integer or None, got {dim!r}')
+
+  @property
+  def num_prefix_tokens(self) -> int:
+    return self.num_tokens
+
+  def check(self, config) -> None:
+    if self.num_tokens >= config.max_position_embeddings:
+      raise ValueError(f'PrefixTuning num_tokens={self.num_tokens} leaves no position for a real token '
+                       f'(max_position_embeddings={config.max_position_embeddings})')
+
+  def num_params(self, config) -> int:
+    layers, n, kh = config.num_layers, self.num_tokens, config.num_kv_heads * config.head_dim
+    if self.projection_dim is None:
+      return layers * n * 2 * kh
+    r = self.projection_dim
+    return n * kh + kh * r + r + 2 * layers * kh * (r + 1)
+
+  def init(self, rng, config, params, tokenizer=None):
+    layers, n, k, h = config.num_layers, self.num_tokens, config.num_kv_heads, config.head_dim
+    keys = jax.random.split(rng, 7)
+    if self.projection_dim is None:
+      return {'k_LPKH': jax.random.normal(keys[0], (layers, n, k, h), jnp.float32),
+              'v_LPKH': jax.random.normal(keys[1], (layers, n, k, h), jnp.float32)}
+    r = self.projection_dim
+
+    def linear(key, shape, fan_in):  # torch.nn.Linear's default: U(±1/√fan_in)
+      bound = 1.0 / fan_in ** 0.5
+      return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+    return {'embedding_PKH': jax.random.normal(keys[0], (n, k, h), jnp.float32),
+            'in_KHR': linear(keys[1], (k, h, r), k * h),
+            'in_bias_R': linear(keys[2], (r,), k * h),
+            'out_k_LRKH': linear(keys[3], (layers, r, k, h), r),
+            'out_v_LRKH': linear(keys[4], (layers, r, k, h), r),
+            'out_k_bias_LKH': linear(keys[5], (layers, k, h), r),
+            'out_v_bias_LKH': linear(keys[6], (layers, k, h), r)}
+
+  def layer_inputs(self, tree, config):
+    """`{'k_LPKH', 'v_LPKH'}`; the scan hands each layer its [P, K, H] slice."""
+    if self.projection_dim is None:
+      return tree
+    hidden_PR = jnp.tanh(jnp.einsum('pkh,khr->pr', tree['embedding_PKH'], tree['in_KHR'])
+                         + tree['in_bias_R'])
+
+    def out(kernel_LRKH, bias_LKH):
+      return jnp.einsum('pr,lrkh->lpkh', hidden_PR, kernel_LRKH) + bias_LKH[:, None]
+
+    return {'k_LPKH': out(tree['out_k_LRKH'], tree['out_k_bias_LKH']),
+            'v_LPKH': out(tree['out_v_LRKH'], tree['out_v_bias_LKH'])}
+
+  def prefix_kv(self, p):
+    return p['k_LPKH'], p['v_LPKH']
+
+  def fold(self, tree, config) -> tuple[PrefixTuning, dict]:
+    """`(PrefixTuning(num_tokens), plain tree)`: the reparameterization evaluated once.
+
+    The folded method gives the same logits and holds L·n·2·K·H parameters.
+    """
+    return PrefixTuning(self.num_tokens), self.layer_inputs(tree, config)

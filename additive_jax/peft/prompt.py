@@ -1,0 +1,109 @@
+"""Prompt tuning: n trainable input embeddings prepended to every sequence.
+
+The frozen model reads `[p_1 … p_n, e(x_1) … e(x_T)]`: n free vectors in the
+embedding space (the "soft prompt") before the token embeddings. The virtual
+tokens take positions 0…n−1 and the real tokens n…n+T−1; the attention mask is
+extended with ones (the prompt is never padding) and every packed segment sees
+the prompt as if it were alone. `apply` returns logits for the T real positions
+only, so the data pipeline knows nothing of virtual tokens.
+
+    h_0 = concat(prompt_PD, embed(tokens_BT))        prompt_PD: [n, D]
+
+Parameters: n · D.
+
+The context must hold both: `check` refuses n ≥ max_position_embeddings, and
+the model refuses a call whose n + T exceeds it (T is known only there).
+
+Initialization (as HF PEFT's `PromptTuningInit`):
+  'vocab'  rows of the embedding table at n token ids drawn uniformly with
+           replacement (PEFT's SAMPLE_VOCAB);
+  'text'   the embeddings of `tokenizer(text)['input_ids']` (special tokens
+           included, as PEFT calls it), repeated and truncated to n (PEFT's TEXT).
+Prompt tuning is not the identity at init by nature: it adds n vectors to
+attend to. Its effect is tested against HF PEFT on the same weights.
+
+Lester, Al-Rfou & Constant, "The Power of Scale for Parameter-Efficient Prompt
+Tuning", EMNLP 2021. HF PEFT: `PromptTuningConfig(num_virtual_tokens=n)`, its
+`prompt_encoder.<adapter>.embedding.weight` is `prompt_PD`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from additive_jax.peft.base import Method
+
+INITS = ('vocab', 'text')
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class PromptTuning(Method):
+  """`PromptTuning(num_tokens, init='vocab'|'text', text=None)`.
+
+  The constructor keyword `init` is stored as `initializer`: `init` is the name of
+  the `Method` hook that builds the leaves.
+  """
+  num_tokens: int
+  initializer: str = 'vocab'
+  text: str | None = None
+
+  key: ClassVar[str] = 'prompt'
+
+  def __init__(self, num_tokens: int, init: str = 'vocab', text: str | None = None):
+    if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens <= 0:
+      raise ValueError(f'PromptTuning num_tokens must be a positive integer, got {num_tokens!r}')
+    if init not in INITS:
+      raise ValueError(f'PromptTuning init must be one of {INITS}, got {init!r}')
+    if init == 'text' and not text:
+      raise ValueError("PromptTuning(init='text') needs text='...', the words whose embeddings "
+                       'start the prompt')
+    if init != 'text' and text is not None:
+      raise ValueError(f"PromptTuning text is used only with init='text', got init={init!r}")
+    for name, value in (('num_tokens', num_tokens), ('initializer', init), ('text', text)):
+      object.__setattr__(self, name, value)
+
+  def call_string(self) -> str:
+    args = [f'num_tokens={self.num_tokens!r}']
+    if self.initializer != 'vocab':
+      args += [f'init={self.initializer!r}', f'text={self.text!r}']
+    return f'PromptTuning({", ".join(args)})'
+
+  def check(self, config) -> None:
+    if self.num_tokens >= config.max_position_embeddings:
+      raise ValueError(f'PromptTuning num_tokens={self.num_tokens} leaves no position for a real token '
+                       f'(max_position_embeddings={config.max_position_embeddings})')
+
+  def num_params(self, config) -> int:
+    return self.num_tokens * config.hidden_size
+
+  def init(self, rng, config, params, tokenizer=None):
+    table_VD = params['embed_tokens']['embedding']
+    if self.initializer == 'vocab':
+      ids_P = jax.random.randint(rng, (self.num_tokens,), 0, config.vocab_size)
+    else:
+      ids_P = jnp.asarray(text_token_ids(self.text, tokenizer, self.num_tokens), jnp.int32)
+    return {'prompt_PD': jnp.asarray(table_VD)[ids_P].astype(jnp.float32)}
+
+  def layer_inputs(self, tree, config):
+    return None  # nothing per layer: the prompt acts at the embeddings only
+
+  def embed(self, tree, x_BTD):
+    prompt_PD = tree['prompt_PD'].astype(x_BTD.dtype)
+    prompt_BPD = jnp.broadcast_to(prompt_PD, (x_BTD.shape[0],) + prompt_PD.shape)
+    return jnp.concatenate([prompt_BPD, x_BTD], axis=1)
+
+
+def text_token_ids(text: str, tokenizer, num_tokens: int) -> list[int]:
+  """The ids of `text`, repeated then truncated to `num_tokens` (HF PEFT's TEXT init)."""
+  if tokenizer is None:
+    raise ValueError("PromptTuning(init='text') needs the tokenizer: "
+                     'model.init_peft(key, params, tokenizer=tokenizer)')
+  ids = list(tokenizer(text)['input_ids'])
+  if not ids:
+    raise ValueError(f'PromptTuning text {text!r} has no tokens')
+  return (ids * math.ceil(num_tokens / len(ids)))[:num_tokens]

@@ -1,0 +1,63 @@
+"""The train and eval steps: gradients of the trainable partition only.
+
+`jax.value_and_grad` differentiates the loss with respect to `state.peft`; the
+frozen base `params` is an ordinary input, so no gradient (and no optimizer
+state) ever exists for it. Gradient accumulation splits the batch into
+micro-batches inside the step and sums the token-weighted loss and gradients
+with `lax.scan`, so the result equals one step on the whole batch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from additive_jax.train.loss import token_cross_entropy
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  peft: dict
+  opt_state: optax.OptState
+
+  @classmethod
+  def create(cls, peft, optimizer: optax.GradientTransformation) -> TrainState:
+    return cls(jnp.zeros((), jnp.int32), peft, optimizer.init(peft))
+
+
+def batch_loss(model, peft, params, batch):
+  """(summed token loss, number of loss tokens) of one batch."""
+  logits_BTV = model.apply({'params': params, 'peft': peft}, batch['tokens'],
+                           positions=batch['positions'], segment_ids=batch['segment_ids'])
+  return token_cross_entropy(logits_BTV, batch['targets'], batch['loss_mask'])
+
+
+def train_step(model, optimizer, accumulation: int, state: TrainState, params, batch):
+  """One optimizer step over `batch` (leaves [B, T]) in `accumulation` micro-batches."""
+  grad_fn = jax.value_and_grad(functools.partial(batch_loss, model), has_aux=True)
+
+  def micro_step(totals, micro_batch):
+    (loss_sum, weight), grads = grad_fn(state.peft, params, micro_batch)
+    return jax.tree.map(jnp.add, totals, (grads, loss_sum, weight)), None
+
+  micro_batches = jax.tree.map(
+      lambda x: x.reshape(accumulation, x.shape[0] // accumulation, *x.shape[1:]), batch)
+  zeros = (jax.tree.map(jnp.zeros_like, state.peft), jnp.zeros(()), jnp.zeros(()))
+  (grads, loss_sum, weight), _ = jax.lax.scan(micro_step, zeros, micro_batches)
+  weight = jnp.maximum(weight, 1.0)  # a batch with no loss tokens makes no update
+  grads = jax.tree.map(lambda g: g / weight, grads)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.peft)
+  peft = optax.apply_updates(state.peft, updates)
+  metrics = {'loss': loss_sum / weight, 'grad_norm': optax.global_norm(grads), 'loss_tokens': weight}
+  return TrainState(state.step + 1, peft, opt_state), metrics
+
+
+def eval_step(model, peft, params, batch):
+  """Summed loss and token count, to be added over an evaluation set."""
+  loss_sum, weight = batch_loss(model, peft, params, batch)
+  return {'loss_sum': loss_sum, 'loss_tokens': weight}

@@ -1,0 +1,141 @@
+"""(IA)³ against HF PEFT's IA3Config on the same tiny random Llama (GQA, with biases)."""
+
+import copy
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+
+from additive_jax.model.config import LlamaConfig
+from additive_jax.model.hf_checkpoint import load_hf_directory
+from additive_jax.model.llama import Llama
+from additive_jax.peft.ia3 import IA3
+from conftest import save_tiny_hf_llama
+
+LLAMA_3_2_1B = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+                           num_heads=32, num_kv_heads=8, head_dim=64, tie_word_embeddings=True)
+LLAMA_3_2_3B = LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_layers=28,
+                           num_heads=24, num_kv_heads=8, head_dim=128, tie_word_embeddings=True)
+
+
+def relative_error(ours, ref):
+  return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def leaf_count(method, config):
+  """Trainable parameters from the leaves' shapes: `init` under eval_shape, no weights."""
+  params = jax.eval_shape(Llama(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  trees = jax.eval_shape(lambda key: Llama(config, peft=(method,)).init_peft(key, params['params']),
+                         jax.random.key(0))
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(trees['peft']))
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+  """(HF model, our config, our params): 6 query heads, 2 KV heads, q/k/v/o and MLP biases."""
+  directory = tmp_path_factory.mktemp('tiny_llama')
+  hf_model = save_tiny_hf_llama(directory, attention_bias=True, mlp_bias=True)
+  with torch.no_grad():  # transformers zero-initializes biases; random ones make them count
+    for name, weight in hf_model.named_parameters():
+      if name.endswith('.bias'):
+        weight.normal_(0.0, 0.1)
+  hf_model.save_pretrained(directory)
+  config, params = load_hf_directory(str(directory))
+  return hf_model, config, params
+
+
+@pytest.fixture(scope='module')
+def tokens():
+  return np.random.RandomState(1).randint(0, 101, (2, 9))
+
+
+def random_ia3(config, seed=0):
+  """Vectors far from one (U(0.5, 1.5)) so that every channel's scaling shows in the logits."""
+  rng = np.random.RandomState(seed)
+  shapes = jax.eval_shape(lambda: IA3().init(jax.random.key(0), config, None))
+  return jax.tree.map(lambda x: rng.uniform(0.5, 1.5, x.shape).astype(np.float32), shapes)
+
+
+def hf_peft_state_dict(tree, config):
+  """Our leaves under HF PEFT's names (adapter_model.safetensors): the export mapping.
+
+  l_k[l] -> `...layers.{l}.self_attn.k_proj.ia3_l` [K·H, 1] (scales the output channels),
+  l_v[l] -> `...v_proj.ia3_l` [K·H, 1], l_ff[l] -> `...mlp.down_proj.ia3_l` [1, F] (the input).
+  """
+  state = {}
+  for layer in range(config.num_layers):
+    prefix = f'base_model.model.model.layers.{layer}.'
+    state[prefix + 'self_attn.k_proj.ia3_l'] = np.asarray(tree['l_k'][layer])[:, None]
+    state[prefix + 'self_attn.v_proj.ia3_l'] = np.asarray(tree['l_v'][layer])[:, None]
+    state[prefix + 'mlp.down_proj.ia3_l'] = np.asarray(tree['l_ff'][layer])[None, :]
+  return {k: torch.tensor(v) for k, v in state.items()}
+
+
+def test_identity_at_init(tiny, tokens):
+  _, config, params = tiny
+  base = np.asarray(Llama(config).apply({'params': params}, jnp.asarray(tokens)))
+  model = Llama(config, peft=(IA3(),))
+  variables = model.init_peft(jax.random.key(0), params)
+  np.testing.assert_array_equal(np.asarray(model.apply(variables, jnp.asarray(tokens))), base)
+
+
+def test_logits_match_hf_peft(tiny, tokens):
+  hf_model, config, params = tiny
+  tree = random_ia3(config)
+  model = Llama(config, peft=(IA3(),))
+  ours = np.asarray(model.apply({'params': params, 'peft': {'ia3': tree}}, jnp.asarray(tokens)))
+
+  peft_model = peft.get_peft_model(copy.deepcopy(hf_model), peft.IA3Config(task_type='CAUSAL_LM'))
+  state = hf_peft_state_dict(tree, config)
+  assert set(state) == set(peft.get_peft_model_state_dict(peft_model))  # every vector is mapped
+  assert not peft.set_peft_model_state_dict(peft_model, state).unexpected_keys
+  with torch.no_grad():
+    ref = peft_model(input_ids=torch.tensor(tokens)).logits.numpy()
+    base = hf_model(input_ids=torch.tensor(tokens)).logits.numpy()
+  assert relative_error(ref, base) > 1e-2  # the vectors really act
+  assert relative_error(ours, ref) <= 1e-5
+
+
+def test_merge_folds_biases(tiny, tokens):
+  """With attention_bias, y = l ⊙ (W x + b): merging must scale the k/v biases too."""
+  from additive_jax.peft.merge import merge
+  _, config, params = tiny
+  model = Llama(config, peft=(IA3(),))
+  variables = {'params': params, 'peft': {'ia3': random_ia3(config)}}
+  merged_model, merged = merge(model, variables)
+  for name in ('k_proj', 'v_proj'):
+    assert not np.array_equal(merged['params']['layers']['self_attn'][name]['bias'],
+                              params['layers']['self_attn'][name]['bias'])
+  np.testing.assert_array_equal(merged['params']['layers']['mlp']['down_proj']['bias'],
+                                params['layers']['mlp']['down_proj']['bias'])  # added after W(l ⊙ h)
+  ours = np.asarray(merged_model.apply(merged, jnp.asarray(tokens)))
+  ref = np.asarray(model.apply(variables, jnp.asarray(tokens)))
+  assert relative_error(ours, ref) <= 1e-5
+
+
+def test_unmerge_refuses_zero_entries(tiny):
+  _, config, params = tiny
+  tree = random_ia3(config)
+  tree['l_v'][1, 3] = 0.0
+  with pytest.raises(ValueError, match='l_v'):
+    IA3().unmerge(tree, IA3().merge(tree, params, config), config)
+
+
+@pytest.mark.parametrize('config, expected', [(LLAMA_3_2_1B, 147_456), (LLAMA_3_2_3B, 286_720)],
+                         ids=['llama-3.2-1b', 'llama-3.2-3b'])
+def test_parameter_count(config, expected):
+  assert IA3().num_params(config) == expected
+  assert leaf_count(IA3(), config) == expected
+
+
+def test_leaves_are_fp32_with_layers_axis(tiny):
+  _, config, params = tiny
+  tree = IA3().init(jax.random.key(0), config, params)
+  kh = config.num_kv_heads * config.head_dim
+  assert {k: (v.shape, v.dtype) for k, v in tree.items()} == {
+      'l_k': ((3, kh), jnp.float32), 'l_v': ((3, kh), jnp.float32),
+      'l_ff': ((3, config.intermediate_size), jnp.float32)}

@@ -1,0 +1,150 @@
+"""LoRA against HF PEFT's LoraConfig on the same tiny random Llama (GQA: 6 heads, 2 KV heads)."""
+
+import copy
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+
+from additive_jax.model.config import LlamaConfig
+from additive_jax.model.hf_checkpoint import load_hf_directory
+from additive_jax.model.llama import Llama
+from additive_jax.peft.lora import LoRA, TARGETS
+from conftest import save_tiny_hf_llama
+
+ALL = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+LLAMA_3_2_1B = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+                           num_heads=32, num_kv_heads=8, head_dim=64, tie_word_embeddings=True)
+
+
+def relative_error(ours, ref):
+  return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def leaf_count(method, config):
+  """Trainable parameters from the leaves' shapes: `init` under eval_shape, no weights."""
+  params = jax.eval_shape(Llama(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  trees = jax.eval_shape(lambda key: Llama(config, peft=(method,)).init_peft(key, params['params']),
+                         jax.random.key(0))
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(trees['peft']))
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+  directory = tmp_path_factory.mktemp('tiny_llama')
+  hf_model = save_tiny_hf_llama(directory)
+  config, params = load_hf_directory(str(directory))
+  return hf_model, config, params
+
+
+@pytest.fixture(scope='module')
+def tokens():
+  return np.random.RandomState(1).randint(0, 101, (2, 9))
+
+
+def random_lora(method, config, seed=0):
+  """A and B both non-zero (N(0, 0.1): (α/r)·A·B about the size of the base weights, std 0.02),
+  so every target's update shows in the logits."""
+  rng = np.random.RandomState(seed)
+  shapes = jax.eval_shape(lambda: method.init(jax.random.key(0), config, None))
+  return jax.tree.map(lambda x: (0.1 * rng.randn(*x.shape)).astype(np.float32), shapes)
+
+
+def hf_peft_state_dict(tree, config):
+  """Our leaves under HF PEFT's names (adapter_model.safetensors): the export mapping.
+
+  a[l] [I, r] -> `...layers.{l}.<module>.<t>_proj.lora_A.weight` = aᵀ [r, I];
+  b[l] [r, O] -> `...lora_B.weight` = bᵀ [O, r], module self_attn (q, k, v, o) or mlp.
+  The flattened widths follow torch's layout: q's O is N·H with the head index outer.
+  """
+  state = {}
+  for target, leaves in tree.items():
+    module = '.'.join(TARGETS[target][1:])  # ('layers', 'self_attn', 'q_proj') -> self_attn.q_proj
+    for layer in range(config.num_layers):
+      prefix = f'base_model.model.model.layers.{layer}.{module}.'
+      state[prefix + 'lora_A.weight'] = np.asarray(leaves['a'][layer]).T
+      state[prefix + 'lora_B.weight'] = np.asarray(leaves['b'][layer]).T
+  return {k: torch.tensor(np.ascontiguousarray(v)) for k, v in state.items()}
+
+
+@pytest.mark.parametrize('targets', [('q', 'v'), ALL, ('o',), ('down',)], ids='-'.join)
+def test_identity_at_init(tiny, tokens, targets):
+  _, config, params = tiny
+  base = np.asarray(Llama(config).apply({'params': params}, jnp.asarray(tokens)))
+  model = Llama(config, peft=(LoRA(4, 8, targets),))
+  variables = model.init_peft(jax.random.key(0), params)
+  np.testing.assert_array_equal(np.asarray(model.apply(variables, jnp.asarray(tokens))), base)
+
+
+@pytest.mark.parametrize('method', [LoRA(4, 6, ALL), LoRA(2, 16)], ids=['all-r4-a6', 'qv-r2-a16'])
+def test_logits_match_hf_peft(tiny, tokens, method):
+  hf_model, config, params = tiny
+  tree = random_lora(method, config)
+  model = Llama(config, peft=(method,))
+  ours = np.asarray(model.apply({'params': params, 'peft': {'lora': tree}}, jnp.asarray(tokens)))
+
+  settings = peft.LoraConfig(task_type='CAUSAL_LM', r=method.rank, lora_alpha=method.alpha,
+                             lora_dropout=0.0, target_modules=[f'{t}_proj' for t in method.targets])
+  peft_model = peft.get_peft_model(copy.deepcopy(hf_model), settings).eval()
+  state = hf_peft_state_dict(tree, config)
+  assert set(state) == set(peft.get_peft_model_state_dict(peft_model))  # every matrix is mapped
+  assert not peft.set_peft_model_state_dict(peft_model, state).unexpected_keys
+  with torch.no_grad():
+    ref = peft_model(input_ids=torch.tensor(tokens)).logits.numpy()
+    base = hf_model(input_ids=torch.tensor(tokens)).logits.numpy()
+  assert relative_error(ref, base) > 1e-2  # the updates really act
+  assert relative_error(ours, ref) <= 1e-5
+
+
+def test_init_as_hf_peft(tiny):
+  """A ~ U(±1/√I) (kaiming-uniform, a = √5) per target, B = 0."""
+  _, config, params = tiny
+  tree = LoRA(16, 32, ALL).init(jax.random.key(0), config, params)
+  for target, leaves in tree.items():
+    fan_in = leaves['a'].shape[1]
+    a = np.asarray(leaves['a'])
+    assert a.dtype == np.float32 and np.abs(a).max() <= 1 / math.sqrt(fan_in)
+    assert np.abs(a).max() > 0.9 / math.sqrt(fan_in)  # fills the interval, not a narrower one
+    assert abs(a.std() * math.sqrt(3 * fan_in) - 1) < 0.05, target  # uniform: std = bound/√3
+    np.testing.assert_array_equal(leaves['b'], 0)
+
+
+def test_leaf_shapes(tiny):
+  _, config, params = tiny
+  tree = LoRA(4, 8, ALL).init(jax.random.key(0), config, params)
+  d, f, nh, kh = 48, 80, 6 * 8, 2 * 8
+  expected = {'q': (d, nh), 'k': (d, kh), 'v': (d, kh), 'o': (nh, d), 'gate': (d, f), 'up': (d, f),
+              'down': (f, d)}
+  assert {t: (x['a'].shape, x['b'].shape) for t, x in tree.items()} == {
+      t: ((3, i, 4), (3, 4, o)) for t, (i, o) in expected.items()}
+
+
+def test_parameter_count():
+  method = LoRA(rank=16, alpha=32, targets=ALL)
+  assert method.num_params(LLAMA_3_2_1B) == 11_272_192
+  assert leaf_count(method, LLAMA_3_2_1B) == 11_272_192
+
+
+def test_targets_list_becomes_hashable_tuple():
+  method = LoRA(targets=['v', 'q'])
+  assert method.targets == ('v', 'q') and hash(method)
+  assert LoRA(targets=['q', 'v']).call_string() == 'LoRA()'
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(targets=('q', 'x')), r"unknown \['x'\].*valid targets: q, k, v, o, gate, up, down"),
+    (dict(targets=('q_proj',)), r"unknown \['q_proj'\]"),
+    (dict(targets=()), 'targets'),
+    (dict(targets=('q', 'q')), 'targets'),
+    (dict(rank=0), 'rank'),
+    (dict(rank=-2), 'rank'),
+    (dict(rank=2.0), 'rank'),
+    (dict(alpha='16'), 'alpha'),
+])
+def test_bad_arguments(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    LoRA(**kwargs)

@@ -1,0 +1,183 @@
+"""merge/unmerge: (IA)³ and LoRA folded into the base weights and back, alone and combined.
+
+Unmerge tolerances, elementwise, u = 2⁻²⁴ (fp32 unit roundoff, round to nearest):
+  (IA)³  merged W' = fl(l·W), restored R = fl(W'/l) = W(1+δ₁)(1+δ₂), |δ| ≤ u,
+         so |R − W| ≤ (2u + u²)|W|.
+  LoRA   W' = fl(W + Δ) = W + Δ + ε₁ with |ε₁| ≤ u|W'|; R = fl(W' − Δ) = W + ε₁ + ε₂
+         with |ε₂| ≤ u|R| (the same Δ, computed by the same function), so
+         |R − W| ≤ u(|W'| + |R|).
+Leaves no method touches must come back bit-identical.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from additive_jax.model.hf_checkpoint import load_hf_directory
+from additive_jax.model.llama import Llama
+from additive_jax.peft.bottleneck import Bottleneck
+from additive_jax.peft.ia3 import IA3
+from additive_jax.peft.lora import LoRA
+from additive_jax.peft.merge import merge, unmerge
+from conftest import save_tiny_hf_llama
+
+U = 2.0 ** -24
+ALL = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+METHODS = {'ia3': IA3(), 'lora': LoRA(4, 8, ALL), 'bottleneck': Bottleneck(dim=6)}
+
+
+def relative_error(ours, ref):
+  return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+  """Our config and params of a random GQA Llama (6 heads, 2 KV heads)."""
+  directory = tmp_path_factory.mktemp('tiny_llama')
+  save_tiny_hf_llama(directory)
+  return load_hf_directory(str(directory))
+
+
+@pytest.fixture(scope='module')
+def trees(tiny):
+  """Trained-looking leaves: (IA)³ in U(0.5, 1.5); LoRA A, B ~ N(0, 0.05), so (α/r)·A·B is
+  about half the size of the base weights (std 0.02), as after training (updates ~20x the
+  weights make this random network so ill-conditioned that the fp32 rounding of the merged
+  weights alone moves the logits by 1e-5); bottleneck leaves N(0, 0.3)."""
+  config, params = tiny
+  rng = np.random.RandomState(0)
+  std = {'lora': 0.05, 'bottleneck': 0.3}
+  out = {}
+  for key, method in METHODS.items():
+    shapes = jax.eval_shape(lambda: method.init(jax.random.key(0), config, params))
+    if key == 'ia3':
+      out[key] = jax.tree.map(lambda x: rng.uniform(0.5, 1.5, x.shape).astype(np.float32), shapes)
+    else:
+      out[key] = jax.tree.map(lambda x: (std[key] * rng.randn(*x.shape)).astype(np.float32), shapes)
+  return out
+
+
+@pytest.fixture(scope='module')
+def tokens():
+  return jnp.asarray(np.random.RandomState(1).randint(0, 101, (2, 9)))
+
+
+def model_and_variables(tiny, trees, keys):
+  config, params = tiny
+  return (Llama(config, peft=tuple(METHODS[k] for k in keys)),
+          {'params': params, 'peft': {k: trees[k] for k in keys}})
+
+
+# (IA)³ before LoRA and after it: at k and v the order changes what is computed
+# (l ⊙ W x + ΔW x or l ⊙ (W + ΔW) x), at down_proj it does not (l_ff scales the input of both).
+@pytest.mark.parametrize('keys', [('ia3',), ('lora',), ('ia3', 'lora'), ('lora', 'ia3'),
+                                  ('bottleneck', 'ia3', 'lora'), ('lora', 'bottleneck', 'ia3')],
+                         ids='+'.join)
+def test_merged_logits_equal_unmerged(tiny, trees, tokens, keys):
+  model, variables = model_and_variables(tiny, trees, keys)
+  reference = np.asarray(model.apply(variables, tokens))
+  merged_model, merged = merge(model, variables)
+
+  rest = tuple(k for k in keys if k == 'bottleneck')
+  assert tuple(m.key for m in merged_model.peft) == rest
+  assert sorted(merged['peft']) == list(rest)
+  base = np.asarray(Llama(tiny[0]).apply({'params': tiny[1]}, tokens))
+  assert relative_error(reference, base) > 1e-2  # the methods really act
+  assert relative_error(np.asarray(merged_model.apply(merged, tokens)), reference) <= 1e-5
+
+
+def test_merge_order_matters_and_is_kept(tiny, trees, tokens):
+  """The two orders of (IA)³ and LoRA are different models; each merges to its own logits."""
+  logits = {}
+  for keys in (('ia3', 'lora'), ('lora', 'ia3')):
+    merged_model, merged = merge(*model_and_variables(tiny, trees, keys))
+    logits[keys] = np.asarray(merged_model.apply(merged, tokens))
+  assert relative_error(logits['ia3', 'lora'], logits['lora', 'ia3']) > 1e-3
+
+
+def changed_leaves(before, after):
+  flat_before, flat_after = (traverse_util.flatten_dict(t) for t in (before, after))
+  assert flat_before.keys() == flat_after.keys()
+  return {path for path in flat_before if not np.array_equal(flat_before[path], flat_after[path])}
+
+
+def test_unmerge_restores_ia3(tiny, trees):
+  model, variables = model_and_variables(tiny, trees, ('ia3',))
+  merged = merge(model, variables)[1]['params']
+  restored = unmerge(model, merged, variables['peft'])
+  params = variables['params']
+  assert changed_leaves(params, merged) == {('layers', 'self_attn', 'k_proj', 'kernel'),
+                                            ('layers', 'self_attn', 'v_proj', 'kernel'),
+                                            ('layers', 'mlp', 'down_proj', 'kernel')}
+  for path in changed_leaves(params, restored):  # only the folded kernels may differ, and barely
+    w, r = (np.asarray(traverse_util.flatten_dict(t)[path]) for t in (params, restored))
+    assert np.all(np.abs(r - w) <= (2 * U + U * U) * np.abs(w)), path
+
+
+def test_unmerge_restores_lora(tiny, trees):
+  model, variables = model_and_variables(tiny, trees, ('lora',))
+  merged = merge(model, variables)[1]['params']
+  restored = unmerge(model, merged, variables['peft'])
+  params = variables['params']
+  assert len(changed_leaves(params, merged)) == 7  # the seven target kernels
+  for path in changed_leaves(params, restored):
+    w, m, r = (np.asarray(traverse_util.flatten_dict(t)[path]) for t in (params, merged, restored))
+    assert np.all(np.abs(r - w) <= U * (np.abs(m) + np.abs(r))), path
+
+
+@pytest.mark.parametrize('keys', [('ia3', 'lora'), ('lora', 'bottleneck', 'ia3')], ids='+'.join)
+def test_unmerge_undoes_each_fold_in_reverse(tiny, trees, keys):
+  """Combined, unmerge is exactly the single-method unmerges undone in the reverse of the
+  merge sequence: the l_ff fold first, then the projection folds.
+
+  Bound: on k, v (l ⊙ W + Δ) chaining the two steps above gives
+  |R − W| ≤ u(|W| + (2+u)|R| + |W'|/l); on down_proj (l ⊙ (W + Δ)), |R − W| ≤ u(|R| + 4|W'|/l)
+  to first order. With l ≥ 0.5 here, 4u(max|W| + 2 max|W'|) per leaf covers both.
+  """
+  model, variables = model_and_variables(tiny, trees, keys)
+  config = tiny[0]
+  merged = merge(model, variables)[1]['params']
+  mergeable = [METHODS[k] for k in keys if METHODS[k].mergeable]
+  expected = merged
+  for method in mergeable:
+    expected = method.unmerge(trees[method.key], expected, config, stage='mlp_hidden')
+  for method in reversed(mergeable):
+    expected = method.unmerge(trees[method.key], expected, config, stage='project')
+  restored = unmerge(model, merged, variables['peft'])
+  jax.tree.map(np.testing.assert_array_equal, restored, expected)
+  leaves = zip(*(jax.tree.leaves(t) for t in (variables['params'], merged, restored)))
+  for w, m, r in leaves:
+    w, m, r = np.asarray(w), np.asarray(m), np.asarray(r)
+    assert np.abs(r - w).max() <= 4 * U * (np.abs(w).max() + 2 * np.abs(m).max())
+
+
+def test_merge_leaves_its_input_alone(tiny, trees):
+  model, variables = model_and_variables(tiny, trees, ('ia3', 'lora'))
+  before = jax.tree.map(np.array, variables)
+  merge(model, variables)
+  jax.tree.map(np.testing.assert_array_equal, variables, before)
+
+
+def test_merge_refuses_a_bf16_base_unless_allowed(tiny, trees, tokens):
+  config, params = tiny
+  model = Llama(config.replace(param_dtype=jnp.bfloat16), peft=(IA3(),))
+  variables = {'params': jax.tree.map(lambda x: x.astype(jnp.bfloat16), params),
+               'peft': {'ia3': trees['ia3']}}
+  with pytest.raises(ValueError, match='bfloat16.*allow_low_precision=True'):
+    merge(model, variables)
+  merged = merge(model, variables, allow_low_precision=True)[1]['params']
+  assert {x.dtype for x in jax.tree.leaves(merged)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_unmerge_needs_the_merged_trees(tiny, trees):
+  model, variables = model_and_variables(tiny, trees, ('ia3', 'lora'))
+  merged = merge(model, variables)[1]['params']
+  with pytest.raises(ValueError, match=r"\['lora'\]"):
+    unmerge(model, merged, {'ia3': trees['ia3']})
+
+
+def test_bad_stage():
+  with pytest.raises(ValueError, match='stage'):
+    IA3().merge({}, {}, None, stage='mlp')

@@ -1,0 +1,180 @@
+"""Prefix tuning against HF PEFT's PrefixTuningConfig on the same tiny random Llama (GQA)."""
+
+import copy
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+
+from additive_jax.model.config import LlamaConfig, RopeScaling
+from additive_jax.model.hf_checkpoint import load_hf_directory
+from additive_jax.model.llama import KVCache, Llama
+from additive_jax.peft.prefix import PrefixTuning
+from conftest import save_tiny_hf_llama
+
+NUM_TOKENS, PROJECTION = 5, 16
+LLAMA_3_2_3B = LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_layers=28,
+                           num_heads=24, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+                           rope_scaling=RopeScaling('llama3', 32.0, 1.0, 4.0, 8192),
+                           rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=131072)
+
+
+def relative_error(ours, ref):
+  return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+  """(HF model, our config, our params): 3 layers, 6 query heads, 2 KV heads, head dim 8."""
+  directory = tmp_path_factory.mktemp('tiny_llama')
+  hf_model = save_tiny_hf_llama(directory)
+  config, params = load_hf_directory(str(directory))
+  return hf_model, config, params
+
+
+def to_peft_layout(tree_LPKH, config):
+  """Our per-layer k/v -> PEFT's flat [n, L·2·K·H]: layer l's key is block 2l, its value 2l + 1."""
+  kv_L2PKH = np.stack([np.asarray(tree_LPKH['k_LPKH']), np.asarray(tree_LPKH['v_LPKH'])], axis=1)
+  n = kv_L2PKH.shape[2]
+  return torch.tensor(kv_L2PKH.transpose(2, 0, 1, 3, 4).reshape(n, -1))
+
+
+def peft_model_for(hf_model, method, tree, config):
+  """HF PEFT's prefix tuning holding our values (the name mapping foreshadows export)."""
+  settings = dict(task_type='CAUSAL_LM', num_virtual_tokens=method.num_tokens)
+  if method.projection_dim is not None:
+    settings.update(prefix_projection=True, encoder_hidden_size=method.projection_dim)
+  peft_model = peft.get_peft_model(copy.deepcopy(hf_model), peft.PrefixTuningConfig(**settings))
+  if method.projection_dim is None:
+    peft.set_peft_model_state_dict(peft_model, {'prompt_embeddings': to_peft_layout(tree, config)})
+    return peft_model
+  t = {k: np.asarray(v) for k, v in tree.items()}
+  n, k, h, r = method.num_tokens, config.num_kv_heads, config.head_dim, method.projection_dim
+  out_weight = np.stack([t['out_k_LRKH'], t['out_v_LRKH']], axis=1)         # [L, 2, R, K, H]
+  out_bias = np.stack([t['out_k_bias_LKH'], t['out_v_bias_LKH']], axis=1)   # [L, 2, K, H]
+  state = {'embedding.weight': t['embedding_PKH'].reshape(n, k * h),
+           'transform.0.weight': t['in_KHR'].reshape(k * h, r).T,
+           'transform.0.bias': t['in_bias_R'],
+           'transform.2.weight': out_weight.transpose(0, 1, 3, 4, 2).reshape(-1, r),
+           'transform.2.bias': out_bias.reshape(-1)}
+  peft_model.prompt_encoder['default'].load_state_dict({k: torch.tensor(v) for k, v in state.items()})
+  return peft_model
+
+
+def hf_logits(model, tokens, mask):
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
+
+
+@pytest.mark.parametrize('projection_dim', [None, PROJECTION])
+def test_logits_match_hf_peft_with_padding(tiny, projection_dim):
+  hf_model, config, params = tiny
+  method = PrefixTuning(NUM_TOKENS, projection_dim)
+  model = Llama(config, peft=(method,))
+  variables = model.init_peft(jax.random.key(0), params)
+  tokens = np.random.RandomState(1).randint(0, 101, (3, 9))
+  mask = np.ones_like(tokens)
+  mask[1, :3] = 0   # left padding
+  mask[2, 6:] = 0   # right padding
+  got = np.asarray(model.apply(variables, jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
+  ref = hf_logits(peft_model_for(hf_model, method, variables['peft']['prefix'], config), tokens, mask)
+  valid = mask.astype(bool)
+  assert relative_error(got[valid], ref[valid]) <= 1e-5
+  base = np.asarray(Llama(config).apply({'params': params}, jnp.asarray(tokens)))
+  assert np.abs(got - base).max() > 1e-2  # the prefix changes the answer: the parity is not vacuous
+
+
+def test_fold_equals_projection_and_peft_export(tiny):
+  """Folding evaluates the reparameterization once: same logits, L·n·2·K·H leaves, and the
+  flat prefix PEFT itself saves for a `prefix_projection` adapter ('prompt_embeddings')."""
+  hf_model, config, params = tiny
+  method = PrefixTuning(NUM_TOKENS, PROJECTION)
+  variables = Llama(config, peft=(method,)).init_peft(jax.random.key(2), params)
+  folded_method, folded = method.fold(variables['peft']['prefix'], config)
+  assert folded_method == PrefixTuning(NUM_TOKENS)
+  assert sum(x.size for x in jax.tree.leaves(folded)) == folded_method.num_params(config)
+  tokens = jnp.asarray(np.random.RandomState(2).randint(0, 101, (2, 7)))
+  projected = Llama(config, peft=(method,)).apply(variables, tokens)
+  plain = Llama(config, peft=(folded_method,)).apply(
+      {'params': params, 'peft': {'prefix': folded}}, tokens)
+  assert relative_error(np.asarray(plain), np.asarray(projected)) <= 1e-6
+  peft_model = peft_model_for(hf_model, method, variables['peft']['prefix'], config)
+  saved = peft.get_peft_model_state_dict(peft_model)['prompt_embeddings'].numpy()
+  np.testing.assert_allclose(to_peft_layout(folded, config).numpy(), saved, rtol=0,
+                             atol=1e-6 * np.abs(saved).max())
+
+
+def test_prefix_equal_to_a_real_prompts_cache_reproduces_that_prompt(tiny):
+  """The exact effect, derived by hand: if every layer's prefix holds the keys (already rotated)
+  and values that the base model caches for real tokens p at positions 0…n−1, then the prefixed
+  model reading x at positions n… is the base model reading [p, x]."""
+  _, config, params = tiny
+  rng = np.random.RandomState(3)
+  prompt_ids, tokens = rng.randint(0, 101, (1, NUM_TOKENS)), rng.randint(0, 101, (1, 6))
+  cache = KVCache.create(config, 1, NUM_TOKENS)
+  _, cache = Llama(config).apply({'params': params}, jnp.asarray(prompt_ids), cache=cache)
+  tree = {'k_LPKH': cache.k_LBSKH[:, 0], 'v_LPKH': cache.v_LBSKH[:, 0]}
+  got = Llama(config, peft=(PrefixTuning(NUM_TOKENS),)).apply(
+      {'params': params, 'peft': {'prefix': tree}}, jnp.asarray(tokens))
+  full = Llama(config).apply({'params': params}, jnp.asarray(np.concatenate([prompt_ids, tokens], 1)))
+  assert relative_error(np.asarray(got), np.asarray(full)[:, NUM_TOKENS:]) <= 1e-5
+
+
+def test_gradients_reach_every_leaf(tiny):
+  _, config, params = tiny
+  for method in (PrefixTuning(NUM_TOKENS), PrefixTuning(NUM_TOKENS, PROJECTION)):
+    model = Llama(config, peft=(method,))
+    variables = model.init_peft(jax.random.key(0), params)
+    tokens = jnp.asarray(np.random.RandomState(4).randint(0, 101, (2, 5)))
+    grads = jax.grad(lambda tree: model.apply({'params': params, 'peft': tree}, tokens).sum())(
+        variables['peft'])
+    for path, grad in jax.tree_util.tree_leaves_with_path(grads):
+      assert np.abs(np.asarray(grad)).max() > 0, (method, path)
+
+
+def test_count_llama_3_2_3b_from_formula_leaves_and_hf_peft():
+  method = PrefixTuning(200)
+  abstract = nn.unbox(jax.eval_shape(Llama(LLAMA_3_2_3B).init, jax.random.key(0),
+                                     jnp.zeros((1, 1), jnp.int32)))['params']
+  tree = jax.eval_shape(lambda key, p: Llama(LLAMA_3_2_3B, peft=(method,)).init_peft(key, p)['peft'],
+                        jax.random.key(0), abstract)
+  leaves = sum(x.size for x in jax.tree.leaves(tree))
+  assert method.num_params(LLAMA_3_2_3B) == leaves == 11_468_800
+  hf_config = transformers.LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192,
+                                       num_hidden_layers=28, num_attention_heads=24,
+                                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+  with torch.device('meta'):
+    hf_model = transformers.LlamaForCausalLM(hf_config)
+  peft_model = peft.get_peft_model(hf_model, peft.PrefixTuningConfig(task_type='CAUSAL_LM',
+                                                                     num_virtual_tokens=200))
+  assert peft_model.get_nb_trainable_parameters()[0] == 11_468_800
+
+
+def test_count_with_projection_matches_hf_peft(tiny):
+  hf_model, config, params = tiny
+  method = PrefixTuning(NUM_TOKENS, PROJECTION)
+  leaves = sum(x.size for x in jax.tree.leaves(method.init(jax.random.key(0), config, params)))
+  peft_model = peft_model_for(hf_model, method, method.init(jax.random.key(0), config, params), config)
+  assert method.num_params(config) == leaves == peft_model.get_nb_trainable_parameters()[0]
+
+
+def test_errors(tiny):
+  _, config, params = tiny
+  for bad in (0, -1, 1.5):
+    with pytest.raises(ValueError, match='num_tokens must be a positive integer'):
+      PrefixTuning(bad)
+  with pytest.raises(ValueError, match='projection_dim must be a positive integer'):
+    PrefixTuning(4, projection_dim=0)
+  small = config.replace(max_position_embeddings=10)
+  with pytest.raises(ValueError, match='leaves no position'):
+    Llama(small, peft=(PrefixTuning(10),))
+  model = Llama(small, peft=(PrefixTuning(NUM_TOKENS),))
+  variables = model.init_peft(jax.random.key(0), params)
+  assert model.apply(variables, jnp.zeros((1, 5), jnp.int32)).shape == (1, 5, 101)  # 5 + 5 = 10
+  with pytest.raises(ValueError, match=r'6 tokens \+ 0 prompt vectors \+ 5 prefix slots need 11'):
+    model.apply(variables, jnp.zeros((1, 6), jnp.int32))
