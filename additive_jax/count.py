@@ -10,6 +10,7 @@ checked), % of the base, and the adapter's tensor bytes in fp32 and bf16.
 
 import json
 import os
+import sys
 
 from absl import app, flags
 
@@ -36,15 +37,16 @@ def read_config(path: str) -> LlamaConfig:
 
 
 def format_table(counts, base: int) -> str:
-  header = f'{"method":<48} {"trainable":>14} {"% of base":>10} {"fp32":>10} {"bf16":>10}'
+  width = max([len('base model')] + [len(c.method) for c in counts])
+  header = f'{"method":<{width}} {"trainable":>14} {"% of base":>10} {"fp32":>10} {"bf16":>10}'
   lines = [header, '-' * len(header)]
   for c in counts:
-    lines.append(f'{c.method:<48} {c.leaves:>14,} {c.percent_of_base:>9.4f}% '
+    lines.append(f'{c.method:<{width}} {c.leaves:>14,} {c.percent_of_base:>9.4f}% '
                  f'{_megabytes(4 * c.leaves):>10} {_megabytes(2 * c.leaves):>10}')
   total = sum(c.leaves for c in counts)
-  lines.append(f'{"total":<48} {total:>14,} {100 * total / base:>9.4f}% '
+  lines.append(f'{"total":<{width}} {total:>14,} {100 * total / base:>9.4f}% '
                f'{_megabytes(4 * total):>10} {_megabytes(2 * total):>10}')
-  lines.append(f'{"base model":<48} {base:>14,}')
+  lines.append(f'{"base model":<{width}} {base:>14,}')
   return '\n'.join(lines)
 
 
@@ -55,9 +57,12 @@ def _megabytes(n: int) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  config = read_config(_CONFIG.value)
-  methods = tuple(parse_method(text) for text in _PEFT.value)
-  check_methods(methods, config)
+  try:
+    config = read_config(_CONFIG.value)
+    methods = tuple(parse_method(text) for text in _PEFT.value)
+    check_methods(methods, config)
+  except (ValueError, OSError) as err:  # bad input: one clear line, no traceback
+    sys.exit(f'error: {err}')
   counts = count_methods(methods, config)
   for c in counts:
     if c.formula != c.leaves:  # a formula that disagrees with the tree is a bug, not a rounding

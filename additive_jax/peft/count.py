@@ -33,8 +33,8 @@ def abstract_params(config: LlamaConfig):
 
 def count_leaves(methods, config: LlamaConfig) -> dict[str, int]:
   params = abstract_params(config)
-  trees = jax.eval_shape(lambda key: Llama(config, peft=methods).init_peft(key, params)['peft'],
-                         jax.random.key(0))
+  trees = jax.eval_shape(lambda key, params: Llama(config, peft=methods).init_peft(key, params)['peft'],
+                         jax.random.key(0), params)
   return {key: sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
           for key, tree in trees.items()}
 

@@ -53,7 +53,7 @@ def train_step(model, optimizer, accumulation: int, state: TrainState, params, b
   grads = jax.tree.map(lambda g: g / weight, grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.peft)
   peft = optax.apply_updates(state.peft, updates)
-  metrics = {'loss': loss_sum / weight, 'grad_norm': optax.global_norm(grads), 'loss_tokens': weight}
+  metrics = {'loss': loss_sum / weight, 'grad_norm': optax.tree.norm(grads), 'loss_tokens': weight}
   return TrainState(state.step + 1, peft, opt_state), metrics
 
 
