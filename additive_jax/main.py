@@ -1,53 +1,40 @@
-"""The main job on the embedded default model.
+"""Train (and evaluate) one experiment config.
 
-    python -m additive_jax.main [--model=smollm2-135m-instruct] [--limit=N]
+    python -m additive_jax.main --config=configs/sst2.py[:arg] --workdir=DIR [--config.key=value]
 
-Loads SmolLM2-135M-Instruct from its GGUF, reports its zero-shot accuracy on the
-SST-2 test set (872 rows, scored by the label words' log-likelihood) and its
-greedy answer to "What is the capital of France?".
+The config is an ml_collections `get_config(arg)` file (see configs/); any key
+can be overridden on the command line, and a key the config does not have is
+refused before anything runs. Rerunning with the same workdir resumes from its
+latest checkpoint. Multi-host: set `--config.distributed=True`; the coordinator
+is found automatically on TPU pods and clusters, or given with
+`--coordinator_address`, `--num_processes`, `--process_id`.
 """
 
-import os
-import time
-
 from absl import app, flags
-import numpy as np
+import jax
+from ml_collections import config_flags
 
-import additive_jax as aj
-from additive_jax.eval.classify import choice_logprobs
-from additive_jax.eval.generate import generate
+from additive_jax.train.loop import train_and_evaluate
 
-_MODEL = flags.DEFINE_string('model', 'smollm2-135m-instruct', 'HF directory, .gguf file or embedded name')
-_DATA = flags.DEFINE_string('data', os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data'),
-                            'folder holding sst2/test.tsv')
-_LIMIT = flags.DEFINE_integer('limit', 0, 'score only the first N test rows (0 = all)')
-
-PROMPT = 'Review: {sentence}\nSentiment:'
-LABEL_WORDS = (' negative', ' positive')
-
-
-def read_sst2(path: str):
-  with open(path, encoding='utf-8') as f:
-    rows = [line.rstrip('\n').split('\t') for line in f][1:]
-  return [sentence.strip() for sentence, _ in rows], np.array([int(label) for _, label in rows])
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'checkpoints, metrics and summary go here',
+                               required=True)
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'processes in a multi-host run')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'this process in a multi-host run')
 
 
 def main(argv):
-  del argv
-  started = time.time()
-  config, params = aj.load_model(_MODEL.value)
-  tokenizer = aj.load_tokenizer(_MODEL.value)
-  model, variables = aj.Llama(config), {'params': params}
-  print(f'model: {_MODEL.value}, {config.num_base_params:,} parameters')
-  sentences, labels = read_sst2(os.path.join(_DATA.value, 'sst2', 'test.tsv'))
-  if _LIMIT.value:
-    sentences, labels = sentences[:_LIMIT.value], labels[:_LIMIT.value]
-  scores = choice_logprobs(model, variables, tokenizer, [PROMPT.format(sentence=s) for s in sentences],
-                           LABEL_WORDS, progress=True)
-  print(f'SST-2 test zero-shot accuracy: {(scores.argmax(1) == labels).mean():.4f} ({len(labels)} rows)')
-  question = 'What is the capital of France?'
-  print(f'{question} -> {generate(model, variables, tokenizer, [question], max_new_tokens=16)[0]}')
-  print(f'wall time: {time.time() - started:.0f} s')
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError('--config=configs/<name>.py is required')
+  if config.distributed:
+    # CPU processes exchange gradients over gloo; accelerators use their own collectives.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == '__main__':

@@ -49,23 +49,19 @@ def _pad(rows: list[list[int]], pad_id: int):
   return jnp.asarray(tokens), jnp.asarray(mask)
 
 
-def choice_logprobs(model, variables, tokenizer, prompts: Sequence[str], choices: Sequence[str],
-                    batch_size: int = 32, progress: bool = False) -> np.ndarray:
-  """[len(prompts), len(choices)] summed log-probabilities of each choice after each prompt."""
-  encode = lambda text: tokenizer(text, add_special_tokens=False)['input_ids']
-  choice_ids = [encode(c) for c in choices]
-  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-  prompt_ids = [encode(p) for p in prompts]
+def choice_logprobs(model, variables, prompt_ids: Sequence[list[int]], choice_ids: Sequence[list[int]],
+                    pad_id: int, batch_size: int = 32, progress: bool = False) -> np.ndarray:
+  """[len(prompt_ids), len(choice_ids)] summed log-probabilities of each choice after each prompt."""
   if all(len(ids) == 1 for ids in choice_ids):
     columns = [ids[0] for ids in choice_ids]
     scores = []
-    for start in tqdm.tqdm(range(0, len(prompts), batch_size), desc='scoring', disable=not progress):
+    for start in tqdm.tqdm(range(0, len(prompt_ids), batch_size), desc='scoring', disable=not progress):
       tokens, mask = _pad(prompt_ids[start:start + batch_size], pad_id)
       scores.append(np.asarray(_next_token_logprobs(model, variables, tokens, mask))[:, columns])
     return np.concatenate(scores).astype(np.float64)
   # Multi-token choices: one row per (prompt, choice), scored over the choice's positions.
   rows = [(i, c, p + ids, len(p)) for i, p in enumerate(prompt_ids) for c, ids in enumerate(choice_ids)]
-  scores = np.zeros((len(prompts), len(choices)), np.float64)
+  scores = np.zeros((len(prompt_ids), len(choice_ids)), np.float64)
   for start in tqdm.tqdm(range(0, len(rows), batch_size), desc='scoring', disable=not progress):
     batch = rows[start:start + batch_size]
     tokens, mask = _pad([seq for _, _, seq, _ in batch], pad_id)

@@ -7,11 +7,13 @@ the embedded default, "smollm2-135m-instruct". Keyword overrides go to the
 
 from __future__ import annotations
 
+import json
 import os
 
 from additive_jax.model import embedded
-from additive_jax.model.gguf_checkpoint import load_gguf
-from additive_jax.model.hf_checkpoint import load_hf_directory
+from additive_jax.model.config import LlamaConfig
+from additive_jax.model.gguf_checkpoint import config_from_gguf, load_gguf, open_gguf
+from additive_jax.model.hf_checkpoint import load_hf_directory, read_hf_config
 
 
 def resolve(path: str) -> str:
@@ -22,6 +24,20 @@ def resolve(path: str) -> str:
     raise FileNotFoundError(f'no checkpoint at {path!r} (expected an HF directory, a .gguf file '
                             f'or {embedded.NAME!r})')
   return path
+
+
+def load_config(path: str, **overrides) -> LlamaConfig:
+  """The model config alone, no weights read: from a `config.json`, an HF directory, a
+  `.gguf` file's metadata, or the embedded default."""
+  if path.endswith('.json'):
+    with open(path, encoding='utf-8') as f:
+      return LlamaConfig.from_hf(json.load(f), **overrides)
+  path = resolve(path)
+  if os.path.isdir(path):
+    return read_hf_config(path, **overrides)
+  if path.endswith('.gguf'):
+    return config_from_gguf(open_gguf(path), path, **overrides)
+  raise ValueError(f'{path}: not a config.json, a directory or a .gguf file')
 
 
 def load_model(path: str, allow_pickle: bool = False, **overrides):

@@ -44,3 +44,21 @@ def count_methods(methods, config: LlamaConfig) -> list[Count]:
   base = config.num_base_params
   return [Count(m.call_string(), m.num_params(config), leaves[m.key], 100 * leaves[m.key] / base)
           for m in methods]
+
+
+def format_table(counts, base: int) -> str:
+  width = max([len('base model')] + [len(c.method) for c in counts])
+  header = f'{"method":<{width}} {"trainable":>14} {"% of base":>10} {"fp32":>10} {"bf16":>10}'
+  lines = [header, '-' * len(header)]
+  for c in counts:
+    lines.append(f'{c.method:<{width}} {c.leaves:>14,} {c.percent_of_base:>9.4f}% '
+                 f'{_megabytes(4 * c.leaves):>10} {_megabytes(2 * c.leaves):>10}')
+  total = sum(c.leaves for c in counts)
+  lines.append(f'{"total":<{width}} {total:>14,} {100 * total / base:>9.4f}% '
+               f'{_megabytes(4 * total):>10} {_megabytes(2 * total):>10}')
+  lines.append(f'{"base model":<{width}} {base:>14,}')
+  return '\n'.join(lines)
+
+
+def _megabytes(n: int) -> str:
+  return f'{n / 2**20:.2f} MiB'

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from additive_jax.train.loss import token_cross_entropy
+from additive_jax.train.mesh import batch_sharding, replicated
 
 
 @flax.struct.dataclass
@@ -45,16 +46,34 @@ def train_step(model, optimizer, accumulation: int, state: TrainState, params, b
     (loss_sum, weight), grads = grad_fn(state.peft, params, micro_batch)
     return jax.tree.map(jnp.add, totals, (grads, loss_sum, weight)), None
 
+  # Micro-batch a takes rows a, a + A, a + 2A, ...: each device's contiguous block of the
+  # batch holds an equal part of every micro-batch, so splitting moves no data between devices.
   micro_batches = jax.tree.map(
-      lambda x: x.reshape(accumulation, x.shape[0] // accumulation, *x.shape[1:]), batch)
+      lambda x: x.reshape(x.shape[0] // accumulation, accumulation, *x.shape[1:]).swapaxes(0, 1),
+      batch)
   zeros = (jax.tree.map(jnp.zeros_like, state.peft), jnp.zeros(()), jnp.zeros(()))
   (grads, loss_sum, weight), _ = jax.lax.scan(micro_step, zeros, micro_batches)
   weight = jnp.maximum(weight, 1.0)  # a batch with no loss tokens makes no update
   grads = jax.tree.map(lambda g: g / weight, grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.peft)
   peft = optax.apply_updates(state.peft, updates)
-  metrics = {'loss': loss_sum / weight, 'grad_norm': optax.tree.norm(grads), 'loss_tokens': weight}
+  metrics = {'loss': loss_sum / weight, 'grad_norm': optax.tree.norm(grads), 'loss_tokens': weight,
+             'tokens': jnp.sum(batch['segment_ids'] > 0)}
   return TrainState(state.step + 1, peft, opt_state), metrics
+
+
+def jit_train_step(model, optimizer, accumulation: int, mesh, state_shardings, param_shardings):
+  """`train_step` compiled for `mesh`: the state donated (updated in place), the base read
+  where it lies, the batch split over the data axes; metrics replicated."""
+  return jax.jit(functools.partial(train_step, model, optimizer, accumulation),
+                 in_shardings=(state_shardings, param_shardings, batch_sharding(mesh)),
+                 out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+
+
+def jit_eval_step(model, mesh, param_shardings):
+  return jax.jit(functools.partial(eval_step, model),
+                 in_shardings=(replicated(mesh), param_shardings, batch_sharding(mesh)),
+                 out_shardings=replicated(mesh))
 
 
 def eval_step(model, peft, params, batch):

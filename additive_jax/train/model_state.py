@@ -1,0 +1,43 @@
+"""The frozen base on the mesh, and the trainable state beside it.
+
+Abstract shapes first (`jax.eval_shape`), then shardings from the logical-axis
+rules, then data: the base is read on the host and placed shard by shard, so no
+device ever holds more than its own shards; the trainable state is made by a
+jitted init whose `out_shardings` put it where the train step expects it. The
+trainable partition and its optimizer state are small: they are replicated.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from additive_jax.model.config import LlamaConfig
+from additive_jax.model.llama import Llama
+from additive_jax.model.load import load_model
+from additive_jax.train.mesh import Rules, place, replicated, shardings_for
+from additive_jax.train.step import TrainState
+
+
+def base_shardings(config: LlamaConfig, mesh: Mesh, rules: Rules):
+  """(NamedSharding per base weight, [(path, axis, size, mesh axis) replicated instead])."""
+  boxed = jax.eval_shape(Llama(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  return shardings_for(boxed['params'], mesh, rules)
+
+
+def load_base(path: str, mesh: Mesh, rules: Rules, **overrides):
+  """(config, params on the mesh, their shardings, the replicated-instead report)."""
+  config, host_params = load_model(path, **overrides)
+  shardings, fallback = base_shardings(config, mesh, rules)
+  return config, place(host_params, shardings), shardings, fallback
+
+
+def create_train_state(model: Llama, params, optimizer, rng, mesh: Mesh, tokenizer=None):
+  """(TrainState at its initial value, replicated on `mesh`; the state's shardings)."""
+  def init(rng, params):
+    return TrainState.create(model.init_peft(rng, params, tokenizer)['peft'], optimizer)
+
+  shardings = jax.tree.map(lambda _: replicated(mesh), jax.eval_shape(init, rng, params))
+  return jax.jit(init, out_shardings=shardings)(rng, params), shardings
+
