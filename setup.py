@@ -24,6 +24,8 @@ setuptools.setup(
         'tensorflow-datasets>=4.9.9',
         'grain>=0.2.12',
         'array-record>=0.8',
+        # tensorflow-datasets 4.9.10 imports it but declares it for Python < 3.9 only
+        'importlib-resources>=6.0',
         'tensorboardX>=2.6',
         'tqdm>=4.66',
         'matplotlib>=3.9',

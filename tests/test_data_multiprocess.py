@@ -1,0 +1,85 @@
+"""Two real JAX processes (`jax.distributed` on CPU, one machine): each reads a disjoint shard,
+together they read every example once, and evaluation gives both the same number of batches.
+
+Both processes start from an empty cache, so they also prepare the TFDS data at the
+same time: the second to finish must accept the first one's data.
+"""
+
+import collections
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from additive_jax import data
+from test_data_pipeline import examples_of
+
+_PROCESS = r'''
+import json, sys
+import jax
+jax.config.update('jax_platforms', 'cpu')
+port, process_id, tests_dir, tokenizer_dir, cache_dir, out = sys.argv[1:]
+jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2,
+                           process_id=int(process_id))
+import transformers
+sys.path.insert(0, tests_dir)
+from test_data_multiprocess import shakespeare_test_config
+from test_data_pipeline import examples_of
+from additive_jax import data
+
+tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+shard = dict(seq_len=256, process_index=jax.process_index(), process_count=jax.process_count(),
+             cache_dir=cache_dir)
+train, report = data.make_train_iterator(shakespeare_test_config(), tokenizer, batch_size=2, seed=0,
+                                         **shard)
+evaluation, _ = data.make_eval_batches(shakespeare_test_config(), tokenizer, batch_size=8, **shard)
+with open(out, 'w') as f:
+  json.dump({'train': examples_of(*train), 'eval': examples_of(*evaluation),
+             'eval_batches': len(evaluation), 'census': report.kept + report.truncated}, f)
+jax.distributed.shutdown()
+'''
+
+
+def shakespeare_test_config():
+  config = data.data_config()
+  config.source, config.split, config.eval_split = 'tinyshakespeare', 'test', 'test'
+  config.packing, config.num_epochs = False, 1
+  return config
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def counts(rows):
+  return collections.Counter(map(tuple, rows))  # JSON gave lists
+
+
+def test_two_processes_read_disjoint_shards_that_cover_the_split(smollm2_tokenizer, tmp_path):
+  smollm2_tokenizer.save_pretrained(tmp_path / 'tokenizer')
+  cache_dir, port = tmp_path / 'cache', free_port()
+  outputs = [tmp_path / f'process_{i}.json' for i in range(2)]
+  arguments = [os.path.dirname(__file__), str(tmp_path / 'tokenizer'), str(cache_dir)]
+  processes = [subprocess.Popen([sys.executable, '-c', _PROCESS, str(port), str(i), *arguments,
+                                 str(outputs[i])],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for i in range(2)]
+  for process in processes:
+    log, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, log[-3000:]
+  first, second = (json.loads(path.read_text()) for path in outputs)
+
+  everything, report = data.make_eval_batches(shakespeare_test_config(), smollm2_tokenizer,
+                                              batch_size=8, seq_len=256, cache_dir=str(cache_dir))
+  expected = collections.Counter(examples_of(*everything))
+  total = sum(expected.values())
+  assert total == report.kept + report.truncated == 842
+  # The two shards add up to the whole split with no example counted twice: they are disjoint.
+  assert first['census'] + second['census'] == total
+  assert len(first['train']) == len(second['train']) == total // 2
+  assert counts(first['train']) + counts(second['train']) == expected
+  assert first['eval_batches'] == second['eval_batches'] == 106  # 421 rows each, 4 a batch
+  assert counts(first['eval']) + counts(second['eval']) == expected
