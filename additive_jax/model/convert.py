@@ -110,3 +110,29 @@ def params_to_hf(cfg: LlamaConfig, params) -> dict[str, np.ndarray]:
       hf = ours.reshape(shape[1], shape[0]).T if len(shape) == 2 else ours.reshape(shape)
       out[f'model.layers.{i}.{suffix}'] = np.ascontiguousarray(hf)
   return out
+
+
+def config_to_hf(cfg: LlamaConfig) -> dict:
+  """The inverse of `LlamaConfig.from_hf`: a `config.json` dict for `LlamaForCausalLM`.
+
+  Written in the transformers 4 form (`rope_theta`, `rope_scaling`), which
+  transformers 4 and 5 both read.
+  """
+  hf = {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'hidden_act': 'silu',
+        'vocab_size': cfg.vocab_size, 'hidden_size': cfg.hidden_size,
+        'intermediate_size': cfg.intermediate_size, 'num_hidden_layers': cfg.num_layers,
+        'num_attention_heads': cfg.num_heads, 'num_key_value_heads': cfg.num_kv_heads,
+        'head_dim': cfg.head_dim, 'rope_theta': cfg.rope_theta, 'rms_norm_eps': cfg.rms_norm_eps,
+        'tie_word_embeddings': cfg.tie_word_embeddings, 'attention_bias': cfg.attention_bias,
+        'mlp_bias': cfg.mlp_bias, 'max_position_embeddings': cfg.max_position_embeddings,
+        'torch_dtype': np.dtype(cfg.param_dtype).name}
+  scaling = cfg.rope_scaling
+  if scaling.rope_type == 'linear':
+    hf['rope_scaling'] = {'rope_type': 'linear', 'factor': scaling.factor}
+  elif scaling.rope_type == 'llama3':
+    hf['rope_scaling'] = {'rope_type': 'llama3', 'factor': scaling.factor,
+                          'low_freq_factor': scaling.low_freq_factor,
+                          'high_freq_factor': scaling.high_freq_factor,
+                          'original_max_position_embeddings':
+                              scaling.original_max_position_embeddings}
+  return hf

@@ -1,0 +1,118 @@
+"""Our own adapter files: `aj_adapter_config.json` + `aj_adapter.safetensors`, any method set.
+
+The safetensors file holds every leaf of `variables['peft']`, fp32, named by its
+path in the tree (`bottleneck/mlp/down` [L, D, R], `prefix/k_LPKH`, ...), exactly as
+trained (a prefix with a reparameterization MLP keeps it). The JSON is readable at
+a glance: one record per method, in the model's order, e.g.
+
+    {"method": "Bottleneck(dim=64, activation='gelu')", "adapter_type": "bottleneck",
+     "bottleneck_dim": 64, "non_linearity": "gelu", "adapter_placement": "after_ffn", ...}
+
+plus `base_model_name_or_path`, the base's shape facts (`base_model`) and
+`library_version`. The `method` constructor call is what `load` rebuilds the
+method from (`registry.parse_method`); the other fields are for the reader.
+Loading checks every tensor's shape against the leaves the methods build on the
+given base, and the recorded shape facts against it, and names what differs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from additive_jax.peft.count import abstract_params
+from additive_jax.peft.files.file_io import (AdapterFileError, join_problems, read_json,
+                                             read_tensors, shape_problems, write_json,
+                                             write_tensors)
+from additive_jax.peft.prompt import PromptTuning
+from additive_jax.peft.registry import init_methods, parse_method
+
+CONFIG_NAME = 'aj_adapter_config.json'
+WEIGHTS_NAME = 'aj_adapter.safetensors'
+BASE_FACTS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads',
+              'num_kv_heads', 'head_dim')
+PLACEMENT_NAMES = {'pfeiffer': 'after_ffn', 'houlsby': 'after_attn_and_ffn',
+                   'parallel': 'parallel_to_ffn'}
+
+
+def _readable_fields(method, config) -> dict:
+  """The method's settings under the names adapter libraries use, for a reader of the JSON."""
+  layers = config.num_layers
+  if method.key == 'bottleneck':
+    return {'adapter_type': 'bottleneck', 'bottleneck_dim': method.bottleneck_dim(config),
+            'non_linearity': method.activation, 'adapter_placement': PLACEMENT_NAMES[method.placement],
+            'scaling': method.scale, 'num_layers': layers}
+  if method.key == 'ia3':
+    return {'adapter_type': 'ia3', 'target_modules': ['k_proj', 'v_proj', 'down_proj'],
+            'num_layers': layers}
+  if method.key == 'lora':
+    return {'adapter_type': 'lora', 'r': method.rank, 'lora_alpha': method.alpha,
+            'target_modules': [f'{t}_proj' for t in method.targets], 'num_layers': layers}
+  if method.key == 'prompt':
+    return {'adapter_type': 'prompt_tuning', 'num_virtual_tokens': method.num_tokens,
+            'token_dim': config.hidden_size}
+  if method.key == 'prefix':
+    return {'adapter_type': 'prefix_tuning', 'num_virtual_tokens': method.num_tokens,
+            'projection_dim': method.projection_dim, 'num_layers': layers,
+            'num_kv_heads': config.num_kv_heads, 'head_dim': config.head_dim}
+  if method.key == 'ladder':
+    return {'adapter_type': 'ladder_side', 'reduction': method.reduction,
+            'side_hidden_size': config.hidden_size // method.reduction, 'num_layers': layers}
+  return {}  # the constructor call alone describes a method added later
+
+
+def leaf_shapes(methods, config) -> dict[str, tuple[int, ...]]:
+  """'key/path/to/leaf' -> shape of every leaf the methods build on `config` (no weights read)."""
+  # A text-initialized prompt needs a tokenizer to init, but its shape is [n, D] all the same.
+  shaped = [PromptTuning(m.num_tokens) if isinstance(m, PromptTuning) else m for m in methods]
+  trees = jax.eval_shape(lambda key, params: init_methods(shaped, key, config, params),
+                         jax.random.key(0), abstract_params(config))
+  flat = traverse_util.flatten_dict(trees, sep='/')
+  return {name: tuple(leaf.shape) for name, leaf in flat.items()}
+
+
+def flat_leaves(methods, peft) -> dict[str, np.ndarray]:
+  """'key/path/to/leaf' -> fp32 array for the methods' subtrees of `peft`."""
+  flat = traverse_util.flatten_dict({m.key: peft[m.key] for m in methods}, sep='/')
+  return {name: np.asarray(leaf, np.float32) for name, leaf in flat.items()}
+
+
+def save(directory, methods, peft, config, base_model_name_or_path=None) -> None:
+  from additive_jax import __version__  # the package sets it after importing aj.peft
+  write_tensors(os.path.join(directory, WEIGHTS_NAME), flat_leaves(methods, peft))
+  write_json(os.path.join(directory, CONFIG_NAME), {
+      'library_version': __version__,
+      'base_model_name_or_path': base_model_name_or_path,
+      'base_model': {fact: getattr(config, fact) for fact in BASE_FACTS},
+      'methods': [{'method': m.call_string(), **_readable_fields(m, config),
+                   'num_params': m.num_params(config)} for m in methods]})
+
+
+def load(directory, config):
+  """(methods, peft) from `directory`, checked against the base `config`."""
+  path = os.path.join(directory, CONFIG_NAME)
+  record = read_json(path)
+  entries = record.get('methods')
+  if not (isinstance(entries, list) and entries and
+          all(isinstance(e, dict) and isinstance(e.get('method'), str) for e in entries)):
+    raise AdapterFileError(f'{path}: "methods" must be a non-empty list of records, each with '
+                           'its constructor call under "method"')
+  try:
+    methods = tuple(parse_method(entry['method']) for entry in entries)
+  except (ValueError, TypeError) as err:
+    raise AdapterFileError(f'{path}: {err}') from None
+  tensors, weights_path = read_tensors(directory, WEIGHTS_NAME)
+  saved_base = record.get('base_model') or {}
+  differing = [f'{fact}={saved_base[fact]} (this model: {getattr(config, fact)})'
+               for fact in BASE_FACTS
+               if fact in saved_base and saved_base[fact] != getattr(config, fact)]
+  problems = [f'the adapter was saved for a base with {", ".join(differing)}'] if differing else []
+  problems += shape_problems(leaf_shapes(methods, config), tensors)
+  if problems:
+    calls = ', '.join(m.call_string() for m in methods)
+    raise AdapterFileError(f'{weights_path} does not fit this model ({calls}): '
+                           f'{join_problems(problems)}')
+  return methods, traverse_util.unflatten_dict(tensors, sep='/')

@@ -1,0 +1,112 @@
+"""Adapter files on disk: JSON and safetensors with errors that name the file; pickles on opt-in.
+
+Tensors are read as float32 numpy arrays (fp16 and bf16 files are widened: the
+trainable leaves are fp32) and written through a temporary file renamed into
+place, so an interrupted save never leaves a half-written file under the real
+name. A PyTorch pickle (`adapter_model.bin`, `pytorch_adapter.bin`) is read only
+when the caller passes `allow_pickle=True`, and then with
+`torch.load(weights_only=True)`, which refuses anything but tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import safetensors.flax
+import safetensors.numpy
+
+
+class AdapterFileError(ValueError):
+  """An adapter file that is missing, unreadable, or does not fit the model or the method set."""
+
+
+def read_json(path: str) -> dict:
+  if not os.path.exists(path):
+    raise AdapterFileError(f'{path} does not exist')
+  try:
+    with open(path, encoding='utf-8') as f:
+      value = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    raise AdapterFileError(f'{path}: not valid JSON ({err})') from None
+  if not isinstance(value, dict):
+    raise AdapterFileError(f'{path}: expected a JSON object, got {type(value).__name__}')
+  return value
+
+
+def write_json(path: str, value: dict) -> None:
+  with open(path + '.tmp', 'w', encoding='utf-8') as f:
+    json.dump(value, f, indent=2)
+    f.write('\n')
+  os.replace(path + '.tmp', path)
+
+
+def write_tensors(path: str, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+  """Writes `tensors` (name -> array, any dtype) as safetensors; `metadata={'format': 'pt'}`
+  is what transformers asks of a checkpoint it loads."""
+  arrays = {name: np.ascontiguousarray(tensor) for name, tensor in tensors.items()}
+  safetensors.numpy.save_file(arrays, path + '.tmp', metadata=metadata)
+  os.replace(path + '.tmp', path)
+
+
+def read_tensors(directory: str, safetensors_name: str, pickle_name: str | None = None,
+                 allow_pickle: bool = False) -> tuple[dict[str, np.ndarray], str]:
+  """(name -> float32 array, the path read) from `safetensors_name`, or the pickle on opt-in."""
+  path = os.path.join(directory, safetensors_name)
+  if os.path.exists(path):
+    try:  # the flax reader, because numpy has no bfloat16 of its own
+      loaded = safetensors.flax.load_file(path)
+    except Exception as err:  # safetensors raises its own error type for a bad header or size
+      raise AdapterFileError(f'{path}: not a readable safetensors file ({err})') from None
+    return {name: np.asarray(tensor, np.float32) for name, tensor in loaded.items()}, path
+  if pickle_name and os.path.exists(os.path.join(directory, pickle_name)):
+    pickle_path = os.path.join(directory, pickle_name)
+    if not allow_pickle:
+      raise AdapterFileError(
+          f'{directory} holds {pickle_name}, a pickle, and no {safetensors_name}; a pickle is not '
+          'read unless allow_pickle=True (then with torch.load(weights_only=True))')
+    return _read_pickle(pickle_path), pickle_path
+  raise AdapterFileError(f'{directory} has no {safetensors_name}')
+
+
+def _read_pickle(path: str) -> dict[str, np.ndarray]:
+  import torch  # only for this explicit opt-in
+  try:
+    state = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as err:  # a truncated zip, a non-tensor object refused by weights_only, ...
+    raise AdapterFileError(f'{path}: not a readable tensor pickle ({err})') from None
+  if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    raise AdapterFileError(f'{path}: expected a dict of tensors')
+  return {name: tensor.float().numpy() for name, tensor in state.items()}
+
+
+def shape_problems(expected: dict[str, tuple[int, ...]], found: dict[str, np.ndarray]) -> list[str]:
+  """What differs between the tensors a model needs (name -> shape) and those a file holds."""
+  problems = [f'tensor {name!r} has shape {tuple(found[name].shape)}, this model needs '
+              f'{tuple(shape)}' for name, shape in expected.items()
+              if name in found and tuple(found[name].shape) != tuple(shape)]
+  missing = [name for name in expected if name not in found]
+  unexpected = sorted(name for name in found if name not in expected)
+  if missing:
+    problems.append(f'{len(missing)} tensors missing ({_first_few(missing)})')
+  if unexpected:
+    problems.append(f'{len(unexpected)} unexpected tensors ({_first_few(unexpected)})')
+  return problems
+
+
+def check_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, np.ndarray],
+                 source: str) -> None:
+  problems = shape_problems(expected, found)
+  if problems:
+    raise AdapterFileError(f'{source}: {join_problems(problems)}')
+
+
+def join_problems(problems: list[str], shown: int = 4) -> str:
+  text = '; '.join(problems[:shown])
+  return text + (f'; and {len(problems) - shown} more' if len(problems) > shown else '')
+
+
+def _first_few(names: list[str], shown: int = 3) -> str:
+  text = ', '.join(repr(n) for n in names[:shown])
+  return text + (f', … {len(names) - shown} more' if len(names) > shown else '')

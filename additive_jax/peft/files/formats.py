@@ -1,0 +1,107 @@
+"""One entry point each way for adapter files, whatever the format.
+
+    save_adapter('out/adapter', model.peft, variables['peft'], config, format='aj')
+    methods, peft = load_adapter('out/adapter', config)
+    model = aj.Llama(config, peft=methods)
+    logits = model.apply({'params': params, 'peft': peft}, tokens)
+
+Formats:
+  'aj'          ours (`aj_adapter_config.json` + `aj_adapter.safetensors`): any method set,
+                every leaf as trained (aj_format.py)
+  'hf_peft'     Hugging Face PEFT: LoRA, (IA)³, prompt or prefix tuning (hf_peft.py)
+  'adapterhub'  AdapterHub `adapters`: a Pfeiffer, Houlsby or parallel bottleneck (adapterhub.py)
+
+Combinations. PEFT and AdapterHub files hold one method per directory and PEFT
+cannot apply two of ours together, so a combination saved in those formats is
+refused, naming its methods: save it as 'aj', or each method to its own
+directory (`save_adapter(d, [m], {m.key: peft[m.key]}, config, format=...)`).
+Methods with no equivalent there (bottleneck in PEFT, all but the bottleneck in
+AdapterHub, ladder side tuning in both) are refused too.
+
+Loading detects the format from the file names (AdapterHub and PEFT share
+`adapter_config.json`; PEFT's has a `peft_type`), checks every tensor against
+the base `config` and names the tensor, the shape found and the shape needed.
+`expected_methods` refuses an adapter for another method set. A pickle
+(`adapter_model.bin`, `pytorch_adapter.bin`) is read only with `allow_pickle=True`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from additive_jax.peft.files import adapterhub, aj_format, hf_peft
+from additive_jax.peft.files.file_io import AdapterFileError, check_shapes, read_json
+from additive_jax.peft.registry import check_methods
+
+FORMATS = ('aj', 'hf_peft', 'adapterhub')
+FORMAT_NAMES = {'aj': 'additive_jax', 'hf_peft': 'Hugging Face PEFT', 'adapterhub': 'AdapterHub'}
+_SINGLE_METHOD = {'hf_peft': hf_peft, 'adapterhub': adapterhub}
+
+
+def save_adapter(directory: str, methods, peft, config, format: str = 'aj',
+                 base_model_name_or_path: str | None = None) -> None:
+  """Writes the methods' trees of `peft` (variables['peft']) to `directory` in `format`."""
+  methods = tuple(methods)
+  if format not in FORMATS:
+    raise ValueError(f'format must be one of {FORMATS}, got {format!r}')
+  if not methods:
+    raise ValueError('no methods to save')
+  check_methods(methods, config)
+  missing = [m.key for m in methods if m.key not in peft]
+  if missing:
+    raise ValueError(f'the peft tree has no subtree for {missing} (it has {sorted(peft)})')
+  calls = ', '.join(m.call_string() for m in methods)
+  check_shapes(aj_format.leaf_shapes(methods, config), aj_format.flat_leaves(methods, peft),
+               f'the peft tree of {calls}')
+  if format != 'aj' and len(methods) > 1:
+    raise AdapterFileError(
+        f'{FORMAT_NAMES[format]} files hold one method per directory, and {calls} are several; '
+        'save them with format="aj", or each method to its own directory')
+  os.makedirs(directory, exist_ok=True)
+  if format == 'aj':
+    aj_format.save(directory, methods, peft, config, base_model_name_or_path)
+  else:
+    _SINGLE_METHOD[format].save(directory, methods[0], peft[methods[0].key], config,
+                                base_model_name_or_path)
+
+
+def detect_format(directory: str) -> str:
+  """Which format `directory` holds, from its file names and PEFT's `peft_type`."""
+  if not os.path.isdir(directory):
+    raise AdapterFileError(f'{directory} is not a directory')
+  found = []
+  if os.path.exists(os.path.join(directory, aj_format.CONFIG_NAME)):
+    found.append('aj')
+  shared = os.path.join(directory, hf_peft.CONFIG_NAME)  # AdapterHub's CONFIG_NAME as well
+  if os.path.exists(shared):
+    found.append('hf_peft' if 'peft_type' in read_json(shared) else 'adapterhub')
+  if not found:
+    raise AdapterFileError(f'{directory} holds no adapter (no {aj_format.CONFIG_NAME} or '
+                           f'{hf_peft.CONFIG_NAME})')
+  if len(found) > 1:
+    raise AdapterFileError(f'{directory} holds adapters in several formats ({", ".join(found)}); '
+                           'pass format=')
+  return found[0]
+
+
+def load_adapter(directory: str, config, format: str | None = None, expected_methods=None,
+                 allow_pickle: bool = False):
+  """(methods, peft) from `directory`, for the base `config`: `Llama(config, peft=methods)`
+  applies `{'params': params, 'peft': peft}`. `format` is detected when None."""
+  format = format or detect_format(directory)
+  if format == 'aj':
+    methods, peft = aj_format.load(directory, config)
+  elif format in _SINGLE_METHOD:
+    method, tree = _SINGLE_METHOD[format].load(directory, config, allow_pickle)
+    methods, peft = (method,), {method.key: tree}
+  else:
+    raise ValueError(f'format must be one of {FORMATS} or None, got {format!r}')
+  try:
+    check_methods(methods, config)
+  except ValueError as err:
+    raise AdapterFileError(f'{directory}: {err}') from None
+  if expected_methods is not None and tuple(expected_methods) != methods:
+    raise AdapterFileError(
+        f'{directory} holds {", ".join(m.call_string() for m in methods)}, not the expected '
+        f'{", ".join(m.call_string() for m in expected_methods)}')
+  return methods, peft

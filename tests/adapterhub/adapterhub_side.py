@@ -1,0 +1,65 @@
+"""AdapterHub's side of the cross-check (see run.sh); runs in the AdapterHub venv (transformers 4.57).
+
+    adapterhub_side.py WORK
+
+Loads the shared base (WORK/base) as a `LlamaForCausalLM`, then
+  * each of our adapters (WORK/ours/<config>) with `load_adapter(..., use_safetensors=True)`:
+    every tensor must be used and none missing; its logits are kept;
+  * creates its own seq_bn, double_seq_bn and par_bn adapters, sets every adapter weight to
+    random values (N(0, 0.3²): nothing at its init, so every term shows), keeps their logits and
+    saves them with `save_adapter(..., use_safetensors=True)` to WORK/theirs/<config>.
+All logits go to WORK/adapterhub_logits.safetensors ('base', 'ours/<config>', 'theirs/<config>').
+"""
+
+import json
+import os
+import sys
+
+import adapters
+import safetensors.numpy
+import torch
+import transformers
+
+THEIRS = {'seq_bn': adapters.SeqBnConfig(reduction_factor=8, non_linearity='gelu'),
+          'double_seq_bn': adapters.DoubleSeqBnConfig(reduction_factor=12),
+          'par_bn': adapters.ParBnConfig(reduction_factor=16)}
+
+
+def logits(model, tokens):
+  with torch.no_grad():
+    return model(input_ids=tokens).logits.numpy()
+
+
+def main(work):
+  model = transformers.LlamaForCausalLM.from_pretrained(os.path.join(work, 'base'),
+                                                        dtype=torch.float32).eval()
+  adapters.init(model)
+  with open(os.path.join(work, 'tokens.json'), encoding='utf-8') as f:
+    tokens = torch.tensor(json.load(f))
+  out = {'base': logits(model, tokens)}
+  for config in sorted(os.listdir(os.path.join(work, 'ours'))):
+    directory = os.path.join(work, 'ours', config)
+    if not os.path.isdir(directory):
+      continue
+    info = {}
+    name = model.load_adapter(directory, use_safetensors=True, loading_info=info, set_active=True)
+    if info['missing_keys'] or info['unexpected_keys']:
+      sys.exit(f'{directory}: missing {info["missing_keys"]}, unexpected {info["unexpected_keys"]}')
+    out[f'ours/{config}'] = logits(model, tokens)
+    model.delete_adapter(name)
+  os.makedirs(os.path.join(work, 'theirs'))
+  generator = torch.Generator().manual_seed(0)
+  for name, config in THEIRS.items():
+    model.add_adapter(name, config=config, set_active=True)
+    with torch.no_grad():
+      for weight_name, weight in model.named_parameters():
+        if f'.adapters.{name}.' in weight_name:
+          weight.copy_(0.3 * torch.randn(weight.shape, generator=generator))
+    out[f'theirs/{name}'] = logits(model, tokens)
+    model.save_adapter(os.path.join(work, 'theirs', name), name, use_safetensors=True)
+    model.delete_adapter(name)
+  safetensors.numpy.save_file(out, os.path.join(work, 'adapterhub_logits.safetensors'))
+
+
+if __name__ == '__main__':
+  main(sys.argv[1])

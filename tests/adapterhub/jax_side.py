@@ -1,0 +1,85 @@
+"""Our side of the AdapterHub cross-check (see run.sh); runs in the main venv.
+
+    jax_side.py export WORK    a tiny random Llama (WORK/base), our three bottleneck adapters with
+                               random weights as AdapterHub files (WORK/ours/<config>), our logits
+    jax_side.py compare WORK   AdapterHub's logits for them, and AdapterHub's own adapters
+                               (WORK/theirs/<config>) read here: max relative errors, exit 1 above 1e-5
+"""
+
+import json
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+
+import additive_jax as aj
+from additive_jax.model.config import LlamaConfig
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+from adapter_files_helpers import random_peft, relative_error  # noqa: E402
+
+CONFIG = LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=6,
+                     num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5)
+OURS = {'seq_bn': aj.peft.Bottleneck(6, 'pfeiffer', 'gelu'),
+        'double_seq_bn': aj.peft.Bottleneck(5, 'houlsby', 'silu'),
+        'par_bn': aj.peft.Bottleneck(12, 'parallel', 'relu', scale=4.0)}
+# what AdapterHub's adapters in adapterhub_side.py are here
+THEIRS = {'seq_bn': aj.peft.Bottleneck(6, 'pfeiffer', 'gelu'),
+          'double_seq_bn': aj.peft.Bottleneck(4, 'houlsby', 'silu'),
+          'par_bn': aj.peft.Bottleneck(3, 'parallel', 'relu', scale=4.0)}
+TOLERANCE = 1e-5  # fp32 on both sides, the same weights: rounding differences only
+
+
+def logits(params, methods, peft, tokens):
+  model = aj.Llama(CONFIG, peft=methods)
+  return np.asarray(model.apply({'params': params, 'peft': peft}, jnp.asarray(tokens)))
+
+
+def export(work):
+  params = nn.unbox(aj.Llama(CONFIG).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))['params']
+  aj.peft.save_merged(os.path.join(work, 'base'), aj.Llama(CONFIG), {'params': params})
+  tokens = np.random.RandomState(1).randint(0, CONFIG.vocab_size, (2, 9))
+  with open(os.path.join(work, 'tokens.json'), 'w', encoding='utf-8') as f:
+    json.dump(tokens.tolist(), f)
+  for seed, (name, method) in enumerate(OURS.items()):
+    peft = random_peft((method,), CONFIG, seed)
+    aj.peft.save_adapter(os.path.join(work, 'ours', name), (method,), peft, CONFIG,
+                         format='adapterhub')
+    safetensors.numpy.save_file({'logits': logits(params, (method,), peft, tokens)},
+                                os.path.join(work, 'ours', f'{name}.logits.safetensors'))
+
+
+def compare(work):
+  _, params = aj.load_model(os.path.join(work, 'base'))
+  with open(os.path.join(work, 'tokens.json'), encoding='utf-8') as f:
+    tokens = np.asarray(json.load(f))
+  theirs = safetensors.numpy.load_file(os.path.join(work, 'adapterhub_logits.safetensors'))
+  base = logits(params, (), {}, tokens)
+  rows = [('base model', relative_error(base, theirs['base']), None)]
+  for name in OURS:
+    ours = safetensors.numpy.load_file(os.path.join(work, 'ours', f'{name}.logits.safetensors'))
+    rows.append((f'ours -> AdapterHub {name}', relative_error(ours['logits'], theirs[f'ours/{name}']),
+                 relative_error(theirs[f'ours/{name}'], theirs['base'])))
+  for name, expected in THEIRS.items():
+    methods, peft = aj.peft.load_adapter(os.path.join(work, 'theirs', name), CONFIG)
+    if methods != (expected,):
+      sys.exit(f'AdapterHub {name} read as {methods[0].call_string()}, expected '
+               f'{expected.call_string()}')
+    rows.append((f'AdapterHub {name} -> ours', relative_error(logits(params, methods, peft, tokens),
+                                                              theirs[f'theirs/{name}']),
+                 relative_error(theirs[f'theirs/{name}'], theirs['base'])))
+  for label, error, effect in rows:
+    effect_text = '' if effect is None else f'   (adapter changes the logits by {effect:.2f})'
+    print(f'{label:<34} max relative error {error:.1e}{effect_text}')
+  failed = [label for label, error, effect in rows
+            if error > TOLERANCE or (effect is not None and effect < 1e-2)]
+  if failed:
+    sys.exit(f'failed: {", ".join(failed)}')
+
+
+if __name__ == '__main__':
+  {'export': export, 'compare': compare}[sys.argv[1]](sys.argv[2])
