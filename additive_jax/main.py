@@ -10,11 +10,14 @@ is found automatically on TPU pods and clusters, or given with
 `--coordinator_address`, `--num_processes`, `--process_id`.
 """
 
+import sys
+
 from absl import app, flags
 import jax
 from ml_collections import config_flags
 
 from additive_jax.train.loop import train_and_evaluate
+from additive_jax.train.prepare import check_config
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'checkpoints, metrics and summary go here',
@@ -34,6 +37,10 @@ def main(argv):
     # CPU processes exchange gradients over gloo; accelerators use their own collectives.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  try:
+    check_config(config)  # bad input: one clear line before anything is loaded or compiled
+  except (ValueError, OSError) as err:
+    sys.exit(f'error: {err}')
   train_and_evaluate(config, _WORKDIR.value)
 
 

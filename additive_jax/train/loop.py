@@ -119,7 +119,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      learning_rates(run.optimizer_settings, config.num_steps, step).items()})
       writer.write(done, logged)
       progress.set_postfix(loss=f'{logged["loss"]:.4f}')
-      pending, logged, tick = [], None, time.time()
+      pending, tick = [], time.time()
     evaluated = None
     if (config.eval_every and done % config.eval_every == 0) or done == config.num_steps:
       evaluated = evaluate_loss(run, state, config, eval_step)

@@ -1,0 +1,147 @@
+"""The trainer end to end: `python -m additive_jax.main`, bad configs refused before any compute,
+and a two-process `jax.distributed` run on localhost."""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from additive_jax.train.mesh import make_mesh
+from additive_jax.train.prepare import check_config
+from conftest import save_tiny_hf_llama
+from test_trainer_sharded import assert_same_trainables, flat, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, 'tests')
+
+
+def sst2_config(arg='pfeiffer,runlocal'):
+  spec = importlib.util.spec_from_file_location('sst2_config', os.path.join(ROOT, 'configs', 'sst2.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope='module')
+def tiny_with_tokenizer(tmp_path_factory, smollm2_tokenizer):
+  """A random 2-layer Llama with SmolLM2's vocabulary and tokenizer, as an HF directory."""
+  directory = tmp_path_factory.mktemp('tiny_tokenizer')
+  save_tiny_hf_llama(directory, vocab_size=len(smollm2_tokenizer), num_hidden_layers=2)
+  smollm2_tokenizer.save_pretrained(directory)
+  return str(directory)
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def run_main(workdir, *overrides, log=None):
+  """The CLI's CompletedProcess; with `log` (a file), a running Popen writing to it instead."""
+  args = [sys.executable, '-m', 'additive_jax.main', '--config=configs/sst2.py:pfeiffer,runlocal',
+          f'--workdir={workdir}', "--config.peft=('Bottleneck(dim=8)',)", *overrides]
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  if log is not None:
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+  return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_main_trains_evaluates_logs_and_checkpoints(tmp_path, tiny_with_tokenizer):
+  result = run_main(tmp_path, f'--config.model={tiny_with_tokenizer}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.splitlines()[0].split() == ['method', 'trainable', '%', 'of', 'base', 'fp32', 'bf16']
+  summary = json.loads((tmp_path / 'summary.json').read_text())
+  assert {'accuracy_before', 'accuracy_after', 'eval_loss', 'final_loss'} <= set(summary)
+  lines = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [m['step'] for m in lines if 'loss' in m] == [1, 2, 3, 4]
+  assert all(np.isfinite(m['loss']) and m['tokens_per_s'] > 0 for m in lines if 'loss' in m)
+  assert {'lr/bottleneck', 'grad_norm', 'trainable_params'} <= set(lines[0])
+  assert [m['step'] for m in lines if 'eval_loss' in m] == [2, 4]
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(tmp_path / 'tensorboard'))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
+
+
+def test_an_unknown_config_key_is_refused(tmp_path):
+  result = run_main(tmp_path, '--config.learning_rate=1e-3')
+  assert result.returncode != 0
+  assert 'learning_rate' in result.stderr
+
+
+@pytest.mark.parametrize('changes, error, message', [
+    ({'mesh': (3, -1, 1)}, ValueError, r'config.mesh: mesh shape \[3, -1, 1\] does not divide the 8'),
+    ({'mesh': (4, 2, 1), 'batch_size': 4}, ValueError, r'batch_size=4 is not divisible by the 8 ways'),
+    ({'accumulation': 3}, ValueError, r'accumulation=3 does not divide the 1 rows'),
+    ({'data.split': 'validation'}, ValueError, r"sst2 has no split 'validation'"),
+    ({'dtype': 'float16'}, ValueError, r'config.dtype must be one of float32, bfloat16'),
+    ({'peft': ('Bottleneck(dim=9999)',)}, ValueError, r'exceeds the hidden size 576'),
+    ({'optimizer': {'lora': {'learning_rate': 1.0}}}, ValueError, r"settings for \['lora'\]"),
+])
+def test_bad_configs_are_refused_before_any_compute(changes, error, message):
+  config = sst2_config()
+  config.batch_size = 8  # one row for each of the 8 devices
+  with config.unlocked():
+    for key, value in changes.items():
+      node, *_ = key.split('.')
+      if '.' in key:
+        config[node][key.split('.')[1]] = value
+      else:
+        config[key] = value
+  with pytest.raises(error, match=message):
+    check_config(config)
+
+
+def test_a_missing_data_file_is_named(tmp_path):
+  config = sst2_config()
+  config.batch_size = 8
+  config.data.data_dir = str(tmp_path)
+  with pytest.raises(FileNotFoundError, match=f'no data file {tmp_path}/sst2/train.tsv'):
+    check_config(config)
+
+
+def test_two_processes_train_as_one(tmp_path):
+  """Two processes, one CPU device each, each feeding half of every global batch: both end with
+  the same trainable values, and those of one process fed the whole batches."""
+  checkpoint = str(tmp_path / 'tiny')
+  save_tiny_hf_llama(checkpoint, vocab_size=128, num_hidden_layers=2)
+  port = free_port()
+  env = {**os.environ, 'PYTHONPATH': TESTS, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  logs = [open(tmp_path / f'worker{i}.log', 'w+', encoding='utf-8') for i in range(2)]
+  # Output to files, not pipes: a worker blocked on a full pipe would stall the other in a collective.
+  workers = [subprocess.Popen([sys.executable, os.path.join(TESTS, 'distributed_worker.py'), checkpoint,
+                               str(port), str(i), str(tmp_path / f'worker{i}.json')],
+                              cwd=ROOT, env=env, stdout=logs[i], stderr=subprocess.STDOUT)
+             for i in range(2)]
+  for worker, log in zip(workers, logs):
+    worker.wait(timeout=300)
+    log.seek(0)
+    assert worker.returncode == 0, log.read()[-3000:]
+  first, second = (json.loads((tmp_path / f'worker{i}.json').read_text()) for i in range(2))
+  assert first['losses'] == second['losses'] and first['peft'] == second['peft']
+
+  losses, state, *_ = train(checkpoint, make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+  np.testing.assert_allclose(first['losses'], losses, rtol=1e-5)
+  assert_same_trainables({path: np.asarray(value) for path, value in first['peft'].items()},
+                         flat(state.peft))
+
+
+def test_two_process_cli_run_writes_logs_once(tmp_path, tiny_with_tokenizer):
+  port = free_port()
+  logs = [open(tmp_path / f'process{i}.log', 'w+', encoding='utf-8') for i in range(2)]
+  workers = [run_main(tmp_path, f'--config.model={tiny_with_tokenizer}', '--config.distributed=True',
+                      '--config.accuracy_split=', f'--coordinator_address=localhost:{port}',
+                      '--num_processes=2', f'--process_id={i}', log=logs[i]) for i in range(2)]
+  for worker, log in zip(workers, logs):
+    worker.wait(timeout=300)
+    log.seek(0)
+    assert worker.returncode == 0, log.read()[-3000:]
+  steps = [json.loads(line)['step'] for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()
+           if 'loss' in json.loads(line)]
+  assert steps == [1, 2, 3, 4]  # process 0 alone writes
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
