@@ -16,6 +16,8 @@ at every site, so adding a method never edits this file.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -26,6 +28,26 @@ import jax.numpy as jnp
 from additive_jax.model.config import LlamaConfig
 from additive_jax.model.rope import apply_rotary, rotary_tables
 from additive_jax.peft.base import Method
+
+# The sharding of the residual stream and the logits ([B, ...], batch split over the data
+# axes), set by `batch_split_activations` around a sharded step's tracing: in every layer the
+# batch stays split, so FSDP gathers weights, never activations. Unset, nothing is constrained.
+_ACTIVATION_SHARDING = contextvars.ContextVar('activation_sharding', default=None)
+
+
+@contextlib.contextmanager
+def batch_split_activations(sharding: jax.sharding.NamedSharding):
+  """Within: the model keeps its activations' leading (batch) axis split as `sharding`."""
+  token = _ACTIVATION_SHARDING.set(sharding)
+  try:
+    yield
+  finally:
+    _ACTIVATION_SHARDING.reset(token)
+
+
+def _constrain(x):
+  sharding = _ACTIVATION_SHARDING.get()
+  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 _REMAT_POLICIES = {'full': None, 'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
 
@@ -170,6 +192,7 @@ class Block(nn.Module):
     f_BTD = MLP(self.config, self.methods, name='mlp')(
         _rms_norm(self.config, 'post_attention_layernorm')(x_BTD), p)
     x_BTD = _add_deltas(r_BTD, f_BTD, [m.mlp_delta(p[m.key], r_BTD, f_BTD) for m in self.methods])
+    x_BTD = _constrain(x_BTD)
     return x_BTD, (kv, x_BTD if self.keep_tap else None)
 
 
@@ -204,7 +227,7 @@ class Llama(nn.Module):
     embedder = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                         embedding_init=_init(('vocab', 'embed')), name='embed_tokens')
     batch, length = tokens_BT.shape
-    x_BTD = embedder(tokens_BT)
+    x_BTD = _constrain(embedder(tokens_BT))
     for method in methods:
       x_BTD = method.embed(trees[method.key], x_BTD)
     embedded_BTD = x_BTD
@@ -250,7 +273,7 @@ class Llama(nn.Module):
       logits_BTV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
                             param_dtype=cfg.param_dtype, kernel_init=_init(('embed', 'vocab')),
                             name='lm_head')(x_BTD)
-    logits_BTV = logits_BTV.astype(jnp.float32)
+    logits_BTV = _constrain(logits_BTV.astype(jnp.float32))
     if cache is None:
       return logits_BTV
     return logits_BTV, cache.replace(k_LBSKH=kv[0], v_LBSKH=kv[1], end=cache.end + length + virtual)

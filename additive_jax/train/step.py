@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from additive_jax.model.llama import batch_split_activations
 from additive_jax.train.loss import token_cross_entropy
 from additive_jax.train.mesh import batch_sharding, replicated
 
@@ -62,16 +63,25 @@ def train_step(model, optimizer, accumulation: int, state: TrainState, params, b
   return TrainState(state.step + 1, peft, opt_state), metrics
 
 
+def _batch_split(fn, mesh):
+  """`fn` traced with the model's activations kept split over the batch axes of `mesh`."""
+  def traced(*args):
+    with batch_split_activations(batch_sharding(mesh)):
+      return fn(*args)
+  return traced
+
+
 def jit_train_step(model, optimizer, accumulation: int, mesh, state_shardings, param_shardings):
   """`train_step` compiled for `mesh`: the state donated (updated in place), the base read
   where it lies, the batch split over the data axes; metrics replicated."""
-  return jax.jit(functools.partial(train_step, model, optimizer, accumulation),
+  step = functools.partial(train_step, model, optimizer, accumulation)
+  return jax.jit(_batch_split(step, mesh),
                  in_shardings=(state_shardings, param_shardings, batch_sharding(mesh)),
                  out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
 
 
 def jit_eval_step(model, mesh, param_shardings):
-  return jax.jit(functools.partial(eval_step, model),
+  return jax.jit(_batch_split(functools.partial(eval_step, model), mesh),
                  in_shardings=(replicated(mesh), param_shardings, batch_sharding(mesh)),
                  out_shardings=replicated(mesh))
 
