@@ -185,3 +185,21 @@ def test_a_step_on_smollm2(smollm2, smollm2_tokenizer, method):
   state, second = step(state, params, batch)
   assert np.isfinite(float(first['loss'])) and float(first['grad_norm']) > 0
   assert float(second['loss']) < float(first['loss'])
+
+
+def test_bf16_compute_keeps_fp32_trainables_optimizer_state_and_loss(params, batch):
+  """bf16 compute (as on accelerators): the trainable leaves, Adam's moments and the loss stay
+  fp32, and the loss is the fp32 one to bf16 accuracy (8 bits of mantissa: ~1e-2 relative)."""
+  methods = (SINGLES['pfeiffer'], SINGLES['lora'])
+  model = Llama(CONFIG.replace(dtype=jnp.bfloat16), peft=methods)
+  peft = model.init_peft(jax.random.key(1), params)['peft']
+  settings = {m.key: method_settings(m.key, {'schedule': 'constant'}) for m in methods}
+  optimizer = make_optimizer(list(peft), settings, total_steps=1)
+  state, metrics = jax.jit(functools.partial(train_step, model, optimizer, 1))(
+      TrainState.create(peft, optimizer), params, batch)
+  assert {x.dtype for x in jax.tree.leaves(state.peft)} == {jnp.dtype(jnp.float32)}
+  assert {x.dtype for x in jax.tree.leaves(state.opt_state) if x.ndim} == {jnp.dtype(jnp.float32)}
+  assert metrics['loss'].dtype == jnp.float32
+  fp32_loss, _, _ = run_steps(methods, params, batch, steps=1)
+  assert float(metrics['loss']) == pytest.approx(fp32_loss[0], rel=2e-2)
+  assert float(metrics['loss']) != fp32_loss[0]  # the compute did run in bf16

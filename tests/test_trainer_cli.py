@@ -12,6 +12,8 @@ import jax
 import numpy as np
 import pytest
 
+from additive_jax.peft.registry import parse_method
+from additive_jax.train.config import METHODS
 from additive_jax.train.mesh import make_mesh
 from additive_jax.train.prepare import check_config
 from conftest import save_tiny_hf_llama
@@ -145,3 +147,31 @@ def test_two_process_cli_run_writes_logs_once(tmp_path, tiny_with_tokenizer):
            if 'loss' in json.loads(line)]
   assert steps == [1, 2, 3, 4]  # process 0 alone writes
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
+
+
+@pytest.mark.parametrize('config_file', ['sst2', 'gsm8k'])
+def test_every_method_preset_of_every_config_passes_the_checks(config_file):
+  """Each experiment (config × method preset) is valid on SmolLM2 before any weight is read."""
+  spec = importlib.util.spec_from_file_location(config_file, os.path.join(ROOT, 'configs', f'{config_file}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for method in METHODS:
+    for arg in (method, f'{method},runlocal'):
+      config = module.get_config(arg)
+      config.batch_size = 8  # the test process has 8 devices
+      assert check_config(config)[1][0].call_string() == parse_method(METHODS[method]).call_string()
+  with pytest.raises(ValueError, match='unknown method preset'):
+    module.get_config('adapter')
+
+
+def test_gsm8k_smoke_run_with_the_chat_template(tmp_path, tiny_with_tokenizer):
+  result = subprocess.run(
+      [sys.executable, '-m', 'additive_jax.main', '--config=configs/gsm8k.py:prefix,runlocal',
+       f'--workdir={tmp_path}', f'--config.model={tiny_with_tokenizer}', '--config.seq_len=128',
+       '--config.data.over_long=drop'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'dropped' in result.stdout
+  summary = json.loads((tmp_path / 'summary.json').read_text())
+  assert np.isfinite(summary['final_loss']) and np.isfinite(summary['eval_loss'])

@@ -9,6 +9,9 @@ half-split layout of `transformers` that our rotary code uses.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import gguf
 import numpy as np
 
@@ -25,6 +28,16 @@ _LAYER_NAMES = {'attn_norm': 'input_layernorm', 'ffn_norm': 'post_attention_laye
 
 
 def open_gguf(path: str) -> gguf.GGUFReader:
+  """The parsed file (read-only, memory-mapped). Parsing SmolLM2's 49k-entry vocabulary takes
+  seconds and a run reads the file three times (config, tokenizer, weights), so the reader is
+  kept for a file whose size and modification time have not changed."""
+  stat = os.stat(path)
+  return _read_gguf(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_gguf(path: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
+  del size, mtime_ns  # part of the cache key only
   try:
     return gguf.GGUFReader(path)
   except Exception as err:  # truncated or corrupt: numpy/struct errors of all kinds
