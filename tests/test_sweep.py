@@ -1,0 +1,28 @@
+"""experiments/sweep.py: a product of variants and overrides, each a real run, tabulated."""
+
+import json
+import os
+import subprocess
+import sys
+
+from test_trainer_cli import ROOT, tiny_with_tokenizer  # noqa: F401  (a fixture)
+
+
+def test_sweep_runs_each_variant_and_override_once(tmp_path, tiny_with_tokenizer):  # noqa: F811
+  out = tmp_path / 'results' / 'sweep'
+  command = [sys.executable, 'experiments/sweep.py', '--config=configs/sst2.py', '--variants=ia3,lora',
+             '--extra=runlocal', f'--set=model={tiny_with_tokenizer}', '--set=num_steps=2',
+             '--set=accuracy_limit=4', '--override=seed=1',
+             f'--root={tmp_path / "runs"}', f'--out={out}']
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  runs = json.loads(out.with_suffix('.json').read_text())['runs']
+  assert [(r['variant'], r['override']) for r in runs] == [('ia3', 'seed=1'), ('lora', 'seed=1')]
+  assert all(0 <= r['accuracy_after'] <= 1 and r['trainable_params'] > 0 for r in runs)
+  assert runs[0]['trainable_params'] != runs[1]['trainable_params']
+  assert out.with_suffix('.md').read_text().count('\n') == 4  # header, rule, two runs
+  assert out.with_suffix('.png').stat().st_size > 0
+  # A finished run is not repeated: the second sweep only collects.
+  again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0 and '$ ' not in again.stdout
