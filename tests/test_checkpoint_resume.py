@@ -1,0 +1,154 @@
+"""Preemption through the CLI: a run killed (SIGKILL) in the middle of a save resumes from its
+last complete checkpoint and logs the losses, bit for bit, of a run that never stopped; what a
+checkpoint of a real run holds on disk; a workdir of another method set refused on resume.
+
+The runs train the tiny Llama with SmolLM2's tokenizer for 6 steps, checkpointing and
+evaluating every 2 (`configs/sst2.py:runlocal`), on the first rows of SST-2."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from additive_jax.model.load import load_config
+from additive_jax.train.checkpoint import CheckpointError, Checkpoints
+from additive_jax.train.loop import train_and_evaluate
+from test_trainer_cli import ROOT, run_main, sst2_config, tiny_with_tokenizer  # noqa: F401
+
+STEPS = 6
+SOURCE_ROWS = 200
+
+# The CLI, killed as a preemption would kill it, right after the save of one step has started:
+# save() has returned and the arrays are still being written into the temporary folder.
+KILLED_DURING_SAVE = """
+import os, signal
+from additive_jax import main
+from additive_jax.train.checkpoint import Checkpoints
+
+save = Checkpoints.save
+def save_then_die(self, step, *args, **kwargs):
+  save(self, step, *args, **kwargs)
+  if step == int(os.environ['KILL_DURING_SAVE_OF_STEP']):
+    os.kill(os.getpid(), signal.SIGKILL)
+Checkpoints.save = save_then_die
+main.app.run(main.main)
+"""
+
+
+@pytest.fixture(scope='module', autouse=True)
+def shared_compilation_cache():
+  """The CLI runs compile the same steps: they share this process's persistent cache."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv('JAX_COMPILATION_CACHE_DIR', jax.config.jax_compilation_cache_dir)
+    patch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS',
+                 str(jax.config.jax_persistent_cache_min_compile_time_secs))
+    yield
+
+
+@pytest.fixture(scope='module')
+def small_sst2(tmp_path_factory):
+  """The first rows of each SST-2 split: building an iterator tokenizes its whole split."""
+  directory = tmp_path_factory.mktemp('data')
+  source = os.path.join(sst2_config().data.data_dir, 'sst2')
+  os.makedirs(directory / 'sst2')
+  for split in ('train', 'dev', 'test'):
+    with open(os.path.join(source, f'{split}.tsv'), encoding='utf-8') as f:
+      rows = [next(f) for _ in range(SOURCE_ROWS + 1)]  # the header and the first rows
+    (directory / 'sst2' / f'{split}.tsv').write_text(''.join(rows), encoding='utf-8')
+  return str(directory)
+
+
+@pytest.fixture(scope='module')
+def overrides(tiny_with_tokenizer, small_sst2):
+  return (f'--config.model={tiny_with_tokenizer}', f'--config.data.data_dir={small_sst2}',
+          '--config.accuracy_split=', f'--config.num_steps={STEPS}')
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory, overrides):
+  """The workdir of a run that never stopped."""
+  workdir = tmp_path_factory.mktemp('reference')
+  result = run_main(workdir, *overrides)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def in_process_config(model, data_dir, peft):
+  """A run of `peft` in this process: 8 devices, one row each."""
+  config = sst2_config()
+  config.model, config.data.data_dir, config.accuracy_split = model, data_dir, ''
+  config.batch_size, config.peft = 8, tuple(peft)
+  return config
+
+
+def metric_lines(workdir, timing=False):
+  """metrics.jsonl, without the throughput (a wall-clock measure) unless `timing`."""
+  lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  return lines if timing else [{k: v for k, v in line.items() if k != 'tokens_per_s'}
+                               for line in lines]
+
+
+def test_a_run_killed_during_a_save_resumes_with_bit_identical_losses(tmp_path, reference_run,
+                                                                      overrides):
+  args = [sys.executable, '-c', KILLED_DURING_SAVE, '--config=configs/sst2.py:pfeiffer,runlocal',
+          f'--workdir={tmp_path}', "--config.peft=('Bottleneck(dim=8)',)", *overrides]
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+         'KILL_DURING_SAVE_OF_STEP': '4'}
+  killed = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  # Step 4's save was cut short: its temporary folder is left, step 2 is the last complete one,
+  # and the log holds steps 3 and 4, which the resumed run replays.
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4.orbax-checkpoint-tmp']
+  assert [line['step'] for line in metric_lines(tmp_path) if 'loss' in line] == [1, 2, 3, 4]
+
+  resumed = run_main(tmp_path, *overrides)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'resumed from step 2' in resumed.stdout
+  assert '4.orbax-checkpoint-tmp' not in os.listdir(tmp_path / 'checkpoints')
+  reference = metric_lines(reference_run)
+  assert len({line['loss'] for line in reference if 'loss' in line}) == STEPS  # training moves
+  # Every train and eval line, each step once, equal to the float: losses, gradient norms,
+  # learning rates, eval losses.
+  assert metric_lines(tmp_path) == reference
+
+
+def test_a_checkpoint_holds_the_trainable_state_and_no_frozen_weight(reference_run,
+                                                                     tiny_with_tokenizer):
+  step = STEPS
+  checkpoints = Checkpoints(str(reference_run / 'checkpoints'), read_only=True)
+  saved = {leaf.name: leaf.shape for leaf in
+           jax.tree.leaves(checkpoints.manager.item_metadata(step).state.tree)}
+  trainable = {name: shape for name, shape in saved.items() if name.startswith('peft.')}
+  # Every saved array: the step, each trainable leaf, Adam's two moments of it, step counters.
+  assert sorted(saved.values()) == sorted([()] * (len(saved) - 3 * len(trainable)) +
+                                          list(trainable.values()) * 3)
+  assert all(name.startswith(('step', 'peft.', 'opt_state.')) for name in saved)
+
+  trainable_bytes = 4 * sum(math.prod(shape) for shape in trainable.values())
+  files = [os.path.join(folder, name) for folder, _, names in
+           os.walk(checkpoints.step_directory(step)) for name in names]
+  total = sum(os.path.getsize(path) for path in files)
+  arrays = sum(os.path.getsize(path) for path in files
+               if os.path.basename(os.path.dirname(path)) == 'd')
+  base_bytes = 4 * load_config(tiny_with_tokenizer).num_base_params
+  # The arrays (zstd-compressed chunks in OCDBT files: trained fp32 values shrink by ~7%) hold
+  # three copies of the trainables, plus the B-tree's few hundred bytes per leaf; the rest is
+  # Orbax's JSON metadata, ~1 KiB per leaf.
+  assert 0.75 * 3 * trainable_bytes <= arrays <= 3 * trainable_bytes + 512 * len(saved)
+  assert total <= 3 * trainable_bytes + 2048 * len(saved)
+  assert 100 * total < base_bytes
+
+
+def test_resuming_a_workdir_of_another_method_set_names_the_leaves(reference_run,
+                                                                   tiny_with_tokenizer, small_sst2):
+  config = in_process_config(tiny_with_tokenizer, small_sst2, ['IA3()'])
+  before = sorted(os.listdir(reference_run / 'checkpoints'))
+  with pytest.raises(CheckpointError, match=r"checkpoints/6 does not fit this run: 3 tensors "
+                                            r"missing \('peft.ia3.l_ff', 'peft.ia3.l_k', 'peft.ia3.l_v'\)"):
+    train_and_evaluate(config, str(reference_run))
+  assert sorted(os.listdir(reference_run / 'checkpoints')) == before
