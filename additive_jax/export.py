@@ -31,7 +31,7 @@ from additive_jax.peft.files import save_adapter, save_merged
 from additive_jax.peft.files.aj_format import leaf_shapes
 from additive_jax.peft.registry import parse_method
 from additive_jax.train.checkpoint import CheckpointError, Checkpoints
-from additive_jax.train.optimizer import make_optimizer, method_settings
+from additive_jax.train.optimizer import run_optimizer
 from additive_jax.train.step import TrainState
 
 FORMATS = ('aj', 'hf_peft', 'adapterhub', 'merged')
@@ -50,8 +50,7 @@ def abstract_train_state(config: dict, methods, model_config):
   peft = traverse_util.unflatten_dict(
       {name: jax.ShapeDtypeStruct(shape, jnp.float32)
        for name, shape in leaf_shapes(methods, model_config).items()}, sep='/')
-  settings = {m.key: method_settings(m.key, config['optimizer'].get(m.key)) for m in methods}
-  optimizer = make_optimizer(list(settings), settings, config['num_steps'], config['clip_norm'])
+  optimizer, _ = run_optimizer(config, methods)
   state = jax.eval_shape(lambda peft: TrainState.create(peft, optimizer), peft)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)

@@ -16,6 +16,7 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
+from additive_jax.train.checkpoint import CheckpointError
 from additive_jax.train.loop import train_and_evaluate
 from additive_jax.train.prepare import check_config
 
@@ -41,7 +42,10 @@ def main(argv):
     check_config(config)  # bad input: one clear line before anything is loaded or compiled
   except (ValueError, OSError) as err:
     sys.exit(f'error: {err}')
-  train_and_evaluate(config, _WORKDIR.value)
+  try:
+    train_and_evaluate(config, _WORKDIR.value)
+  except CheckpointError as err:  # a workdir whose checkpoint does not fit this config
+    sys.exit(f'error: {err}')
 
 
 if __name__ == '__main__':

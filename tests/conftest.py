@@ -7,12 +7,13 @@ import os
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+# JAX's persistent compilation cache, through the environment so that the subprocesses the
+# tests start (the CLI, multi-process runs) share it too.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(os.path.expanduser('~'), '.cache', 'additive_jax', 'jax_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
-jax.config.update('jax_compilation_cache_dir',
-                  os.path.join(os.path.expanduser('~'), '.cache', 'additive_jax', 'jax_cache'))
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+import pytest  # noqa: E402
 
 SMOLLM2 = 'smollm2-135m-instruct'
 

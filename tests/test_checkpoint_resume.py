@@ -40,16 +40,6 @@ main.app.run(main.main)
 """
 
 
-@pytest.fixture(scope='module', autouse=True)
-def shared_compilation_cache():
-  """The CLI runs compile the same steps: they share this process's persistent cache."""
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setenv('JAX_COMPILATION_CACHE_DIR', jax.config.jax_compilation_cache_dir)
-    patch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS',
-                 str(jax.config.jax_persistent_cache_min_compile_time_secs))
-    yield
-
-
 @pytest.fixture(scope='module')
 def small_sst2(tmp_path_factory):
   """The first rows of each SST-2 split: building an iterator tokenizes its whole split."""

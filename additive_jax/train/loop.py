@@ -12,8 +12,8 @@ losses that follow are those of a run that never stopped.
 
 Metrics go to TensorBoard event files and `metrics.jsonl` in the workdir
 (process 0 only), the summary to `summary.json`. A resumed run first drops the
-`metrics.jsonl` lines of steps after its checkpoint (a killed run may have
-logged them), so each step keeps one line, that of the run that went on.
+logged metrics of steps after its checkpoint (a killed run may have logged
+them), so each step keeps one line, that of the run that went on.
 """
 
 from __future__ import annotations
@@ -71,20 +71,6 @@ def accuracy(run: Run, state, config: ml_collections.ConfigDict) -> float:
   return value
 
 
-def forget_metrics_after(workdir: str, step: int) -> None:
-  """Drops the `metrics.jsonl` lines of steps after `step`, the checkpoint a run resumes from:
-  a killed run may have logged steps past its last checkpoint, and the resumed run replays
-  and logs them again. A line the kill cut short goes too."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if jax.process_index() != 0 or not os.path.exists(path):
-    return
-  with open(path, encoding='utf-8') as f:
-    kept = [line for line in f if line.endswith('\n') and json.loads(line)['step'] <= step]
-  with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    f.writelines(kept)
-  os.replace(path + '.tmp', path)
-
-
 def _mean(metrics: list[dict]) -> dict[str, float]:
   return {name: float(np.mean([float(m[name]) for m in metrics])) for name in metrics[0]}
 
@@ -110,12 +96,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   latest = checkpoints.latest_step()
   if latest is not None:
     state = checkpoints.restore(latest, abstract_like(state), train_iterator)
-    forget_metrics_after(workdir, latest)
     say(f'resumed from step {latest}')
   elif config.accuracy_split:
     summary['accuracy_before'] = accuracy(run, state, config)
     say(f'accuracy before: {summary["accuracy_before"]:.4f}')
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(workdir, resumed_from=latest)
 
   train_step = jit_train_step(run.model, run.optimizer, config.accumulation, mesh,
                               run.state_shardings, run.param_shardings)

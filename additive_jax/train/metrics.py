@@ -2,7 +2,8 @@
 
 Only process 0 writes (every process computes the same replicated metrics).
 The JSON log is appended line by line and flushed, so a killed run keeps every
-line it wrote; a resumed run appends after them.
+line it wrote; a resumed run drops those of the steps after its checkpoint (it
+logs them again) and appends, so each step keeps one line.
 """
 
 from __future__ import annotations
@@ -16,13 +17,20 @@ import tensorboardX
 
 
 class MetricsWriter:
+  """`write(step, metrics)` to both; `resumed_from=k` (a run resuming from checkpoint k) first
+  forgets what a killed run logged after step k, which the resumed run logs again."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, resumed_from: int | None = None):
     self.enabled = jax.process_index() == 0
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
-      self._log = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+      log_path = os.path.join(workdir, 'metrics.jsonl')
+      if resumed_from is not None:
+        _forget_after(log_path, resumed_from)
+      purge = None if resumed_from is None else resumed_from + 1  # TensorBoard hides steps ≥ it
+      self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'),
+                                                     purge_step=purge)
+      self._log = open(log_path, 'a', encoding='utf-8')
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
@@ -37,3 +45,14 @@ class MetricsWriter:
     if self.enabled:
       self._tensorboard.close()
       self._log.close()
+
+
+def _forget_after(path: str, step: int) -> None:
+  """Drops the lines of steps after `step`, and a last line a kill cut short."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    kept = [line for line in f if line.endswith('\n') and json.loads(line)['step'] <= step]
+  with open(path + '.tmp', 'w', encoding='utf-8') as f:
+    f.writelines(kept)
+  os.replace(path + '.tmp', path)

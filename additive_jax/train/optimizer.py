@@ -57,6 +57,13 @@ def make_optimizer(method_keys, settings_by_method, total_steps: int,
   return optax.chain(*chain, optax.multi_transform(transforms, labels))
 
 
+def run_optimizer(config, methods) -> tuple[optax.GradientTransformation, dict]:
+  """(optimizer, each method's settings) of an experiment config (a ConfigDict, or the dict a
+  checkpoint keeps): one definition for the run and for whatever reads its checkpoints."""
+  settings = {m.key: method_settings(m.key, config['optimizer'].get(m.key)) for m in methods}
+  return make_optimizer(list(settings), settings, config['num_steps'], config['clip_norm']), settings
+
+
 def learning_rates(settings_by_method, total_steps: int, step: int) -> dict[str, float]:
   """Each method's learning rate at `step` (for logging)."""
   return {key: float(schedule(s, total_steps)(step)) for key, s in settings_by_method.items()}

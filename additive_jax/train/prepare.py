@@ -25,7 +25,7 @@ from additive_jax.model.tokenizer import load_tokenizer
 from additive_jax.peft.registry import check_methods, parse_method
 from additive_jax.train import mesh as mesh_lib
 from additive_jax.train.model_state import create_train_state, load_base
-from additive_jax.train.optimizer import make_optimizer, method_settings
+from additive_jax.train.optimizer import method_settings, run_optimizer
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -93,8 +93,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, methods) -> Run:
     logging.info('replicated: %s axis %d (size %d) is not divisible by mesh axis %r',
                  path, dim, size, axis)
   model = Llama(model_config, peft=methods)
-  settings = {m.key: method_settings(m.key, config.optimizer.get(m.key)) for m in methods}
-  optimizer = make_optimizer(list(settings), settings, config.num_steps, config.clip_norm)
+  optimizer, settings = run_optimizer(config, methods)
   state, state_shardings = create_train_state(model, params, optimizer,
                                               jax.random.key(config.seed), mesh, tokenizer)
   return Run(mesh, tokenizer, model, params, param_shardings, optimizer, settings, state,
