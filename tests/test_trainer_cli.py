@@ -56,7 +56,8 @@ def run_main(workdir, *overrides, log=None):
 
 
 def test_main_trains_evaluates_logs_and_checkpoints(tmp_path, tiny_with_tokenizer):
-  result = run_main(tmp_path, f'--config.model={tiny_with_tokenizer}')
+  result = run_main(tmp_path, f'--config.model={tiny_with_tokenizer}',
+                    '--config.optimizer.bottleneck.learning_rate=0.003')
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.splitlines()[0].split() == ['method', 'trainable', '%', 'of', 'base', 'fp32', 'bf16']
   summary = json.loads((tmp_path / 'summary.json').read_text())
@@ -65,6 +66,7 @@ def test_main_trains_evaluates_logs_and_checkpoints(tmp_path, tiny_with_tokenize
   assert [m['step'] for m in lines if 'loss' in m] == [1, 2, 3, 4]
   assert all(np.isfinite(m['loss']) and m['tokens_per_s'] > 0 for m in lines if 'loss' in m)
   assert {'lr/bottleneck', 'grad_norm', 'trainable_params'} <= set(lines[0])
+  assert max(m['lr/bottleneck'] for m in lines if 'loss' in m) == pytest.approx(0.003)
   assert [m['step'] for m in lines if 'eval_loss' in m] == [2, 4]
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(tmp_path / 'tensorboard'))
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
@@ -83,7 +85,8 @@ def test_an_unknown_config_key_is_refused(tmp_path):
     ({'data.split': 'validation'}, ValueError, r"sst2 has no split 'validation'"),
     ({'dtype': 'float16'}, ValueError, r'config.dtype must be one of float32, bfloat16'),
     ({'peft': ('Bottleneck(dim=9999)',)}, ValueError, r'exceeds the hidden size 576'),
-    ({'optimizer': {'lora': {'learning_rate': 1.0}}}, ValueError, r"settings for \['lora'\]"),
+    ({'optimizer': {'lroa': {'learning_rate': 1.0}}}, ValueError, r"settings for \['lroa'\], which is no method"),
+    ({'optimizer': {'bottleneck': {'lr': 1.0}}}, ValueError, r"optimizer.bottleneck has unknown keys \['lr'\]"),
 ])
 def test_bad_configs_are_refused_before_any_compute(changes, error, message):
   config = sst2_config()

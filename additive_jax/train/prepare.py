@@ -25,7 +25,7 @@ from additive_jax.model.tokenizer import load_tokenizer
 from additive_jax.peft.registry import check_methods, parse_method
 from additive_jax.train import mesh as mesh_lib
 from additive_jax.train.model_state import create_train_state, load_base
-from additive_jax.train.optimizer import method_settings, run_optimizer
+from additive_jax.train.optimizer import DEFAULT_LEARNING_RATES, method_settings, run_optimizer
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -71,10 +71,10 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[Mesh, tuple]:
   methods = tuple(parse_method(text) for text in config.peft)
   if not methods:
     raise ValueError('config.peft names no method: nothing would train')
-  stray = set(config.optimizer) - {m.key for m in methods}
+  stray = set(config.optimizer) - set(DEFAULT_LEARNING_RATES)
   if stray:
-    raise ValueError(f'config.optimizer has settings for {sorted(stray)}, which config.peft '
-                     f'does not train (its methods: {[m.key for m in methods]})')
+    raise ValueError(f'config.optimizer has settings for {sorted(stray)}, which is no method key '
+                     f'(method keys: {", ".join(DEFAULT_LEARNING_RATES)})')
   for key, overrides in config.optimizer.items():
     unknown = set(overrides) - set(method_settings(key))
     if unknown:
