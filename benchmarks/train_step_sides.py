@@ -1,0 +1,250 @@
+"""The two sides of benchmarks/train_throughput.py, each run in a process of its own.
+
+`serve(conn, side, setup)` builds one side on the base checkpoint in
+`setup['hf_dir']`, warms it up, measures its memory, then answers the
+orchestrator's calls (`time_steps(n)`, `finish()`) over a `multiprocessing` pipe.
+A process per side and per method keeps each side's memory its own (a peak is
+never the other library's), and an idle side blocks on the pipe, so it takes no
+CPU while the other is timed.
+
+* `OursStep`: additive_jax's real trainer path: `create_train_state`, then
+  `jit_train_step` on a one-device mesh (trainable state donated), AdamW from
+  `make_optimizer` (global-norm clipping at 1.0, constant learning rate).
+* `TheirsStep`: transformers `LlamaForCausalLM` + HF PEFT (`get_peft_model` with the
+  config of the adapter ours exported with `save_adapter(format='hf_peft')`, then
+  its values), so both sides start from the same values; `torch.optim.AdamW` on
+  the trainable parameters, `clip_grad_norm_(1.0)`; bf16 through `torch.autocast`
+  over fp32 weights.
+
+Both compute the masked token cross-entropy of the same batch in fp32 and time
+whole optimizer steps (forward, backward, clipping, update), synchronized.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+import traceback
+import types
+
+import numpy as np
+
+# `import additive_jax` imports gguf (GGUF reading) and additive_jax.train.optimizer
+# imports ml_collections (method_settings) at module level; this benchmark reads an HF
+# directory and passes plain settings, so neither is used. Where one is not installed
+# (an accelerator image), a stand-in module lets the imports succeed and fails on use.
+OPTIONAL_IMPORTS = ('gguf', 'ml_collections')
+
+
+def install_stand_ins(names=OPTIONAL_IMPORTS) -> list[str]:
+  """Registers a stand-in for each module in `names` that is not installed; returns those."""
+  missing = [name for name in names if importlib.util.find_spec(name) is None]
+  for name in missing:
+    module = types.ModuleType(name)
+
+    def fail(attribute, name=name):  # AttributeError, so that hasattr() scans pass over it
+      raise AttributeError(f'{name} is not installed (a stand-in was asked for {attribute!r})')
+
+    module.__getattr__ = fail
+    sys.modules[name] = module
+  return missing
+
+
+def random_batch(vocab_size: int, batch: int, seq_len: int) -> dict[str, np.ndarray]:
+  """One unpadded row per example: tokens, next-token targets, all-ones loss mask."""
+  ids = np.random.default_rng(0).integers(0, vocab_size, (batch, seq_len + 1)).astype(np.int32)
+  return {'tokens': ids[:, :-1], 'targets': ids[:, 1:],
+          'loss_mask': np.ones((batch, seq_len), np.float32),
+          'positions': np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1)),
+          'segment_ids': np.ones((batch, seq_len), np.int32)}
+
+
+class OursStep:
+  """additive_jax: one method on the frozen base, the jitted train step compiled ahead."""
+
+  def __init__(self, hf_dir, method, batch, seq_len, dtype, warmup, adapter_dir=None):
+    stand_ins = install_stand_ins()
+    import jax
+    import jax.numpy as jnp
+
+    import additive_jax as aj
+    from additive_jax.peft.registry import parse_method
+    from additive_jax.train.mesh import batch_sharding, make_mesh, replicated
+    from additive_jax.train.model_state import create_train_state
+    from additive_jax.train.optimizer import DEFAULT_LEARNING_RATES, make_optimizer
+    from additive_jax.train.step import jit_train_step
+
+    self.jax = jax
+    platform = jax.default_backend()
+    dtype = dtype if dtype != 'auto' else ('float32' if platform == 'cpu' else 'bfloat16')
+    config, host_params = aj.load_model(hf_dir)
+    if dtype == 'bfloat16':  # bf16 compute; base weights, trainables and Adam stay fp32
+      config = config.replace(dtype=jnp.bfloat16)
+    peft_method = parse_method(method)
+    model = aj.Llama(config, peft=(peft_method,))
+    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    self.params = jax.device_put(host_params, replicated(mesh))
+    learning_rate = DEFAULT_LEARNING_RATES[peft_method.key]
+    settings = types.SimpleNamespace(learning_rate=learning_rate, schedule='constant',
+                                     warmup_steps=0, weight_decay=0.0)
+    optimizer = make_optimizer([peft_method.key], {peft_method.key: settings}, total_steps=1)
+    self.state, state_shardings = create_train_state(model, self.params, optimizer,
+                                                     jax.random.key(0), mesh)
+    if adapter_dir:
+      aj.peft.save_adapter(adapter_dir, model.peft, self.state.peft, config, format='hf_peft')
+    self.batch = jax.device_put(random_batch(config.vocab_size, batch, seq_len),
+                                batch_sharding(mesh))
+    step = jit_train_step(model, optimizer, 1, mesh, state_shardings, replicated(mesh))
+    started = time.perf_counter()
+    self.step = step.lower(self.state, self.params, self.batch).compile()
+    compile_s = time.perf_counter() - started
+    analysis = self.step.memory_analysis()
+    step_bytes = {'argument': analysis.argument_size_in_bytes,
+                  'output': analysis.output_size_in_bytes,
+                  'alias': analysis.alias_size_in_bytes,
+                  'temp': analysis.temp_size_in_bytes}
+    step_bytes['total'] = (step_bytes['argument'] + step_bytes['output'] - step_bytes['alias']
+                           + step_bytes['temp'])
+    losses, warmup_s = [], []
+    for _ in range(warmup):
+      warmup_s += self.time_steps(1)
+      losses.append(float(self.metrics['loss']))
+    self.report = {
+        'platform': platform, 'device': jax.devices()[0].device_kind, 'dtype': dtype,
+        'method': peft_method.call_string(), 'learning_rate': learning_rate,
+        'trainable_params': sum(x.size for x in jax.tree.leaves(self.state.peft)),
+        'compile_s': compile_s, 'warmup_step_s': warmup_s, 'warmup_losses': losses,
+        'compiled_step_bytes': step_bytes, 'stand_in_modules': stand_ins,
+        'versions': {'jax': jax.__version__, 'additive_jax': aj.__version__}}
+
+  def time_steps(self, count: int) -> list[float]:
+    seconds = []
+    for _ in range(count):
+      started = time.perf_counter()
+      self.state, self.metrics = self.step(self.state, self.params, self.batch)
+      self.jax.block_until_ready((self.state, self.metrics))
+      seconds.append(time.perf_counter() - started)
+    return seconds
+
+  def finish(self) -> dict:
+    """The allocator's peak over this process (an accelerator; the CPU client keeps none)."""
+    stats = self.jax.devices()[0].memory_stats() or {}
+    return {'peak_bytes_in_use': stats.get('peak_bytes_in_use')}
+
+
+class TheirsStep:
+  """transformers + HF PEFT: the adapter ours exported, trained with torch's AdamW."""
+
+  def __init__(self, hf_dir, adapter_dir, batch, seq_len, dtype, warmup, device, threads,
+               learning_rate):
+    import peft
+    import safetensors.torch
+    import torch
+    import transformers
+
+    self.torch = torch
+    if device == 'cpu':
+      torch.set_num_threads(threads)
+    else:
+      torch.cuda.reset_peak_memory_stats()
+    self.device = device
+    base = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(device)
+    # PEFT loads a prompt-learning adapter only frozen, so: its config, then its values
+    settings = peft.PeftConfig.from_pretrained(adapter_dir)
+    settings.inference_mode = False
+    self.model = peft.get_peft_model(base, settings)
+    values = safetensors.torch.load_file(os.path.join(adapter_dir, 'adapter_model.safetensors'))
+    peft.set_peft_model_state_dict(self.model, values)  # the step-1 losses show it took them
+    self.model.train()
+    self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+    self.optimizer = torch.optim.AdamW(self.trainable, lr=learning_rate, weight_decay=0.0)
+    self.autocast = lambda: torch.autocast(device, torch.bfloat16, enabled=dtype == 'bfloat16')
+    arrays = random_batch(base.config.vocab_size, batch, seq_len)
+    self.batch = {name: torch.from_numpy(arrays[name]).to(device)
+                  for name in ('tokens', 'targets', 'loss_mask')}
+    self.batch['tokens'], self.batch['targets'] = (self.batch['tokens'].long(),
+                                                   self.batch['targets'].long())
+    losses, warmup_s = [], []
+    for _ in range(warmup):
+      warmup_s += self.time_steps(1)
+      losses.append(self.loss.item())
+    self.report = {
+        'device': torch.cuda.get_device_name() if device == 'cuda' else 'cpu',
+        'torch_threads': torch.get_num_threads(), 'dtype': dtype,
+        'autocast_bf16': dtype == 'bfloat16',
+        'attention': base.config._attn_implementation,
+        'trainable_params': sum(p.numel() for p in self.trainable),
+        'warmup_step_s': warmup_s, 'warmup_losses': losses,
+        'versions': {'torch': str(torch.__version__), 'transformers': transformers.__version__,
+                     'peft': peft.__version__}}  # str: torch's is a class the parent would import
+    if device == 'cpu':
+      self.report['profiled_step_bytes'] = self.profile_step_bytes()
+
+  def train_step(self):
+    torch = self.torch
+    tokens, targets, mask = self.batch['tokens'], self.batch['targets'], self.batch['loss_mask']
+    with self.autocast():
+      logits = self.model(input_ids=tokens, attention_mask=torch.ones_like(tokens),
+                          use_cache=False).logits
+    logits = logits[:, -tokens.shape[1]:]  # prompt tuning returns the virtual positions too
+    token_loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                                   reduction='none')
+    self.loss = (token_loss * mask.flatten()).sum() / mask.sum()
+    self.loss.backward()
+    torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+    self.optimizer.step()
+    self.optimizer.zero_grad(set_to_none=True)
+
+  def time_steps(self, count: int) -> list[float]:
+    seconds = []
+    for _ in range(count):
+      started = time.perf_counter()
+      self.train_step()
+      if self.device == 'cuda':
+        self.torch.cuda.synchronize()
+      seconds.append(time.perf_counter() - started)
+    return seconds
+
+  def profile_step_bytes(self) -> dict:
+    """Bytes of tensors alive at one step's peak: those alive before it (weights, Adam
+    moments, batch) plus the largest rise of the allocation timeline during it, read
+    from every allocation and free torch's profiler records on the CPU."""
+    torch = self.torch
+    tensors = list(self.model.parameters()) + list(self.model.buffers()) + list(self.batch.values())
+    tensors += [t for state in self.optimizer.state.values() for t in state.values()
+                if torch.is_tensor(t)]
+    before = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                  for t in tensors}.values())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as profiler:
+      self.train_step()
+    changes = sorted((event.start_ns(), event.nbytes())
+                     for event in profiler.profiler.kineto_results.events()
+                     if event.name() == '[memory]')
+    live = peak_rise = 0
+    for _, nbytes in changes:
+      live += nbytes
+      peak_rise = max(peak_rise, live)
+    return {'before_step': before, 'peak_rise': peak_rise, 'total': before + peak_rise}
+
+  def finish(self) -> dict:
+    if self.device != 'cuda':
+      return {}
+    return {'max_memory_allocated': self.torch.cuda.max_memory_allocated()}
+
+
+def serve(conn, side: str, setup: dict) -> None:
+  """Process entry: build `side` ('ours' or 'theirs') from `setup`, send its report, then
+  answer `(method name, args)` calls until 'finish'. A failure is sent back as a traceback."""
+  try:
+    worker = (OursStep if side == 'ours' else TheirsStep)(**setup)
+    conn.send(('ok', worker.report))
+    while True:
+      name, args = conn.recv()
+      conn.send(('ok', getattr(worker, name)(*args)))
+      if name == 'finish':
+        return
+  except Exception:  # the orchestrator re-raises it with the side named
+    conn.send(('error', traceback.format_exc()))

@@ -1,0 +1,301 @@
+"""Train-step throughput and memory: additive_jax against Hugging Face PEFT (torch), side by side.
+
+    .venv/bin/python benchmarks/train_throughput.py [--methods=lora_qv,ia3] [--batch=4]
+        [--seq_len=128] [--steps=1] [--repeats=5] [--warmup=2] [--dtype=auto]
+        [--hf_dir=DIR [--random_weights]] [--out=benchmarks/results/train_throughput_cpu.json]
+    .venv/bin/python benchmarks/train_throughput.py --write_hf_dir=.bench_hf/smollm2
+
+Both sides train the same base (SmolLM2-135M-Instruct, written once as an HF
+checkpoint with `params_to_hf`/`config_to_hf` under `$ADDITIVE_JAX_CACHE/hf/`,
+or `--hf_dir`), on the same batch (`--batch` rows of `--seq_len` random tokens,
+every target counted), with the same method and starting adapter values (ours
+exports its initial adapter to HF PEFT's format and PEFT loads it), the same
+trainable set and AdamW (constant learning rate, no weight decay, global-norm
+clipping at 1.0), and the same precision: fp32 on CPU; on an accelerator
+(`--dtype=auto`) bf16 compute over fp32 weights, trainables and Adam state
+(ours: `LlamaConfig.dtype=bfloat16`; theirs: `torch.autocast(bfloat16)` over the
+fp32 model). torch runs eagerly (no `torch.compile`) with as many CPU threads as
+JAX's CPU client uses (every core this process may run on).
+
+Each side runs in a process of its own (train_step_sides.py), is warmed up
+(ours compiled ahead of time) and then timed in `--repeats` rounds of `--steps`
+synchronized optimizer steps (forward, backward, clipping, update), the rounds
+of ours and theirs interleaved, alternating which goes first. Reported:
+tokens/s from the median step time, the ratio ours/theirs, and memory:
+  CPU  bytes of buffers alive at the step's peak: ours from XLA's buffer
+       assignment of the compiled step (arguments + outputs − donated aliases +
+       temporaries); theirs from torch's profiler (tensors alive before a step +
+       the largest rise of its allocation timeline during one);
+  GPU  each process's allocator peak over loading, warm-up and timing: JAX's
+       `peak_bytes_in_use`; torch's `max_memory_allocated()`.
+Both include the fp32 base weights. Bottleneck adapters and ladder side tuning
+run on our side alone (HF PEFT has neither). Writes the table as JSON to `--out`.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train_step_sides  # noqa: E402  (beside this file)
+
+LORA_ALL = "('q', 'k', 'v', 'o', 'gate', 'up', 'down')"
+# name -> (our method, why HF PEFT has no counterpart or None)
+METHODS = {
+    'lora_qv': ("LoRA(rank=8, alpha=16, targets=('q', 'v'))", None),
+    'lora_all': (f'LoRA(rank=8, alpha=16, targets={LORA_ALL})', None),
+    'ia3': ('IA3()', None),
+    'prompt': ('PromptTuning(num_tokens=20)', None),
+    'prefix': ('PrefixTuning(num_tokens=20)', None),
+    'bottleneck': ("Bottleneck(dim=64, placement='pfeiffer')",
+                   'HF PEFT has no bottleneck adapter; AdapterHub (adapters 1.3.0) pins '
+                   'transformers 4.57 and is not installable in this venv'),
+    'ladder': ('LadderSide(reduction=8)', 'neither HF PEFT nor AdapterHub has ladder side tuning'),
+}
+
+SUPERSCRIPTS = '¹²³⁴⁵⁶⁷'
+
+_METHODS = flags.DEFINE_list('methods', list(METHODS), f'of {", ".join(METHODS)}')
+_BATCH = flags.DEFINE_integer('batch', 4, 'rows per step', lower_bound=1)
+_SEQ_LEN = flags.DEFINE_integer('seq_len', 128, 'tokens per row', lower_bound=1)
+_STEPS = flags.DEFINE_integer('steps', 1, 'timed steps per round', lower_bound=1)
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'rounds per side, interleaved with the other side',
+                                lower_bound=1)
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'untimed steps per side before the rounds',
+                               lower_bound=1)
+_DTYPE = flags.DEFINE_enum('dtype', 'auto', ['auto', 'float32', 'bfloat16'],
+                           'compute dtype; auto: float32 on CPU, bfloat16 on an accelerator')
+_HF_DIR = flags.DEFINE_string('hf_dir', None, 'base HF checkpoint directory (default: SmolLM2, '
+                              'written once under $ADDITIVE_JAX_CACHE/hf)')
+_RANDOM_WEIGHTS = flags.DEFINE_bool(
+    'random_weights', False, "with --hf_dir: read only its config.json and draw the weights "
+    '(seeded) into a temporary checkpoint; speed and memory do not depend on their values')
+_WRITE_HF_DIR = flags.DEFINE_string('write_hf_dir', None,
+                                    'only write SmolLM2-135M-Instruct as an HF checkpoint here')
+_OUT = flags.DEFINE_string('out', None, 'JSON results (default: '
+                           'benchmarks/results/train_throughput_<cpu|gpu>.json)')
+
+
+def write_hf_checkpoint(directory: str, config, tensors: dict) -> None:
+  """`config.json` + `model.safetensors` (HF names and layouts), which both sides read."""
+  from additive_jax.model.convert import config_to_hf
+  from additive_jax.peft.files.file_io import write_json, write_tensors
+
+  os.makedirs(directory, exist_ok=True)
+  write_tensors(os.path.join(directory, 'model.safetensors'), tensors, {'format': 'pt'})
+  write_json(os.path.join(directory, 'config.json'), config_to_hf(config))  # last: complete
+
+
+def write_smollm2(directory: str) -> None:
+  """The embedded SmolLM2-135M-Instruct, fp32, as an HF checkpoint."""
+  import additive_jax as aj
+  from additive_jax.model import embedded
+  from additive_jax.model.convert import params_to_hf
+
+  config, params = aj.load_model(embedded.NAME)
+  write_hf_checkpoint(directory, config, params_to_hf(config, params))
+
+
+def write_random_checkpoint(config_dir: str, directory: str) -> None:
+  """The shapes of `config_dir/config.json`, weights ~ N(0, 0.02) and norms at one (seed 0)."""
+  train_step_sides.install_stand_ins()
+  import numpy as np
+  from additive_jax.model.convert import hf_tensor_shapes
+  from additive_jax.model.load import load_config
+
+  config = load_config(os.path.join(config_dir, 'config.json'))
+  rng = np.random.default_rng(0)
+  tensors = {name: np.ones(shape, np.float32) if name.endswith('norm.weight')
+             else 0.02 * rng.standard_normal(shape, np.float32)
+             for name, shape in hf_tensor_shapes(config).items()}
+  write_hf_checkpoint(directory, config, tensors)
+
+
+def base_checkpoint(scratch: str) -> str:
+  """The HF directory both sides read (written under `scratch` for --random_weights)."""
+  if _RANDOM_WEIGHTS.value:
+    if not _HF_DIR.value:
+      raise app.UsageError('--random_weights takes the shapes from --hf_dir/config.json')
+    write_random_checkpoint(_HF_DIR.value, os.path.join(scratch, 'base'))
+    return os.path.join(scratch, 'base')
+  if _HF_DIR.value:
+    return _HF_DIR.value
+  from additive_jax.model import embedded
+  directory = os.path.join(embedded.cache_dir(), 'hf', embedded.NAME)
+  if not os.path.exists(os.path.join(directory, 'config.json')):
+    write_smollm2(directory)
+  return directory
+
+
+class Side:
+  """One side's process (train_step_sides.serve) and the pipe to it."""
+
+  def __init__(self, name: str, setup: dict):
+    context = multiprocessing.get_context('spawn')  # a fresh interpreter: no memory shared
+    self.name = name
+    self.conn, child_conn = context.Pipe()
+    self.process = context.Process(target=train_step_sides.serve, args=(child_conn, name, setup))
+    self.process.start()
+    child_conn.close()
+    self.report = self.answer()
+
+  def call(self, method: str, *args):
+    self.conn.send((method, args))
+    return self.answer()
+
+  def answer(self):
+    try:
+      status, value = self.conn.recv()
+    except EOFError:
+      self.process.join()
+      raise RuntimeError(f'the {self.name} side exited (code {self.process.exitcode})') from None
+    if status == 'error':
+      raise RuntimeError(f'the {self.name} side failed:\n{value}')
+    return value
+
+  def close(self):
+    self.process.join(timeout=60)
+    if self.process.is_alive():
+      self.process.kill()
+
+
+def measure_method(name: str, hf_dir: str) -> dict:
+  """Warms up ours (and theirs, if PEFT has the method), then times interleaved rounds."""
+  method, theirs_missing = METHODS[name]
+  setup = {'hf_dir': hf_dir, 'batch': _BATCH.value, 'seq_len': _SEQ_LEN.value,
+           'dtype': _DTYPE.value, 'warmup': _WARMUP.value}
+  with tempfile.TemporaryDirectory() as adapter_dir:
+    sides = [Side('ours', {**setup, 'method': method,
+                           'adapter_dir': None if theirs_missing else adapter_dir})]
+    try:
+      ours = sides[0].report
+      if not theirs_missing:
+        sides.append(Side('theirs', {
+            **setup, 'dtype': ours['dtype'], 'adapter_dir': adapter_dir,
+            'device': 'cpu' if ours['platform'] == 'cpu' else 'cuda',
+            'threads': len(os.sched_getaffinity(0)), 'learning_rate': ours['learning_rate']}))
+      seconds = {side.name: [] for side in sides}
+      for repeat in range(_REPEATS.value):
+        for side in sides if repeat % 2 == 0 else sides[::-1]:
+          seconds[side.name] += side.call('time_steps', _STEPS.value)
+      finals = {side.name: side.call('finish') for side in sides}
+    finally:
+      for side in sides:
+        side.close()
+  tokens = _BATCH.value * _SEQ_LEN.value
+  result = {'name': name, 'theirs_missing': theirs_missing}
+  for side in sides:
+    report = {**side.report, **finals[side.name], 'step_s': seconds[side.name]}
+    report['median_step_s'] = statistics.median(seconds[side.name])
+    report['best_step_s'] = min(seconds[side.name])
+    report['tokens_per_s'] = tokens / report['median_step_s']
+    report['memory_bytes'] = memory_bytes(side.name, report, ours['platform'] == 'cpu')
+    result[side.name] = report
+  if not theirs_missing:
+    result['speed_ours_over_theirs'] = (result['ours']['tokens_per_s']
+                                        / result['theirs']['tokens_per_s'])
+    result['speed_ours_over_theirs_best'] = (result['theirs']['best_step_s']
+                                             / result['ours']['best_step_s'])
+    result['memory_ours_over_theirs'] = (result['ours']['memory_bytes']
+                                         / result['theirs']['memory_bytes'])
+  return result
+
+
+def memory_bytes(side: str, report: dict, on_cpu: bool) -> int:
+  """The memory figure of the module docstring for this side and platform."""
+  if side == 'ours':
+    return report['compiled_step_bytes']['total'] if on_cpu else report['peak_bytes_in_use']
+  return report['profiled_step_bytes']['total'] if on_cpu else report['max_memory_allocated']
+
+
+def progress(result: dict) -> str:
+  """One line per method: each side's tokens/s, warm-up and timed step seconds."""
+  seconds = lambda xs: ' '.join(f'{x:.2f}' for x in xs)
+  sides = [f'{side} {result[side]["tokens_per_s"]:,.0f} tokens/s (warm-up s: '
+           f'{seconds(result[side]["warmup_step_s"])}; timed: {seconds(result[side]["step_s"])})'
+           for side in ('ours', 'theirs') if side in result]
+  return f'{result["name"]}: ' + ', '.join(sides)
+
+
+def table(results: list[dict]) -> str:
+  """A markdown table, one row per method; why a method has no HF PEFT side is a footnote."""
+  mib = lambda n: f'{n / 2**20:,.0f}'
+  lines = ['| method | trainable params | tokens/s ours | tokens/s HF PEFT | speed ours/PEFT: '
+           'median (best step) | memory MiB ours | memory MiB HF PEFT | memory ours/PEFT '
+           '| step-1 loss ours / PEFT |', '|---|---|---|---|---|---|---|---|---|']
+  footnotes = []
+  for r in results:
+    ours, theirs = r['ours'], r.get('theirs')
+    cells = [f'{r["name"]}: `{METHODS[r["name"]][0]}`', f'{ours["trainable_params"]:,}',
+             f'{ours["tokens_per_s"]:,.0f}']
+    if theirs:
+      cells += [f'{theirs["tokens_per_s"]:,.0f}',
+                f'{r["speed_ours_over_theirs"]:.2f} ({r["speed_ours_over_theirs_best"]:.2f})',
+                mib(ours['memory_bytes']), mib(theirs['memory_bytes']),
+                f'{r["memory_ours_over_theirs"]:.2f}',
+                f'{ours["warmup_losses"][0]:.5f} / {theirs["warmup_losses"][0]:.5f}']
+      if theirs['trainable_params'] != ours['trainable_params']:
+        cells[1] += f' (PEFT: {theirs["trainable_params"]:,})'
+    else:
+      mark = SUPERSCRIPTS[len(footnotes)]
+      cells += [f'—{mark}', '—', mib(ours['memory_bytes']), '—', '—',
+                f'{ours["warmup_losses"][0]:.5f} / —']
+      footnotes.append(f'{mark} {r["name"]}: {r["theirs_missing"]}.')
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  lines += [''] + footnotes if footnotes else []
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  if _WRITE_HF_DIR.value:
+    write_smollm2(_WRITE_HF_DIR.value)
+    print(f'wrote {_WRITE_HF_DIR.value}')
+    return
+  unknown = [m for m in _METHODS.value if m not in METHODS]
+  if unknown:
+    raise app.UsageError(f'unknown methods {unknown}; known: {", ".join(METHODS)}')
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # leave torch its GPU memory
+  load_before = os.getloadavg()[0]
+  results = []
+  with tempfile.TemporaryDirectory() as scratch:
+    hf_dir = base_checkpoint(scratch)
+    for name in _METHODS.value:
+      results.append(measure_method(name, hf_dir))
+      print(progress(results[-1]), flush=True)
+      out = save(results, load_before)  # after every method: a cut-short run keeps its rows
+  print(f'{results[0]["ours"]["device"]}, {results[0]["ours"]["dtype"]}, batch {_BATCH.value} x '
+        f'{_SEQ_LEN.value} tokens, {_REPEATS.value} x {_STEPS.value} timed steps a side, '
+        f'{len(os.sched_getaffinity(0))} CPU threads, load average {load_before:.1f} -> '
+        f'{os.getloadavg()[0]:.1f}')
+  print(table(results))
+  print(f'wrote {out}')
+
+
+def save(results: list[dict], load_before: float) -> str:
+  """Writes the settings and the rows so far to --out (default: by platform); prints nothing."""
+  first = results[0]['ours']
+  settings = {'hf_dir': _HF_DIR.value, 'random_weights': _RANDOM_WEIGHTS.value,
+              'batch': _BATCH.value, 'seq_len': _SEQ_LEN.value, 'steps': _STEPS.value,
+              'repeats': _REPEATS.value, 'warmup': _WARMUP.value, 'dtype': first['dtype'],
+              'device': first['device'], 'cpu_threads': len(os.sched_getaffinity(0)),
+              'load_average': [load_before, os.getloadavg()[0]]}
+  platform = 'cpu' if first['platform'] == 'cpu' else 'gpu'
+  out = _OUT.value or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
+                                   f'train_throughput_{platform}.json')
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, 'w', encoding='utf-8') as f:
+    json.dump({'settings': settings, 'command': ' '.join(sys.argv), 'results': results}, f,
+              indent=2)
+  return out
+
+
+if __name__ == '__main__':
+  app.run(main)
