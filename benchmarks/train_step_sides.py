@@ -22,35 +22,12 @@ whole optimizer steps (forward, backward, clipping, update), synchronized.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import time
 import traceback
-import types
 
 import numpy as np
-
-# `import additive_jax` imports gguf (GGUF reading) and additive_jax.train.optimizer
-# imports ml_collections (method_settings) at module level; this benchmark reads an HF
-# directory and passes plain settings, so neither is used. Where one is not installed
-# (an accelerator image), a stand-in module lets the imports succeed and fails on use.
-OPTIONAL_IMPORTS = ('gguf', 'ml_collections')
-
-
-def install_stand_ins(names=OPTIONAL_IMPORTS) -> list[str]:
-  """Registers a stand-in for each module in `names` that is not installed; returns those."""
-  missing = [name for name in names if importlib.util.find_spec(name) is None]
-  for name in missing:
-    module = types.ModuleType(name)
-
-    def fail(attribute, name=name):  # AttributeError, so that hasattr() scans pass over it
-      raise AttributeError(f'{name} is not installed (a stand-in was asked for {attribute!r})')
-
-    module.__getattr__ = fail
-    sys.modules[name] = module
-  return missing
-
 
 def random_batch(vocab_size: int, batch: int, seq_len: int) -> dict[str, np.ndarray]:
   """One unpadded row per example: tokens, next-token targets, all-ones loss mask."""
@@ -65,7 +42,6 @@ class OursStep:
   """additive_jax: one method on the frozen base, the jitted train step compiled ahead."""
 
   def __init__(self, hf_dir, method, batch, seq_len, dtype, warmup, adapter_dir=None):
-    stand_ins = install_stand_ins()
     import jax
     import jax.numpy as jnp
 
@@ -73,7 +49,7 @@ class OursStep:
     from additive_jax.peft.registry import parse_method
     from additive_jax.train.mesh import batch_sharding, make_mesh, replicated
     from additive_jax.train.model_state import create_train_state
-    from additive_jax.train.optimizer import DEFAULT_LEARNING_RATES, make_optimizer
+    from additive_jax.train.optimizer import make_optimizer, method_settings
     from additive_jax.train.step import jit_train_step
 
     self.jax = jax
@@ -86,9 +62,8 @@ class OursStep:
     model = aj.Llama(config, peft=(peft_method,))
     mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
     self.params = jax.device_put(host_params, replicated(mesh))
-    learning_rate = DEFAULT_LEARNING_RATES[peft_method.key]
-    settings = types.SimpleNamespace(learning_rate=learning_rate, schedule='constant',
-                                     warmup_steps=0, weight_decay=0.0)
+    settings = method_settings(peft_method.key, {'schedule': 'constant'})
+    learning_rate = settings['learning_rate']
     optimizer = make_optimizer([peft_method.key], {peft_method.key: settings}, total_steps=1)
     self.state, state_shardings = create_train_state(model, self.params, optimizer,
                                                      jax.random.key(0), mesh)
@@ -116,7 +91,7 @@ class OursStep:
         'method': peft_method.call_string(), 'learning_rate': learning_rate,
         'trainable_params': sum(x.size for x in jax.tree.leaves(self.state.peft)),
         'compile_s': compile_s, 'warmup_step_s': warmup_s, 'warmup_losses': losses,
-        'compiled_step_bytes': step_bytes, 'stand_in_modules': stand_ins,
+        'compiled_step_bytes': step_bytes,
         'versions': {'jax': jax.__version__, 'additive_jax': aj.__version__}}
 
   def time_steps(self, count: int) -> list[float]:

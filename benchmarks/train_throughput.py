@@ -105,7 +105,6 @@ def write_smollm2(directory: str) -> None:
 
 def write_random_checkpoint(config_dir: str, directory: str) -> None:
   """The shapes of `config_dir/config.json`, weights ~ N(0, 0.02) and norms at one (seed 0)."""
-  train_step_sides.install_stand_ins()
   import numpy as np
   from additive_jax.model.convert import hf_tensor_shapes
   from additive_jax.model.load import load_config

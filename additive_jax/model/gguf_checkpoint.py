@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import os
 
-import gguf
 import numpy as np
 
 from additive_jax.model.config import ConfigError, LlamaConfig
@@ -38,6 +37,7 @@ def open_gguf(path: str) -> gguf.GGUFReader:
 @functools.lru_cache(maxsize=2)
 def _read_gguf(path: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
   del size, mtime_ns  # part of the cache key only
+  import gguf  # here, not at the top: only GGUF files need it, and HF-only machines may lack it
   try:
     return gguf.GGUFReader(path)
   except Exception as err:  # truncated or corrupt: numpy/struct errors of all kinds
@@ -102,6 +102,7 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
 
 def load_gguf(path: str, **overrides):
   """(config, params) from a GGUF file of a llama model."""
+  from gguf.quants import dequantize  # see _read_gguf
   reader = open_gguf(path)
   cfg = config_from_gguf(reader, path, **overrides)
   tensors = {}
@@ -113,7 +114,7 @@ def load_gguf(path: str, **overrides):
   def read(name):
     tensor = tensors[name]  # KeyError -> "missing"
     try:
-      values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+      values = dequantize(tensor.data, tensor.tensor_type)
       values = values.reshape(tuple(int(n) for n in reversed(tensor.shape)))
     except (NotImplementedError, ValueError) as err:
       raise CheckpointError(f'{path}: tensor {tensor.name!r} ({tensor.tensor_type.name}) cannot be '

@@ -86,6 +86,14 @@ class AttentionContext:
   config: LlamaConfig = flax.struct.field(pytree_node=False)  # static; the ladder's side net
 
 
+@jax.checkpoint
+def _attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+  """softmax(q kᵀ / √H) v, recomputed in the backward pass rather than stored: the scores and
+  probabilities ([B, N, T, S] each, every layer) would otherwise be the largest residuals of a
+  train step; recomputing them costs two [T, S] products per head."""
+  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None])
+
+
 class Attention(nn.Module):
   config: LlamaConfig
   methods: Sequence[Method]
@@ -127,9 +135,8 @@ class Attention(nn.Module):
         keys_BSKH = jnp.concatenate([pk, keys_BSKH], axis=1)
         values_BSKH = jnp.concatenate([pv, values_BSKH], axis=1)
 
-    out_BTNH = jax.nn.dot_product_attention(
-        q_BTNH, keys_BSKH.astype(q_BTNH.dtype), values_BSKH.astype(q_BTNH.dtype),
-        mask=ctx.mask_BTS[:, None])
+    out_BTNH = _attend(q_BTNH, keys_BSKH.astype(q_BTNH.dtype), values_BSKH.astype(q_BTNH.dtype),
+                       ctx.mask_BTS)
     o_proj = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=cfg.attention_bias,
                              dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                              kernel_init=_init(('q_heads', 'head_dim', 'embed')),

@@ -12,7 +12,6 @@ Gradient accumulation happens inside the train step, not with
 from __future__ import annotations
 
 import jax
-import ml_collections
 import optax
 
 # Learning rates that train well on SmolLM2-135M with a few hundred steps; the
@@ -22,35 +21,31 @@ DEFAULT_LEARNING_RATES = {'bottleneck': 1e-3, 'ia3': 3e-3, 'lora': 5e-4, 'prompt
                           'prefix': 5e-3, 'ladder': 3e-3}
 
 
-def method_settings(key: str, overrides=None) -> ml_collections.ConfigDict:
-  """One method's optimizer settings: the defaults, then the config's overrides."""
-  settings = ml_collections.ConfigDict({
-      'learning_rate': DEFAULT_LEARNING_RATES[key],
-      'schedule': 'cosine',    # 'cosine' (after linear warmup) or 'constant'
-      'warmup_steps': 10,
-      'weight_decay': 0.0,
-  })
-  if overrides:
-    settings.update(overrides)
-  return settings
+def method_settings(key: str, overrides=None) -> dict:
+  """One method's optimizer settings: the defaults, then the overrides (a dict or ConfigDict)."""
+  return {'learning_rate': DEFAULT_LEARNING_RATES[key],
+          'schedule': 'cosine',    # 'cosine' (after linear warmup) or 'constant'
+          'warmup_steps': 10,
+          'weight_decay': 0.0,
+          **(overrides or {})}
 
 
 def schedule(settings, total_steps: int) -> optax.Schedule:
-  if settings.schedule == 'constant':
-    return optax.constant_schedule(settings.learning_rate)
-  if settings.schedule == 'cosine':
-    warmup = min(settings.warmup_steps, max(total_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(0.0, settings.learning_rate, warmup,
+  if settings['schedule'] == 'constant':
+    return optax.constant_schedule(settings['learning_rate'])
+  if settings['schedule'] == 'cosine':
+    warmup = min(settings['warmup_steps'], max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(0.0, settings['learning_rate'], warmup,
                                               max(total_steps, warmup + 1))
-  raise ValueError(f"optimizer schedule must be 'cosine' or 'constant', got {settings.schedule!r}")
+  raise ValueError(f"optimizer schedule must be 'cosine' or 'constant', got {settings['schedule']!r}")
 
 
 def make_optimizer(method_keys, settings_by_method, total_steps: int,
                    clip_norm: float | None = 1.0) -> optax.GradientTransformation:
-  """`settings_by_method[key]` -> a ConfigDict from `method_settings`."""
+  """`settings_by_method[key]`: that method's `method_settings`."""
   transforms = {
       key: optax.adamw(schedule(settings_by_method[key], total_steps),
-                       weight_decay=settings_by_method[key].weight_decay)
+                       weight_decay=settings_by_method[key]['weight_decay'])
       for key in method_keys}
   labels = lambda peft: {key: jax.tree.map(lambda _, k=key: k, tree) for key, tree in peft.items()}
   chain = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
