@@ -16,9 +16,7 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from additive_jax.train.checkpoint import CheckpointError
 from additive_jax.train.loop import train_and_evaluate
-from additive_jax.train.prepare import check_config
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'checkpoints, metrics and summary go here',
@@ -39,12 +37,10 @@ def main(argv):
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
-    check_config(config)  # bad input: one clear line before anything is loaded or compiled
-  except (ValueError, OSError) as err:
-    sys.exit(f'error: {err}')
-  try:
     train_and_evaluate(config, _WORKDIR.value)
-  except CheckpointError as err:  # a workdir whose checkpoint does not fit this config
+  except (ValueError, OSError) as err:
+    # Bad input (a config key, a data row, a checkpoint of another run): the message names it.
+    # A config is checked before anything is loaded, so most of these come at once.
     sys.exit(f'error: {err}')
 
 

@@ -23,7 +23,6 @@ whole optimizer steps (forward, backward, clipping, update), synchronized.
 from __future__ import annotations
 
 import os
-import sys
 import time
 import traceback
 

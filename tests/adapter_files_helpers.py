@@ -1,13 +1,9 @@
-"""Shared by the adapter-file tests: random adapter values and the relative error."""
+"""Shared by the adapter-file tests: random adapter values."""
 
 import numpy as np
 from flax import traverse_util
 
 from additive_jax.peft.files.aj_format import leaf_shapes
-
-
-def relative_error(ours, ref):
-  return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 def random_peft(methods, config, seed=0):

@@ -18,6 +18,12 @@ import pytest  # noqa: E402
 SMOLLM2 = 'smollm2-135m-instruct'
 
 
+def relative_error(ours, ref) -> float:
+  """max|ours − ref| / max|ref|, the project's measure of agreement with a reference."""
+  import numpy as np
+  return float(np.abs(np.asarray(ours) - np.asarray(ref)).max() / np.abs(np.asarray(ref)).max())
+
+
 @pytest.fixture(scope='session')
 def smollm2():
   """(config, params) of the embedded SmolLM2-135M-Instruct."""
@@ -49,3 +55,27 @@ def save_tiny_hf_llama(directory, seed=0, **overrides):
   model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings)).eval()
   model.save_pretrained(directory)
   return model
+
+
+@pytest.fixture(scope='session')
+def tiny_with_tokenizer(tmp_path_factory, smollm2_tokenizer):
+  """A random 2-layer Llama with SmolLM2's vocabulary and tokenizer, as an HF directory: what
+  the CLI tests train, since the tokenizer makes the real data pipeline run."""
+  directory = tmp_path_factory.mktemp('tiny_tokenizer')
+  save_tiny_hf_llama(directory, vocab_size=len(smollm2_tokenizer), num_hidden_layers=2)
+  smollm2_tokenizer.save_pretrained(directory)
+  return str(directory)
+
+
+@pytest.fixture(scope='session')
+def small_sst2(tmp_path_factory):
+  """A data folder with the first 200 rows of each SST-2 split (an iterator tokenizes its whole
+  split when it is built: the full one takes seconds)."""
+  from additive_jax.data.sources import DEFAULT_DATA_DIR
+  directory = tmp_path_factory.mktemp('data')
+  os.makedirs(directory / 'sst2')
+  for split in ('train', 'dev', 'test'):
+    with open(os.path.join(DEFAULT_DATA_DIR, 'sst2', f'{split}.tsv'), encoding='utf-8') as f:
+      rows = [next(f) for _ in range(201)]  # the header and the first 200 rows
+    (directory / 'sst2' / f'{split}.tsv').write_text(''.join(rows), encoding='utf-8')
+  return str(directory)

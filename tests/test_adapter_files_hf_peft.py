@@ -15,7 +15,8 @@ import additive_jax as aj
 from additive_jax.model.hf_checkpoint import load_hf_directory
 from additive_jax.model.llama import Llama
 from additive_jax.peft.files import AdapterFileError, load_adapter, save_adapter
-from adapter_files_helpers import random_peft, relative_error
+from adapter_files_helpers import random_peft
+from conftest import relative_error
 from conftest import save_tiny_hf_llama
 
 ALL = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')

@@ -16,7 +16,8 @@ from additive_jax.model.config import LlamaConfig, RopeScaling
 from additive_jax.model.convert import config_to_hf
 from additive_jax.model.llama import Llama
 from additive_jax.peft.files import AdapterFileError, save_merged
-from adapter_files_helpers import random_peft, relative_error
+from adapter_files_helpers import random_peft
+from conftest import relative_error
 
 # tied embeddings, attention and MLP biases, llama3 rope: every field config_to_hf writes
 CONFIG = LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=6,

@@ -3,7 +3,7 @@ last complete checkpoint and logs the losses, bit for bit, of a run that never s
 checkpoint of a real run holds on disk; a workdir of another method set refused on resume.
 
 The runs train the tiny Llama with SmolLM2's tokenizer for 6 steps, checkpointing and
-evaluating every 2 (`configs/sst2.py:runlocal`), on the first rows of SST-2."""
+evaluating every 2 (`configs/sst2.py:runlocal`), on the first 200 rows of SST-2."""
 
 import json
 import math
@@ -18,10 +18,9 @@ import pytest
 from additive_jax.model.load import load_config
 from additive_jax.train.checkpoint import CheckpointError, Checkpoints
 from additive_jax.train.loop import train_and_evaluate
-from test_trainer_cli import ROOT, run_main, sst2_config, tiny_with_tokenizer  # noqa: F401
+from test_trainer_cli import ROOT, run_main, sst2_config
 
 STEPS = 6
-SOURCE_ROWS = 200
 
 # The CLI, killed as a preemption would kill it, right after the save of one step has started:
 # save() has returned and the arrays are still being written into the temporary folder.
@@ -38,19 +37,6 @@ def save_then_die(self, step, *args, **kwargs):
 Checkpoints.save = save_then_die
 main.app.run(main.main)
 """
-
-
-@pytest.fixture(scope='module')
-def small_sst2(tmp_path_factory):
-  """The first rows of each SST-2 split: building an iterator tokenizes its whole split."""
-  directory = tmp_path_factory.mktemp('data')
-  source = os.path.join(sst2_config().data.data_dir, 'sst2')
-  os.makedirs(directory / 'sst2')
-  for split in ('train', 'dev', 'test'):
-    with open(os.path.join(source, f'{split}.tsv'), encoding='utf-8') as f:
-      rows = [next(f) for _ in range(SOURCE_ROWS + 1)]  # the header and the first rows
-    (directory / 'sst2' / f'{split}.tsv').write_text(''.join(rows), encoding='utf-8')
-  return str(directory)
 
 
 @pytest.fixture(scope='module')
@@ -134,11 +120,17 @@ def test_a_checkpoint_holds_the_trainable_state_and_no_frozen_weight(reference_r
   assert 100 * total < base_bytes
 
 
-def test_resuming_a_workdir_of_another_method_set_names_the_leaves(reference_run,
-                                                                   tiny_with_tokenizer, small_sst2):
-  config = in_process_config(tiny_with_tokenizer, small_sst2, ['IA3()'])
+def test_resuming_a_workdir_of_another_config_names_what_differs(reference_run,
+                                                                  tiny_with_tokenizer, small_sst2):
   before = sorted(os.listdir(reference_run / 'checkpoints'))
-  with pytest.raises(CheckpointError, match=r"checkpoints/6 does not fit this run: 3 tensors "
-                                            r"missing \('peft.ia3.l_ff', 'peft.ia3.l_k', 'peft.ia3.l_v'\)"):
+  config = in_process_config(tiny_with_tokenizer, small_sst2, ['IA3()'])
+  with pytest.raises(CheckpointError, match='holds a run with another config') as error:
     train_and_evaluate(config, str(reference_run))
+  assert "peft: ['Bottleneck(dim=8)'] -> ['IA3()']" in str(error.value)
+  # What is computed may not change (the seed); how the run is watched may (log_every).
+  config = in_process_config(tiny_with_tokenizer, small_sst2, ['Bottleneck(dim=8)'])
+  config.seed, config.log_every = 7, 3
+  with pytest.raises(CheckpointError, match='holds a run with another config') as error:
+    train_and_evaluate(config, str(reference_run))
+  assert 'seed: 0 -> 7' in str(error.value) and 'log_every' not in str(error.value)
   assert sorted(os.listdir(reference_run / 'checkpoints')) == before

@@ -54,6 +54,11 @@ def test_command_prints_the_published_counts(tmp_path):
                   'total': 15_647_744, 'base model': 1_235_814_400}
   assert '0.0119%' in result.stdout and '16.13 MiB' in result.stdout and '8.06 MiB' in result.stdout
 
+  # A text-initialized prompt has the shape of any other: counting needs no tokenizer.
+  result = run_count(tmp_path, LLAMA_3_2_1B, "PromptTuning(num_tokens=8, init='text', text='Review:')")
+  assert result.returncode == 0, result.stderr
+  assert '16,384' in result.stdout  # 8 × 2048
+
   result = run_count(tmp_path, LLAMA_3_2_3B, 'IA3()', 'PrefixTuning(num_tokens=200)')
   assert result.returncode == 0, result.stderr
   assert trainable_column(result.stdout)['IA3()'] == 286_720  # as HF PEFT reports

@@ -23,10 +23,10 @@ from additive_jax.peft.files import AdapterFileError
 from additive_jax.peft.registry import parse_method
 from additive_jax.train.checkpoint import CheckpointError
 from additive_jax.train.loop import train_and_evaluate
-from adapter_files_helpers import relative_error
+from conftest import relative_error
 from test_adapter_files_hf_peft import assert_same_leaves, hf_logits, our_logits
-from test_checkpoint_resume import in_process_config, small_sst2  # noqa: F401
-from test_trainer_cli import ROOT, tiny_with_tokenizer  # noqa: F401
+from test_checkpoint_resume import in_process_config
+from test_trainer_cli import ROOT
 
 STEPS = 2
 RUNS = {'lora': "LoRA(rank=4, alpha=8, targets=('q', 'v'))",

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import gguf
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -12,6 +13,7 @@ import torch
 import additive_jax as aj
 from additive_jax.model.config import ConfigError
 from additive_jax.model.convert import CheckpointError
+from additive_jax.model.load import load_config
 from conftest import save_tiny_hf_llama
 
 
@@ -57,6 +59,51 @@ def test_unsupported_architecture_is_named(checkpoint):
     aj.load_model(str(checkpoint))
 
 
+def test_invalid_json_config_is_named(checkpoint):
+  (checkpoint / 'config.json').write_text('{"hidden_size": 48,')
+  with pytest.raises(ConfigError, match=r'config\.json: not valid JSON'):
+    load_config(str(checkpoint / 'config.json'))
+  with pytest.raises(ConfigError, match=r'config\.json: not valid JSON'):
+    aj.load_model(str(checkpoint))
+
+
+def test_config_json_file_is_named(checkpoint):
+  edit_config(checkpoint, vocab_size='many')
+  with pytest.raises(ConfigError, match=r"config\.json: config field 'vocab_size' must be int"):
+    load_config(str(checkpoint / 'config.json'))
+
+
+def test_zero_heads_refused(checkpoint):
+  edit_config(checkpoint, num_attention_heads=0, head_dim=None)
+  with pytest.raises(ConfigError, match="'num_attention_heads' must be positive"):
+    aj.load_model(str(checkpoint))
+
+
+@pytest.mark.parametrize('rope, message', [
+    ({'rope_type': 'llama3', 'rope_theta': 5e5, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+      'original_max_position_embeddings': 16}, "'rope_parameters.factor' is missing"),
+    ({'rope_type': 'llama3', 'rope_theta': 5e5, 'factor': 8.0, 'low_freq_factor': 1.0,
+      'high_freq_factor': 4.0}, "'rope_parameters.original_max_position_embeddings' is missing"),
+    ({'rope_type': 'linear', 'rope_theta': 1e4}, "'rope_parameters.factor' is missing"),
+    ({'rope_type': 'linear', 'factor': 'two'}, "'rope_parameters.factor' must be float, got str"),
+    ({'rope_type': 'default', 'rope_theta': '1e4'}, "'rope_parameters.rope_theta' must be float"),
+], ids=['llama3_no_factor', 'llama3_no_original_max', 'linear_no_factor', 'bad_factor',
+        'bad_theta'])
+def test_rope_fields_are_named(checkpoint, rope, message):
+  edit_config(checkpoint, rope_parameters=rope)
+  with pytest.raises(ConfigError, match=f'config.json: config field {message}'):
+    aj.load_model(str(checkpoint))
+
+
+def test_transformers4_rope_fields_are_named(checkpoint):
+  edit_config(checkpoint, rope_parameters=None, rope_theta=1e4,
+              rope_scaling={'type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0,
+                            'high_freq_factor': 4.0, 'original_max_position_embeddings': 16.5})
+  with pytest.raises(ConfigError,
+                     match="'rope_scaling.original_max_position_embeddings' must be int"):
+    aj.load_model(str(checkpoint))
+
+
 def test_unsupported_rope_type_is_named(checkpoint):
   edit_config(checkpoint, rope_parameters={'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4.0})
   with pytest.raises(ConfigError, match="rope type 'yarn'"):
@@ -75,6 +122,18 @@ def test_misshapen_tensor_is_named(checkpoint):
   edit_tensors(checkpoint, shrink)
   with pytest.raises(CheckpointError, match=r"k_proj\.weight' has shape \(8, 48\), the config implies \(16, 48\)"):
     aj.load_model(str(checkpoint))
+
+
+def test_corrupt_index_is_named(tmp_path):
+  hf_model = save_tiny_hf_llama(tmp_path / 'one')
+  hf_model.save_pretrained(tmp_path / 'sharded', max_shard_size='20KB')
+  index = tmp_path / 'sharded' / 'model.safetensors.index.json'
+  index.write_text(index.read_text()[:40])
+  with pytest.raises(CheckpointError, match=r'model\.safetensors\.index\.json: not valid JSON'):
+    aj.load_model(str(tmp_path / 'sharded'))
+  index.write_text('{"weight_map": ["model-00001-of-00002.safetensors"]}')
+  with pytest.raises(CheckpointError, match=r'index\.json: no "weight_map" object'):
+    aj.load_model(str(tmp_path / 'sharded'))
 
 
 def test_truncated_safetensors(checkpoint):
@@ -105,6 +164,13 @@ def test_pickle_refused_unless_allowed(tmp_path):
                                 reference['layers']['mlp']['down_proj']['kernel'])
 
 
+def test_corrupt_pickle_is_named(checkpoint):
+  os.remove(checkpoint / 'model.safetensors')
+  (checkpoint / 'pytorch_model.bin').write_bytes(b'PK\x03\x04' + b'\0' * 60)
+  with pytest.raises(CheckpointError, match=r'pytorch_model\.bin: not a readable tensor pickle'):
+    aj.load_model(str(checkpoint), allow_pickle=True)
+
+
 def test_missing_path():
   with pytest.raises(FileNotFoundError, match='no checkpoint'):
     aj.load_model('/nonexistent/model')
@@ -123,3 +189,59 @@ def test_not_a_gguf(tmp_path):
   bogus.write_bytes(b'GGML' + b'\0' * 100)
   with pytest.raises(CheckpointError, match='not a readable GGUF file'):
     aj.load_model(str(bogus))
+
+
+def write_gguf_metadata(path, **fields):
+  """A GGUF file with tiny llama metadata, a 3-token tokenizer and no tensors; `fields` add
+  to it or, where None, remove from it."""
+  metadata = {'llama.embedding_length': 64, 'llama.feed_forward_length': 128,
+              'llama.block_count': 2, 'llama.attention.head_count': 4,
+              'llama.attention.layer_norm_rms_epsilon': 1e-5, 'llama.vocab_size': 3,
+              'tokenizer.ggml.model': 'gpt2', 'tokenizer.ggml.tokens': ['a', 'b', 'ab'],
+              'tokenizer.ggml.merges': ['a b']}
+  metadata.update(fields)
+  writer = gguf.GGUFWriter(str(path), 'llama')
+  for key, value in metadata.items():
+    if value is None:
+      continue
+    kind = {str: gguf.GGUFValueType.STRING, int: gguf.GGUFValueType.UINT32,
+            float: gguf.GGUFValueType.FLOAT32, list: gguf.GGUFValueType.ARRAY}[type(value)]
+    writer.add_key_value(key, value, kind, gguf.GGUFValueType.STRING if kind is
+                         gguf.GGUFValueType.ARRAY else None)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return str(path)
+
+
+@pytest.mark.parametrize('key', ['tokenizer.ggml.tokens', 'tokenizer.ggml.merges',
+                                 'tokenizer.ggml.model'])
+def test_gguf_without_tokenizer_is_named(tmp_path, key):
+  path = write_gguf_metadata(tmp_path / 'no_tokenizer.gguf', **{key: None})
+  with pytest.raises(ValueError, match=f"no_tokenizer.gguf: metadata field '{key}' is missing"):
+    aj.load_tokenizer(path)
+
+
+def test_gguf_special_token_outside_the_vocabulary_is_named(tmp_path):
+  path = write_gguf_metadata(tmp_path / 'bad_eos.gguf', **{'tokenizer.ggml.eos_token_id': 7})
+  with pytest.raises(ValueError,
+                     match="bad_eos.gguf: metadata field 'tokenizer.ggml.eos_token_id' is 7"):
+    aj.load_tokenizer(path)
+
+
+def test_gguf_tokenizer_reads_the_written_vocabulary(tmp_path):
+  tokenizer = aj.load_tokenizer(write_gguf_metadata(tmp_path / 'tiny.gguf'))
+  assert tokenizer('abab')['input_ids'] == [2, 2]
+
+
+@pytest.mark.parametrize('fields, message', [
+    ({'llama.embedding_length': None}, "'llama.embedding_length' is missing"),
+    ({'llama.block_count': 'two'}, "'llama.block_count' must be int, got 'two'"),
+    ({'llama.rope.scaling.type': 'linear'}, "'llama.rope.scaling.factor' is missing"),
+    ({'llama.rope.scaling.type': 'yarn'}, "'llama.rope.scaling.type' is 'yarn'"),
+], ids=['missing', 'mistyped', 'linear_no_factor', 'unsupported_scaling'])
+def test_gguf_config_fields_are_named(tmp_path, fields, message):
+  path = write_gguf_metadata(tmp_path / 'bad.gguf', **fields)
+  with pytest.raises(ConfigError, match=f'bad.gguf: metadata field {message}'):
+    load_config(path)

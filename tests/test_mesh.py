@@ -25,6 +25,9 @@ def test_mesh_shapes_and_errors():
     make_mesh((3, -1, 1))
   with pytest.raises(ValueError, match='3 entries'):
     make_mesh((8,))
+  for shape in ((0, -1, 1), (-1, -1, 8), (2, -2, 4)):
+    with pytest.raises(ValueError, match='each entry is a positive size, or -1'):
+      make_mesh(shape)
 
 
 def boxed_params(config):

@@ -11,7 +11,7 @@ import torch
 from additive_jax.model.config import LlamaConfig
 from additive_jax.model.hf_checkpoint import load_hf_directory
 from additive_jax.model.llama import Llama
-from conftest import save_tiny_hf_llama
+from conftest import relative_error, save_tiny_hf_llama
 
 LLAMA3_ROPE = {'rope_type': 'llama3', 'rope_theta': 500000.0, 'factor': 8.0, 'low_freq_factor': 1.0,
                'high_freq_factor': 4.0, 'original_max_position_embeddings': 16}
@@ -24,10 +24,6 @@ CONFIGS = {
                                num_key_value_heads=1, head_dim=14, num_hidden_layers=2),
     'biases': dict(attention_bias=True, mlp_bias=True),
 }
-
-
-def relative_error(ours, ref):
-  return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 def compare(directory, hf_model, tokens, mask):

@@ -14,15 +14,11 @@ from additive_jax.model.config import LlamaConfig
 from additive_jax.model.hf_checkpoint import load_hf_directory
 from additive_jax.model.llama import Llama
 from additive_jax.peft.lora import LoRA, TARGETS
-from conftest import save_tiny_hf_llama
+from conftest import relative_error, save_tiny_hf_llama
 
 ALL = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 LLAMA_3_2_1B = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
                            num_heads=32, num_kv_heads=8, head_dim=64, tie_word_embeddings=True)
-
-
-def relative_error(ours, ref):
-  return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 def leaf_count(method, config):

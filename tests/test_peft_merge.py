@@ -21,15 +21,11 @@ from additive_jax.peft.bottleneck import Bottleneck
 from additive_jax.peft.ia3 import IA3
 from additive_jax.peft.lora import LoRA
 from additive_jax.peft.merge import merge, unmerge
-from conftest import save_tiny_hf_llama
+from conftest import relative_error, save_tiny_hf_llama
 
 U = 2.0 ** -24
 ALL = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 METHODS = {'ia3': IA3(), 'lora': LoRA(4, 8, ALL), 'bottleneck': Bottleneck(dim=6)}
-
-
-def relative_error(ours, ref):
-  return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope='module')

@@ -15,17 +15,13 @@ from additive_jax.model.config import LlamaConfig, RopeScaling
 from additive_jax.model.hf_checkpoint import load_hf_directory
 from additive_jax.model.llama import KVCache, Llama
 from additive_jax.peft.prefix import PrefixTuning
-from conftest import save_tiny_hf_llama
+from conftest import relative_error, save_tiny_hf_llama
 
 NUM_TOKENS, PROJECTION = 5, 16
 LLAMA_3_2_3B = LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_layers=28,
                            num_heads=24, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
                            rope_scaling=RopeScaling('llama3', 32.0, 1.0, 4.0, 8192),
                            rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=131072)
-
-
-def relative_error(ours, ref):
-  return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope='module')

@@ -14,13 +14,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from additive_jax.model.hf_checkpoint import load_hf_directory
 from additive_jax.model.llama import Llama
 from additive_jax.peft.prompt import PromptTuning
-from conftest import save_tiny_hf_llama
+from conftest import relative_error, save_tiny_hf_llama
 
 NUM_TOKENS = 4
-
-
-def relative_error(ours, ref):
-  return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope='module')

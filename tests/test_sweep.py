@@ -5,10 +5,10 @@ import os
 import subprocess
 import sys
 
-from test_trainer_cli import ROOT, tiny_with_tokenizer  # noqa: F401  (a fixture)
+from test_trainer_cli import ROOT
 
 
-def test_sweep_runs_each_variant_with_each_override_once(tmp_path, tiny_with_tokenizer):  # noqa: F811
+def test_sweep_runs_each_variant_with_each_override_once(tmp_path, tiny_with_tokenizer):
   out = tmp_path / 'results' / 'sweep'
   command = [sys.executable, 'experiments/sweep.py', '--config=configs/sst2.py', '--variants=ia3',
              '--extra=runlocal', f'--set=model={tiny_with_tokenizer}', '--set=num_steps=2',

@@ -15,7 +15,7 @@ import pytest
 from additive_jax.peft.registry import parse_method
 from additive_jax.train.config import METHODS
 from additive_jax.train.mesh import make_mesh
-from additive_jax.train.prepare import check_config
+from additive_jax.train.config_checks import check_config
 from conftest import save_tiny_hf_llama
 from test_trainer_sharded import assert_same_trainables, flat, train
 
@@ -28,15 +28,6 @@ def sst2_config(arg='pfeiffer,runlocal'):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
-
-
-@pytest.fixture(scope='module')
-def tiny_with_tokenizer(tmp_path_factory, smollm2_tokenizer):
-  """A random 2-layer Llama with SmolLM2's vocabulary and tokenizer, as an HF directory."""
-  directory = tmp_path_factory.mktemp('tiny_tokenizer')
-  save_tiny_hf_llama(directory, vocab_size=len(smollm2_tokenizer), num_hidden_layers=2)
-  smollm2_tokenizer.save_pretrained(directory)
-  return str(directory)
 
 
 def free_port():
@@ -65,11 +56,24 @@ def test_main_trains_evaluates_logs_and_checkpoints(tmp_path, tiny_with_tokenize
   lines = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert [m['step'] for m in lines if 'loss' in m] == [1, 2, 3, 4]
   assert all(np.isfinite(m['loss']) and m['tokens_per_s'] > 0 for m in lines if 'loss' in m)
-  assert {'lr/bottleneck', 'grad_norm', 'trainable_params'} <= set(lines[0])
+  assert lines[0] == {'step': 0, 'accuracy': summary['accuracy_before']}
+  assert lines[-1] == {'step': 4, 'accuracy': summary['accuracy_after']}
+  assert {'lr/bottleneck', 'grad_norm', 'trainable_params', 'pad_fraction'} <= set(lines[1])
   assert max(m['lr/bottleneck'] for m in lines if 'loss' in m) == pytest.approx(0.003)
   assert [m['step'] for m in lines if 'eval_loss' in m] == [2, 4]
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(tmp_path / 'tensorboard'))
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
+  # The same command again resumes the finished run: no step is trained, the accuracy before
+  # training is the one logged at step 0, not a score of the trained adapter.
+  again = run_main(tmp_path, f'--config.model={tiny_with_tokenizer}',
+                   '--config.optimizer.bottleneck.learning_rate=0.003')
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'resumed from step 4' in again.stdout
+  resumed = json.loads((tmp_path / 'summary.json').read_text())
+  assert resumed['accuracy_before'] == summary['accuracy_before']
+  assert resumed['accuracy_after'] == summary['accuracy_after']
+  assert [json.loads(line)['step'] for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()
+          if 'loss' in json.loads(line)] == [1, 2, 3, 4]
 
 
 def test_an_unknown_config_key_is_refused(tmp_path):
@@ -87,6 +91,15 @@ def test_an_unknown_config_key_is_refused(tmp_path):
     ({'peft': ('Bottleneck(dim=9999)',)}, ValueError, r'exceeds the hidden size 576'),
     ({'optimizer': {'lroa': {'learning_rate': 1.0}}}, ValueError, r"settings for \['lroa'\], which is no method"),
     ({'optimizer': {'bottleneck': {'lr': 1.0}}}, ValueError, r"optimizer.bottleneck has unknown keys \['lr'\]"),
+    ({'optimizer': {'bottleneck': {'schedule': 'linear'}}}, ValueError, r'bottleneck.schedule must be one of cosine'),
+    ({'accumulation': 0}, ValueError, r'config.accumulation must be an integer ≥ 1, got 0'),
+    ({'batch_size': -8}, ValueError, r'config.batch_size must be an integer ≥ 1'),
+    ({'mesh': (0, -1, 1)}, ValueError, r'config.mesh: .* each entry is a positive size'),
+    ({'remat': 'some'}, ValueError, r'config.remat must be one of none, full, dots'),
+    ({'data.template': 'chatml'}, ValueError, r'config.data.template must be one of plain, chat'),
+    ({'data.over_long': 'skip'}, ValueError, r'config.data.over_long must be one of truncate, drop'),
+    ({'data.source': 'gsm8k', 'data.eval_split': 'test'}, ValueError,
+     r"config.accuracy_split='test': accuracy needs a classification source"),
 ])
 def test_bad_configs_are_refused_before_any_compute(changes, error, message):
   config = sst2_config()

@@ -12,7 +12,7 @@ from additive_jax.peft.ia3 import IA3
 from additive_jax.peft.lora import LoRA
 from additive_jax.peft.prefix import PrefixTuning
 from additive_jax.train.config import RULES
-from additive_jax.train.loop import global_batch
+from additive_jax.train.mesh import global_batch
 from additive_jax.train.mesh import make_mesh
 from additive_jax.train.model_state import create_train_state, load_base
 from additive_jax.train.optimizer import make_optimizer, method_settings

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from additive_jax.model.llama import KVCache, Llama
+from additive_jax.peft.merge import inference_form
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens'))
@@ -43,6 +44,7 @@ def _greedy(model: Llama, variables, tokens_BT, mask_BT, max_new_tokens: int, eo
 def generate(model: Llama, variables, tokenizer, prompts: list[str], max_new_tokens: int = 32,
              chat: bool = True) -> list[str]:
   """Greedy completions of `prompts` (chat-formatted by the tokenizer's template if `chat`)."""
+  model, variables = inference_form(model, variables)
   if chat:
     texts = [tokenizer.apply_chat_template([{'role': 'user', 'content': p}], tokenize=False,
                                            add_generation_prompt=True) for p in prompts]

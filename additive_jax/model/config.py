@@ -15,7 +15,15 @@ from typing import Any
 import jax.numpy as jnp
 
 SUPPORTED_ARCHITECTURES = ('LlamaForCausalLM',)
-SUPPORTED_ROPE_TYPES = ('default', 'linear', 'llama3')
+# The keys each rope type must give, as transformers' `_validate_<type>_rope_parameters`
+# requires them (rope_theta may come from the top level, as transformers fills it in).
+ROPE_KEYS = {'default': (),
+             'linear': ('factor',),
+             'llama3': ('factor', 'low_freq_factor', 'high_freq_factor',
+                        'original_max_position_embeddings')}
+SUPPORTED_ROPE_TYPES = tuple(ROPE_KEYS)
+# jax.checkpoint of each block: nothing, everything recomputed, matmul outputs kept
+REMAT_POLICIES = ('none', 'full', 'dots')
 
 
 class ConfigError(ValueError):
@@ -31,6 +39,11 @@ class RopeScaling:
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
   original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    if self.rope_type not in SUPPORTED_ROPE_TYPES:
+      raise ConfigError(f'rope type {self.rope_type!r} is not supported '
+                        f'(supported: {", ".join(SUPPORTED_ROPE_TYPES)})')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,11 +77,8 @@ class LlamaConfig:
                         f'num_key_value_heads={self.num_kv_heads}')
     if self.head_dim % 2:
       raise ConfigError(f'head_dim={self.head_dim} must be even for rotary embeddings')
-    if self.rope_scaling.rope_type not in SUPPORTED_ROPE_TYPES:
-      raise ConfigError(f'rope type {self.rope_scaling.rope_type!r} is not supported '
-                        f'(supported: {", ".join(SUPPORTED_ROPE_TYPES)})')
-    if self.remat not in ('none', 'full', 'dots'):
-      raise ConfigError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ConfigError(f'remat must be one of {", ".join(REMAT_POLICIES)}, got {self.remat!r}')
 
   def replace(self, **changes) -> LlamaConfig:
     return dataclasses.replace(self, **changes)
@@ -99,48 +109,67 @@ class LlamaConfig:
     if hf.get('hidden_act', 'silu') != 'silu':
       raise ConfigError(f"hidden_act must be 'silu' for a Llama, got {hf['hidden_act']!r}")
 
-    def field(key, kind, default=None):
-      if key not in hf or hf[key] is None:
-        if default is None:
-          raise ConfigError(f'config field {key!r} is missing')
-        return default
-      value = hf[key]
-      if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-      if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
-        raise ConfigError(f'config field {key!r} must be {kind.__name__}, '
-                          f'got {type(value).__name__} {value!r}')
-      return value
-
-    heads = field('num_attention_heads', int)
-    hidden = field('hidden_size', int)
-    rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
-    if not isinstance(rope, dict):
-      raise ConfigError(f'rope_parameters/rope_scaling must be an object, got {rope!r}')
-    theta = rope.get('rope_theta', hf.get('rope_theta', 10000.0))
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool):
-      raise ConfigError(f'config field rope_theta must be a number, got {theta!r}')
-    rope_type = rope.get('rope_type', rope.get('type', 'default'))
-    scaling = RopeScaling(
-        rope_type=rope_type,
-        factor=float(rope.get('factor', 1.0)),
-        low_freq_factor=float(rope.get('low_freq_factor', 1.0)),
-        high_freq_factor=float(rope.get('high_freq_factor', 4.0)),
-        original_max_position_embeddings=int(
-            rope.get('original_max_position_embeddings', 8192)))
+    heads = _field(hf, 'num_attention_heads', int)
+    hidden = _field(hf, 'hidden_size', int)
+    if heads <= 0:  # checked here because the default head_dim divides by it
+      raise ConfigError(f"config field 'num_attention_heads' must be positive, got {heads}")
     return cls(
-        vocab_size=field('vocab_size', int),
+        vocab_size=_field(hf, 'vocab_size', int),
         hidden_size=hidden,
-        intermediate_size=field('intermediate_size', int),
-        num_layers=field('num_hidden_layers', int),
+        intermediate_size=_field(hf, 'intermediate_size', int),
+        num_layers=_field(hf, 'num_hidden_layers', int),
         num_heads=heads,
-        num_kv_heads=field('num_key_value_heads', int, heads),
-        head_dim=field('head_dim', int, hidden // heads),
-        rope_theta=float(theta),
-        rope_scaling=scaling,
-        rms_norm_eps=field('rms_norm_eps', float, 1e-6),
-        tie_word_embeddings=field('tie_word_embeddings', bool, False),
-        attention_bias=field('attention_bias', bool, False),
-        mlp_bias=field('mlp_bias', bool, False),
-        max_position_embeddings=field('max_position_embeddings', int, 2048),
+        num_kv_heads=_field(hf, 'num_key_value_heads', int, heads),
+        head_dim=_field(hf, 'head_dim', int, hidden // heads),
+        rope_theta=_rope_theta(hf),
+        rope_scaling=_rope_scaling(hf),
+        rms_norm_eps=_field(hf, 'rms_norm_eps', float, 1e-6),
+        tie_word_embeddings=_field(hf, 'tie_word_embeddings', bool, False),
+        attention_bias=_field(hf, 'attention_bias', bool, False),
+        mlp_bias=_field(hf, 'mlp_bias', bool, False),
+        max_position_embeddings=_field(hf, 'max_position_embeddings', int, 2048),
         **overrides)
+
+
+def _field(table: dict[str, Any], key: str, kind: type, default=None, prefix: str = ''):
+  """`table[key]` checked to be a `kind` (an int is a float too), or `default` when it is
+  absent; the error names the field as `prefix + key`."""
+  if table.get(key) is None:
+    if default is None:
+      raise ConfigError(f'config field {prefix + key!r} is missing')
+    return default
+  value = table[key]
+  if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+    raise ConfigError(f'config field {prefix + key!r} must be {kind.__name__}, '
+                      f'got {type(value).__name__} {value!r}')
+  return value
+
+
+def _rope_table(hf: dict[str, Any]) -> tuple[dict[str, Any], str]:
+  """The rope settings and the prefix that names their fields: under `rope_parameters`
+  (transformers 5) or `rope_scaling` (transformers 4); ({}, '') when there are none."""
+  for key in ('rope_parameters', 'rope_scaling'):
+    if hf.get(key):
+      if not isinstance(hf[key], dict):
+        raise ConfigError(f'config field {key!r} must be an object, got {hf[key]!r}')
+      return hf[key], f'{key}.'
+  return {}, ''
+
+
+def _rope_theta(hf: dict[str, Any]) -> float:
+  table, prefix = _rope_table(hf)
+  if table.get('rope_theta') is not None:
+    return _field(table, 'rope_theta', float, prefix=prefix)
+  return _field(hf, 'rope_theta', float, 10000.0)
+
+
+def _rope_scaling(hf: dict[str, Any]) -> RopeScaling:
+  table, prefix = _rope_table(hf)
+  # Built first with the type alone, so that an unsupported type is refused before its keys.
+  scaling = RopeScaling(rope_type=table.get('rope_type', table.get('type', 'default')))
+  values = {key: _field(table, key, int if key == 'original_max_position_embeddings' else float,
+                        prefix=prefix)
+            for key in ROPE_KEYS[scaling.rope_type]}
+  return dataclasses.replace(scaling, **values)

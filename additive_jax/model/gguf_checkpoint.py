@@ -1,7 +1,9 @@
 """Reads a llama.cpp GGUF file: metadata -> config, tensors -> dequantized params.
 
-Quantized tensors (Q4_0, Q4_1, Q8_0, the K-quants, ...) are dequantized to
-float32 with the `gguf` package's own kernels. llama.cpp's converter permutes
+Every tensor type the `gguf` package can dequantize is read to float32 with its
+own kernels; tests/test_gguf_types.py writes and reads back F32, F16, BF16, Q8_0,
+Q5_0, Q5_1, Q4_0 and Q4_1 files (gguf-py has no quantizer for the K-quants, so
+those are read but untested). llama.cpp's converter permutes
 the rows of the q and k projections so that rotary pairs are interleaved
 (`reshape(heads, 2, H/2, D).swapaxes(1, 2)`); we undo that to get back the
 half-split layout of `transformers` that our rotary code uses.
@@ -11,11 +13,15 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from additive_jax.model.config import ConfigError, LlamaConfig
 from additive_jax.model.convert import CheckpointError, params_from_hf
+
+if TYPE_CHECKING:
+  import gguf
 
 _GLOBAL_NAMES = {'token_embd.weight': 'model.embed_tokens.weight',
                  'output_norm.weight': 'model.norm.weight',
@@ -69,26 +75,35 @@ def config_from_gguf(reader: gguf.GGUFReader, path: str, **overrides) -> LlamaCo
     raise ConfigError(f'{path}: stores llama3 rope scaling as rope_freqs.weight, which is not '
                       'supported; load the HF checkpoint directory instead')
 
-  def need(key):
-    value = metadata(reader, f'llama.{key}')
+  def field(key, kind, default=None):
+    """Metadata `llama.<key>` as a `kind`, or `default` when absent; errors name the field."""
+    value = metadata(reader, f'llama.{key}', default)
     if value is None:
-      raise ConfigError(f'{path}: metadata field llama.{key!r} is missing')
-    return value
+      raise ConfigError(f"{path}: metadata field 'llama.{key}' is missing")
+    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+      raise ConfigError(f"{path}: metadata field 'llama.{key}' must be {kind.__name__}, "
+                        f'got {value!r}')
+    return kind(value)
 
-  hidden, heads = int(need('embedding_length')), int(need('attention.head_count'))
-  vocab = metadata(reader, 'llama.vocab_size') or len(metadata(reader, 'tokenizer.ggml.tokens', []))
-  hf = {'vocab_size': int(vocab), 'hidden_size': hidden,
-        'intermediate_size': int(need('feed_forward_length')),
-        'num_hidden_layers': int(need('block_count')), 'num_attention_heads': heads,
-        'num_key_value_heads': int(metadata(reader, 'llama.attention.head_count_kv', heads)),
-        'head_dim': int(metadata(reader, 'llama.attention.key_length', hidden // heads)),
-        'rope_theta': float(metadata(reader, 'llama.rope.freq_base', 10000.0)),
-        'rms_norm_eps': float(need('attention.layer_norm_rms_epsilon')),
-        'max_position_embeddings': int(metadata(reader, 'llama.context_length', 2048)),
+  tokens = reader.fields.get('tokenizer.ggml.tokens')  # files without llama.vocab_size
+  heads = field('attention.head_count', int)
+  hf = {'vocab_size': field('vocab_size', int, len(tokens.data) if tokens else None),
+        'hidden_size': field('embedding_length', int),
+        'intermediate_size': field('feed_forward_length', int),
+        'num_hidden_layers': field('block_count', int), 'num_attention_heads': heads,
+        'num_key_value_heads': field('attention.head_count_kv', int, heads),
+        'rope_theta': field('rope.freq_base', float, 10000.0),
+        'rms_norm_eps': field('attention.layer_norm_rms_epsilon', float),
+        'max_position_embeddings': field('context_length', int, 2048),
         'tie_word_embeddings': 'output.weight' not in tensor_names}
-  if metadata(reader, 'llama.rope.scaling.type') == 'linear':
-    hf['rope_scaling'] = {'rope_type': 'linear',
-                          'factor': float(metadata(reader, 'llama.rope.scaling.factor'))}
+  if metadata(reader, 'llama.attention.key_length') is not None:  # else hidden / heads
+    hf['head_dim'] = field('attention.key_length', int)
+  scaling = metadata(reader, 'llama.rope.scaling.type', 'none')
+  if scaling == 'linear':
+    hf['rope_scaling'] = {'rope_type': 'linear', 'factor': field('rope.scaling.factor', float)}
+  elif scaling != 'none':
+    raise ConfigError(f"{path}: metadata field 'llama.rope.scaling.type' is {scaling!r}; "
+                      "supported: none, linear")
   try:
     return LlamaConfig.from_hf(hf, **overrides)
   except ConfigError as err:

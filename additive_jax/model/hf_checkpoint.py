@@ -3,7 +3,8 @@
 Single-file (`model.safetensors`) and sharded (`model.safetensors.index.json`)
 checkpoints. A PyTorch pickle (`pytorch_model.bin`) is never unpickled unless the
 caller opts in with `allow_pickle=True`, and then only with
-`torch.load(weights_only=True)`.
+`torch.load(weights_only=True)`; `read_tensor_pickle` is that one reader, shared with
+the adapter files. Every error names the file it comes from.
 """
 
 from __future__ import annotations
@@ -11,25 +12,35 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import safetensors
 
 from additive_jax.model.config import ConfigError, LlamaConfig
 from additive_jax.model.convert import CheckpointError, params_from_hf
 
 
-def read_hf_config(directory: str, **overrides) -> LlamaConfig:
-  path = os.path.join(directory, 'config.json')
-  if not os.path.exists(path):
-    raise ConfigError(f'{directory} has no config.json')
+def _read_json(path: str, error: type[ValueError]):
   try:
     with open(path, encoding='utf-8') as f:
-      raw = json.load(f)
+      return json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as err:
-    raise ConfigError(f'{path}: not valid JSON ({err})') from None
+    raise error(f'{path}: not valid JSON ({err})') from None
+
+
+def read_config_json(path: str, **overrides) -> LlamaConfig:
+  """The config of an HF `config.json` file; an error names the file and the field."""
+  raw = _read_json(path, ConfigError)
   try:
     return LlamaConfig.from_hf(raw, **overrides)
   except ConfigError as err:
     raise ConfigError(f'{path}: {err}') from None
+
+
+def read_hf_config(directory: str, **overrides) -> LlamaConfig:
+  path = os.path.join(directory, 'config.json')
+  if not os.path.exists(path):
+    raise ConfigError(f'{directory} has no config.json')
+  return read_config_json(path, **overrides)
 
 
 def _open_safetensors(path: str):
@@ -43,10 +54,10 @@ def _tensor_files(directory: str) -> dict[str, str]:
   """Tensor name -> the safetensors file that holds it."""
   index = os.path.join(directory, 'model.safetensors.index.json')
   if os.path.exists(index):
-    with open(index, encoding='utf-8') as f:
-      weight_map = json.load(f).get('weight_map')
-    if not isinstance(weight_map, dict):
-      raise CheckpointError(f'{index}: no "weight_map" object')
+    contents = _read_json(index, CheckpointError)
+    weight_map = contents.get('weight_map') if isinstance(contents, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+      raise CheckpointError(f'{index}: no "weight_map" object of tensor name -> file name')
     return {name: os.path.join(directory, file) for name, file in weight_map.items()}
   single = os.path.join(directory, 'model.safetensors')
   if os.path.exists(single):
@@ -75,11 +86,18 @@ def _read_safetensors(directory: str, cfg: LlamaConfig) -> dict:
       handle.__exit__(None, None, None)
 
 
-def _read_pickle(directory: str, cfg: LlamaConfig) -> dict:
+def read_tensor_pickle(path: str, error: type[ValueError]) -> dict[str, np.ndarray]:
+  """name -> float32 array from a PyTorch pickle of a dict of tensors, read with
+  `torch.load(weights_only=True)`, which refuses anything but tensors; a bad file raises
+  `error` naming it."""
   import torch  # only for this explicit opt-in
-  path = os.path.join(directory, 'pytorch_model.bin')
-  state = torch.load(path, map_location='cpu', weights_only=True)
-  return params_from_hf(cfg, lambda name: state[name].float().numpy(), path)
+  try:
+    state = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as err:  # a truncated zip, a non-tensor object refused by weights_only, ...
+    raise error(f'{path}: not a readable tensor pickle ({err})') from None
+  if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    raise error(f'{path}: expected a dict of tensors')
+  return {name: tensor.float().numpy() for name, tensor in state.items()}
 
 
 def load_hf_directory(directory: str, allow_pickle: bool = False, **overrides):
@@ -91,6 +109,8 @@ def load_hf_directory(directory: str, allow_pickle: bool = False, **overrides):
     if not allow_pickle:
       raise CheckpointError(f'{directory} holds only pytorch_model.bin, a pickle; it is not read '
                             'unless allow_pickle=True (then with torch.load(weights_only=True))')
-    return cfg, _read_pickle(directory, cfg)
+    path = os.path.join(directory, 'pytorch_model.bin')
+    state = read_tensor_pickle(path, CheckpointError)
+    return cfg, params_from_hf(cfg, state.__getitem__, path)
   return cfg, _read_safetensors(directory, cfg)
 

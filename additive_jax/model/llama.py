@@ -239,6 +239,10 @@ class Llama(nn.Module):
       x_BTD = method.embed(trees[method.key], x_BTD)
     embedded_BTD = x_BTD
     virtual = x_BTD.shape[1] - length   # vectors a method prepended (prompt tuning)
+    if virtual and cache is not None:
+      # every call would prepend the vectors again, each decode step among them
+      raise NotImplementedError('prompt tuning cannot decode with a KV cache yet: score or '
+                                'generate without a cache (full forward passes)')
     prefix = sum(m.num_prefix_tokens for m in methods)
     if cache is None and prefix + virtual + length > cfg.max_position_embeddings:
       raise ValueError(f'{length} tokens + {virtual} prompt vectors + {prefix} prefix slots need '
@@ -326,3 +330,15 @@ class Llama(nn.Module):
     if prefix:  # prefix key/value slots are visible to every position
       mask_BTS = jnp.concatenate([jnp.ones((batch, length, prefix), bool), mask_BTS], axis=-1)
     return AttentionContext(positions_BT, cos_BTH, sin_BTH, mask_BTS, end, cfg), cache
+
+
+def abstract_variables(config: LlamaConfig):
+  """The base's variables as shapes and dtypes, boxed with their logical axis names
+  (`nn.LogicallyPartitioned`), without allocating a weight."""
+  return jax.eval_shape(Llama(config, parent=None).init, jax.random.key(0),
+                        jnp.zeros((1, 1), jnp.int32))
+
+
+def abstract_params(config: LlamaConfig):
+  """The base params as unboxed shapes and dtypes: what init_peft and counting need."""
+  return nn.unbox(abstract_variables(config))['params']

@@ -7,13 +7,13 @@ the embedded default, "smollm2-135m-instruct". Keyword overrides go to the
 
 from __future__ import annotations
 
-import json
 import os
 
 from additive_jax.model import embedded
 from additive_jax.model.config import LlamaConfig
 from additive_jax.model.gguf_checkpoint import config_from_gguf, load_gguf, open_gguf
-from additive_jax.model.hf_checkpoint import load_hf_directory, read_hf_config
+from additive_jax.model.hf_checkpoint import (load_hf_directory, read_config_json,
+                                               read_hf_config)
 
 
 def resolve(path: str) -> str:
@@ -29,10 +29,9 @@ def resolve(path: str) -> str:
 def load_config(path: str, **overrides) -> LlamaConfig:
   """The model config alone, no weights read: from a `config.json`, an HF directory, a
   `.gguf` file's metadata, or the embedded default."""
-  if path.endswith('.json'):
-    with open(path, encoding='utf-8') as f:
-      return LlamaConfig.from_hf(json.load(f), **overrides)
   path = resolve(path)
+  if path.endswith('.json'):
+    return read_config_json(path, **overrides)
   if os.path.isdir(path):
     return read_hf_config(path, **overrides)
   if path.endswith('.gguf'):
@@ -41,6 +40,7 @@ def load_config(path: str, **overrides) -> LlamaConfig:
 
 
 def load_model(path: str, allow_pickle: bool = False, **overrides):
+  """(config, params) from an HF directory, a `.gguf` file or the embedded default."""
   path = resolve(path)
   if os.path.isdir(path):
     return load_hf_directory(path, allow_pickle=allow_pickle, **overrides)

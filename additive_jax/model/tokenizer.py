@@ -39,12 +39,20 @@ def _pre_tokenizer(pre: str, path: str):
 
 def tokenizer_from_gguf(path: str) -> transformers.PreTrainedTokenizerFast:
   reader = open_gguf(path)
-  kind = metadata(reader, 'tokenizer.ggml.model')
+
+  def need(key):
+    value = metadata(reader, key)
+    if value is None:
+      raise ValueError(f'{path}: metadata field {key!r} is missing, so the file carries no '
+                       'tokenizer')
+    return value
+
+  kind = need('tokenizer.ggml.model')
   if kind != 'gpt2':
     raise ValueError(f'{path}: tokenizer model {kind!r} is not supported (supported: gpt2, '
                      'byte-level BPE)')
-  tokens = metadata(reader, 'tokenizer.ggml.tokens')
-  merges = metadata(reader, 'tokenizer.ggml.merges')
+  tokens = need('tokenizer.ggml.tokens')
+  merges = need('tokenizer.ggml.merges')
   types = metadata(reader, 'tokenizer.ggml.token_type') or [1] * len(tokens)
   vocab = {token: index for index, token in enumerate(tokens)}
   bpe = models.BPE(vocab, [tuple(m.split(' ', 1)) for m in merges], fuse_unk=False,
@@ -59,7 +67,11 @@ def tokenizer_from_gguf(path: str) -> transformers.PreTrainedTokenizerFast:
                   for t, kind in zip(tokens, types) if kind == 4])
 
   def special(name):
-    index = metadata(reader, f'tokenizer.ggml.{name}_token_id')
+    key = f'tokenizer.ggml.{name}_token_id'
+    index = metadata(reader, key)
+    if index is not None and not 0 <= index < len(tokens):
+      raise ValueError(f'{path}: metadata field {key!r} is {index}, outside the vocabulary of '
+                       f'{len(tokens)} tokens')
     return None if index is None else tokens[index]
 
   bos = special('bos')

@@ -70,6 +70,11 @@ class Method:
   def final_hidden(self, tree, h_BTD, taps, context):
     return h_BTD
 
+  def fold(self, tree, config):
+    """(method, tree) for inference: a training-time reparameterization evaluated once (prefix
+    tuning's MLP), the same logits for less work per call. Most methods have none."""
+    return self, tree
+
   def merge(self, tree, params, config):
     """Params with this method folded in (only for `mergeable` methods)."""
     raise NotImplementedError(f'{type(self).__name__} cannot be merged into the base weights')

@@ -1,6 +1,6 @@
 """Exact trainable-parameter counts, from each method's formula and from its leaves.
 
-`count_leaves` builds the methods' trees with `jax.eval_shape` over abstract base
+`leaf_shapes` builds the methods' trees with `jax.eval_shape` over abstract base
 weights, so a count for an 8B config costs no memory and no weights are read.
 """
 
@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import flax.linen as nn
+from flax import traverse_util
 import jax
-import jax.numpy as jnp
 
 from additive_jax.model.config import LlamaConfig
-from additive_jax.model.llama import Llama
+from additive_jax.model.llama import abstract_params
+from additive_jax.peft.prompt import PromptTuning
+from additive_jax.peft.registry import init_methods
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,18 +26,22 @@ class Count:
   percent_of_base: float
 
 
-def abstract_params(config: LlamaConfig):
-  """Shapes and dtypes of the base params, without allocating them."""
-  shapes = jax.eval_shape(Llama(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-  return nn.unbox(shapes)['params']
+def leaf_shapes(methods, config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+  """'key/path/to/leaf' -> shape of every leaf the methods build on `config` (no weights read)."""
+  # A text-initialized prompt needs a tokenizer to init, but its shape is [n, D] all the same.
+  shaped = [PromptTuning(m.num_tokens) if isinstance(m, PromptTuning) else m for m in methods]
+  trees = jax.eval_shape(lambda key, params: init_methods(shaped, key, config, params),
+                         jax.random.key(0), abstract_params(config))
+  return {name: tuple(leaf.shape)
+          for name, leaf in traverse_util.flatten_dict(trees, sep='/').items()}
 
 
 def count_leaves(methods, config: LlamaConfig) -> dict[str, int]:
-  params = abstract_params(config)
-  trees = jax.eval_shape(lambda key, params: Llama(config, peft=methods).init_peft(key, params)['peft'],
-                         jax.random.key(0), params)
-  return {key: sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
-          for key, tree in trees.items()}
+  """Trainable parameters of each method (by key), from its leaves' shapes."""
+  counts = {m.key: 0 for m in methods}
+  for name, shape in leaf_shapes(methods, config).items():
+    counts[name.split('/')[0]] += math.prod(shape)
+  return counts
 
 
 def count_methods(methods, config: LlamaConfig) -> list[Count]:

@@ -152,9 +152,7 @@ class LadderSide(Method):
 @functools.lru_cache(maxsize=8)
 def _layer_axes(config: LlamaConfig):
   """The logical axis names of `params['layers']` ('layers' first), from the model itself."""
-  boxed = jax.eval_shape(llama_lib.Llama(config, parent=None).init, jax.random.key(0),
-                         jnp.zeros((1, 1), jnp.int32))
-  return nn.get_partition_spec(boxed)['params']['layers']
+  return nn.get_partition_spec(llama_lib.abstract_variables(config))['params']['layers']
 
 
 def keep_indices(layers, config: LlamaConfig, reduction: int):

@@ -83,3 +83,11 @@ def unmerge(model, merged_params, peft_tree):
   for method in reversed(mergeable):
     params = method.unmerge(peft_tree[method.key], params, model.config, stage='project')
   return params
+
+
+def inference_form(model, variables):
+  """(model, variables) with each method in its inference form (`Method.fold`): what scoring
+  and decoding run, the same logits as training's form."""
+  folded = [m.fold(variables['peft'][m.key], model.config) for m in model.peft]
+  return (model.clone(peft=tuple(method for method, _ in folded)),
+          {'params': variables['params'], 'peft': {m.key: tree for m, tree in folded}})

@@ -25,6 +25,7 @@ import json
 import os
 import re
 
+from flax import traverse_util
 import grain
 import jax
 import orbax.checkpoint as ocp
@@ -185,3 +186,21 @@ def _parses_as_json(path: str) -> bool:
 def abstract_like(tree):
   """Shapes, dtypes and shardings of a tree of arrays: what `restore` places onto."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+# What a resumed run may change: how it is watched, kept and laid out, not what it computes
+# (the mesh may differ: restore places the state on the new one).
+RESUMABLE_CHANGES = ('log_every', 'eval_every', 'eval_batches', 'checkpoint_every',
+                     'keep_checkpoints', 'keep_best', 'accuracy_split', 'accuracy_limit', 'mesh',
+                     'rules', 'distributed', 'remat', 'data.data_dir')
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+  """'key: saved -> current' for every key of the run's config that differs from the saved one,
+  other than RESUMABLE_CHANGES (the JSON round trip turns tuples into lists on both sides)."""
+  def flat(config):
+    return traverse_util.flatten_dict(json.loads(json.dumps(config)), sep='.')
+  saved, current = flat(saved), flat(current)
+  return [f'{key}: {saved.get(key)!r} -> {current.get(key)!r}'
+          for key in sorted(set(saved) | set(current))
+          if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)]

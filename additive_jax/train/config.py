@@ -9,8 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from additive_jax.data.config import data_config
-from additive_jax.peft.registry import parse_method
-from additive_jax.train.optimizer import method_settings
+from additive_jax.train.optimizer import DEFAULT_LEARNING_RATES, method_settings
 
 # Method presets: the name an experiment's argument gives -> the constructor call.
 METHODS = {
@@ -37,7 +36,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.param_dtype = 'float32'          # storage dtype of the frozen base
   c.remat = 'none'                   # 'none' | 'full' | 'dots': activation checkpointing policy
   c.peft = (METHODS['pfeiffer'],)    # the methods, as constructor calls
-  c.optimizer = ml_collections.ConfigDict()  # per method key: its settings (optimizer.method_settings)
+  # every method's optimizer settings (learning_rate, schedule, warmup_steps, weight_decay); a run
+  # uses those of its methods: `--config.optimizer.lora.learning_rate=2e-4`
+  c.optimizer = ml_collections.ConfigDict({key: method_settings(key) for key in DEFAULT_LEARNING_RATES})
   c.clip_norm = 1.0                  # global gradient-norm clip over the trainable partition; 0: off
   c.data = data_config()
   c.batch_size = 8                   # rows per optimizer step, over all processes
@@ -60,15 +61,11 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def with_methods(config: ml_collections.ConfigDict, *names: str) -> ml_collections.ConfigDict:
-  """`config` training the preset methods `names` (keys of METHODS), with each method's
-  optimizer settings spelled out so the command line can change them
-  (`--config.optimizer.lora.learning_rate=2e-4`)."""
+  """`config` training the preset methods `names` (keys of METHODS)."""
   unknown = [n for n in names if n not in METHODS]
   if unknown:
     raise ValueError(f'unknown method preset {unknown}; presets: {", ".join(METHODS)}')
   config.peft = tuple(METHODS[n] for n in names)
-  for method in map(parse_method, config.peft):
-    config.optimizer[method.key] = method_settings(method.key)
   return config
 
 

@@ -13,7 +13,8 @@ losses that follow are those of a run that never stopped.
 Metrics go to TensorBoard event files and `metrics.jsonl` in the workdir
 (process 0 only), the summary to `summary.json`. A resumed run first drops the
 logged metrics of steps after its checkpoint (a killed run may have logged
-them), so each step keeps one line, that of the run that went on.
+them), so each step keeps one line, that of the run that went on; it resumes only
+a workdir whose checkpoint has its config (up to `checkpoint.RESUMABLE_CHANGES`).
 """
 
 from __future__ import annotations
@@ -22,57 +23,35 @@ import json
 import os
 import time
 
-from absl import logging
 import jax
 import ml_collections
 import numpy as np
 import tqdm
 
-from additive_jax.data.pipeline import make_eval_batches, make_train_iterator
-from additive_jax.eval.accuracy import classification_accuracy
+from additive_jax.data.pipeline import make_train_iterator
 from additive_jax.peft.count import count_methods, format_table
-from additive_jax.train.checkpoint import Checkpoints, abstract_like
-from additive_jax.train.mesh import batch_sharding
-from additive_jax.train.metrics import MetricsWriter
+from additive_jax.train.checkpoint import CheckpointError, Checkpoints, abstract_like, config_changes
+from additive_jax.train.config_checks import check_config
+from additive_jax.train.evaluate import LossEvaluator, accuracy
+from additive_jax.train.mesh import global_batch
+from additive_jax.train.metrics import MetricsWriter, logged_value
 from additive_jax.train.optimizer import learning_rates
-from additive_jax.train.prepare import Run, build, check_config
-from additive_jax.train.step import jit_eval_step, jit_train_step
-
-
-def global_batch(local_batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-  """This process's rows joined with the other processes' into one batch split over the mesh."""
-  sharding = batch_sharding(mesh)
-  return {name: jax.make_array_from_process_local_data(sharding, rows)
-          for name, rows in local_batch.items()}
-
-
-def evaluate_loss(run: Run, state, config: ml_collections.ConfigDict, eval_step) -> dict[str, float]:
-  """Token-weighted loss (and perplexity) over the first `eval_batches` of the eval split."""
-  batches, _ = make_eval_batches(config.data, run.tokenizer, batch_size=config.batch_size,
-                                 seq_len=config.seq_len, process_index=jax.process_index(),
-                                 process_count=jax.process_count())
-  count = len(batches) if not config.eval_batches else min(config.eval_batches, len(batches))
-  loss_sum = tokens = 0.0
-  for index in range(count):
-    out = eval_step(state.peft, run.params, global_batch(batches[index], run.mesh))
-    loss_sum += float(out['loss_sum'])
-    tokens += float(out['loss_tokens'])
-  loss = loss_sum / max(tokens, 1.0)
-  return {'eval_loss': loss, 'eval_perplexity': float(np.exp(loss)), 'eval_tokens': tokens}
-
-
-def accuracy(run: Run, state, config: ml_collections.ConfigDict) -> float:
-  variables = {'params': run.params, 'peft': state.peft}
-  value, rows = classification_accuracy(run.model, variables, run.tokenizer, config.data,
-                                        config.accuracy_split, config.accuracy_limit,
-                                        progress=jax.process_index() == 0)
-  logging.info('accuracy on %s %s (%d rows): %.4f', config.data.source, config.accuracy_split,
-               rows, value)
-  return value
+from additive_jax.train.prepare import build
+from additive_jax.train.step import jit_train_step
 
 
 def _mean(metrics: list[dict]) -> dict[str, float]:
   return {name: float(np.mean([float(m[name]) for m in metrics])) for name in metrics[0]}
+
+
+def _resume(checkpoints: Checkpoints, step: int, state, train_iterator, config, workdir):
+  """The state saved at `step` (the iterator moved to its position), if the run saved there had
+  this config: resuming another experiment's workdir would silently mix two runs."""
+  changes = config_changes(checkpoints.restore_config(step), config.to_dict())
+  if changes:
+    raise CheckpointError(f'{workdir} holds a run with another config, which this one cannot '
+                          f'resume ({"; ".join(changes)}): give a new --workdir')
+  return checkpoints.restore(step, abstract_like(state), train_iterator)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -95,23 +74,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = run.state
   latest = checkpoints.latest_step()
   if latest is not None:
-    state = checkpoints.restore(latest, abstract_like(state), train_iterator)
+    state = _resume(checkpoints, latest, state, train_iterator, config, workdir)
     say(f'resumed from step {latest}')
-  elif config.accuracy_split:
-    summary['accuracy_before'] = accuracy(run, state, config)
-    say(f'accuracy before: {summary["accuracy_before"]:.4f}')
   writer = MetricsWriter(workdir, resumed_from=latest)
+  if config.accuracy_split:
+    before = logged_value(workdir, 'accuracy', step=0) if latest is not None else None
+    if before is None:  # logged at step 0, so a resumed run reports the same "before"
+      before = accuracy(run, state, config)
+      writer.write(0, {'accuracy': before})
+    summary['accuracy_before'] = before
+    say(f'accuracy before: {before:.4f}')
 
   train_step = jit_train_step(run.model, run.optimizer, config.accumulation, mesh,
                               run.state_shardings, run.param_shardings)
-  eval_step = jit_eval_step(run.model, mesh, run.param_shardings)
+  evaluate_loss = LossEvaluator(run, config)
   first = int(state.step)
   pending, logged, tick = [], None, time.time()
   progress = tqdm.tqdm(range(first, config.num_steps), initial=first, total=config.num_steps,
                        desc='train', disable=jax.process_index() != 0)
   for step in progress:
-    state, metrics = train_step(state, run.params, global_batch(next(train_iterator), mesh))
-    pending.append(metrics)
+    batch = next(train_iterator)
+    state, metrics = train_step(state, run.params, global_batch(batch, mesh))
+    pending.append({**metrics, 'pad_fraction': np.mean(batch['segment_ids'] == 0)})
     done = step + 1
     if done % config.log_every == 0 or done == config.num_steps:
       logged = _mean(pending)
@@ -124,7 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       pending, tick = [], time.time()
     evaluated = None
     if (config.eval_every and done % config.eval_every == 0) or done == config.num_steps:
-      evaluated = evaluate_loss(run, state, config, eval_step)
+      evaluated = evaluate_loss(state)
       writer.write(done, evaluated)
       summary.update(evaluated)
     if done % config.checkpoint_every == 0 or done == config.num_steps:
@@ -134,6 +118,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   if config.accuracy_split:
     summary['accuracy_after'] = accuracy(run, state, config)
+    writer.write(config.num_steps, {'accuracy': summary['accuracy_after']})
     say(f'accuracy after: {summary["accuracy_after"]:.4f}')
   checkpoints.wait()
   checkpoints.close()

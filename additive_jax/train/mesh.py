@@ -29,8 +29,9 @@ def make_mesh(shape: Sequence[int] | None = None, devices=None) -> Mesh:
   shape = list(shape or (-1, 1, 1))
   if len(shape) != 3:
     raise ValueError(f'mesh shape must have 3 entries {AXES}, got {shape}')
-  if shape.count(-1) > 1:
-    raise ValueError(f'mesh shape {shape}: at most one entry may be -1')
+  if shape.count(-1) > 1 or any(not isinstance(s, int) or s == 0 or s < -1 for s in shape):
+    raise ValueError(f'mesh shape {shape}: each entry is a positive size, or -1 (at most one) '
+                     'for the remaining devices')
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if len(devices) % known:
@@ -45,12 +46,12 @@ def make_mesh(shape: Sequence[int] | None = None, devices=None) -> Mesh:
 def shardings_for(boxed_tree, mesh: Mesh, rules: Rules):
   """NamedShardings for a tree of `nn.LogicallyPartitioned` (abstract) arrays.
 
-  Returns (shardings, replicated) where `replicated` lists the (path, axis) pairs
-  whose rule could not be followed because the mesh axis does not divide them.
+  Returns (shardings, fallback) where `fallback` lists the (path, axis, size, mesh axis) of
+  each rule that could not be followed because the mesh axis does not divide the size.
   """
   specs = nn.logical_to_mesh(nn.get_partition_spec(boxed_tree), rules)
   shapes = nn.unbox(boxed_tree)
-  replicated = []
+  fallback = []
 
   def fit(path, spec, leaf):
     axes = []
@@ -58,14 +59,14 @@ def shardings_for(boxed_tree, mesh: Mesh, rules: Rules):
       names = (axis,) if isinstance(axis, str) else tuple(axis or ())
       ways = math.prod(mesh.shape[a] for a in names)
       if names and size % ways:
-        replicated.append((jax.tree_util.keystr(path), dim, size, axis))
+        fallback.append((jax.tree_util.keystr(path), dim, size, axis))
         axis = None
       axes.append(axis)
     return NamedSharding(mesh, PartitionSpec(*axes))
 
   shardings = jax.tree_util.tree_map_with_path(
       fit, specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
-  return shardings, replicated
+  return shardings, fallback
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -75,6 +76,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Batch rows split over data × fsdp; sequence and features whole."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows joined with the other processes' into one batch split over the mesh."""
+  sharding = batch_sharding(mesh)
+  return {name: jax.make_array_from_process_local_data(sharding, rows)
+          for name, rows in local_batch.items()}
 
 
 def place(tree, shardings):

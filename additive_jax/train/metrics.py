@@ -56,3 +56,13 @@ def _forget_after(path: str, step: int) -> None:
   with open(path + '.tmp', 'w', encoding='utf-8') as f:
     f.writelines(kept)
   os.replace(path + '.tmp', path)
+
+
+def logged_value(workdir: str, name: str, step: int) -> float | None:
+  """The value of `name` logged at `step` in the workdir's metrics.jsonl, if any."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    lines = [json.loads(line) for line in f if line.endswith('\n')]
+  return next((line[name] for line in lines if line['step'] == step and name in line), None)

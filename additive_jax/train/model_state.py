@@ -10,11 +10,10 @@ trainable partition and its optimizer state are small: they are replicated.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from additive_jax.model.config import LlamaConfig
-from additive_jax.model.llama import Llama
+from additive_jax.model.llama import Llama, abstract_variables
 from additive_jax.model.load import load_model
 from additive_jax.train.mesh import Rules, place, replicated, shardings_for
 from additive_jax.train.step import TrainState
@@ -22,8 +21,7 @@ from additive_jax.train.step import TrainState
 
 def base_shardings(config: LlamaConfig, mesh: Mesh, rules: Rules):
   """(NamedSharding per base weight, [(path, axis, size, mesh axis) replicated instead])."""
-  boxed = jax.eval_shape(Llama(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-  return shardings_for(boxed['params'], mesh, rules)
+  return shardings_for(abstract_variables(config)['params'], mesh, rules)
 
 
 def load_base(path: str, mesh: Mesh, rules: Rules, **overrides):

@@ -17,6 +17,7 @@ import optax
 # Learning rates that train well on SmolLM2-135M with a few hundred steps; the
 # literature's ranges: adapters 1e-4..1e-3, (IA)3 ~3e-3, LoRA ~2e-4..1e-3,
 # prompt tuning orders of magnitude higher (Lester et al. use 0.3 with Adafactor).
+SCHEDULES = ('cosine', 'constant')  # cosine: linear warmup, then cosine decay to zero
 DEFAULT_LEARNING_RATES = {'bottleneck': 1e-3, 'ia3': 3e-3, 'lora': 5e-4, 'prompt': 3e-2,
                           'prefix': 5e-3, 'ladder': 3e-3}
 
@@ -24,7 +25,7 @@ DEFAULT_LEARNING_RATES = {'bottleneck': 1e-3, 'ia3': 3e-3, 'lora': 5e-4, 'prompt
 def method_settings(key: str, overrides=None) -> dict:
   """One method's optimizer settings: the defaults, then the overrides (a dict or ConfigDict)."""
   return {'learning_rate': DEFAULT_LEARNING_RATES[key],
-          'schedule': 'cosine',    # 'cosine' (after linear warmup) or 'constant'
+          'schedule': 'cosine',    # one of SCHEDULES
           'warmup_steps': 10,
           'weight_decay': 0.0,
           **(overrides or {})}

@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import os
 
-import jax
 import numpy as np
 from flax import traverse_util
 
-from additive_jax.peft.count import abstract_params
+from additive_jax.peft.count import leaf_shapes
 from additive_jax.peft.files.file_io import (AdapterFileError, join_problems, read_json,
                                              read_tensors, shape_problems, write_json,
                                              write_tensors)
-from additive_jax.peft.prompt import PromptTuning
-from additive_jax.peft.registry import init_methods, parse_method
+from additive_jax.peft.registry import parse_method
 
 CONFIG_NAME = 'aj_adapter_config.json'
 WEIGHTS_NAME = 'aj_adapter.safetensors'
@@ -62,16 +60,6 @@ def _readable_fields(method, config) -> dict:
     return {'adapter_type': 'ladder_side', 'reduction': method.reduction,
             'side_hidden_size': config.hidden_size // method.reduction, 'num_layers': layers}
   return {}  # the constructor call alone describes a method added later
-
-
-def leaf_shapes(methods, config) -> dict[str, tuple[int, ...]]:
-  """'key/path/to/leaf' -> shape of every leaf the methods build on `config` (no weights read)."""
-  # A text-initialized prompt needs a tokenizer to init, but its shape is [n, D] all the same.
-  shaped = [PromptTuning(m.num_tokens) if isinstance(m, PromptTuning) else m for m in methods]
-  trees = jax.eval_shape(lambda key, params: init_methods(shaped, key, config, params),
-                         jax.random.key(0), abstract_params(config))
-  flat = traverse_util.flatten_dict(trees, sep='/')
-  return {name: tuple(leaf.shape) for name, leaf in flat.items()}
 
 
 def flat_leaves(methods, peft) -> dict[str, np.ndarray]:

@@ -17,6 +17,8 @@ import numpy as np
 import safetensors.flax
 import safetensors.numpy
 
+from additive_jax.model.hf_checkpoint import read_tensor_pickle
+
 
 class AdapterFileError(ValueError):
   """An adapter file that is missing, unreadable, or does not fit the model or the method set."""
@@ -66,19 +68,8 @@ def read_tensors(directory: str, safetensors_name: str, pickle_name: str | None 
       raise AdapterFileError(
           f'{directory} holds {pickle_name}, a pickle, and no {safetensors_name}; a pickle is not '
           'read unless allow_pickle=True (then with torch.load(weights_only=True))')
-    return _read_pickle(pickle_path), pickle_path
+    return read_tensor_pickle(pickle_path, AdapterFileError), pickle_path
   raise AdapterFileError(f'{directory} has no {safetensors_name}')
-
-
-def _read_pickle(path: str) -> dict[str, np.ndarray]:
-  import torch  # only for this explicit opt-in
-  try:
-    state = torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as err:  # a truncated zip, a non-tensor object refused by weights_only, ...
-    raise AdapterFileError(f'{path}: not a readable tensor pickle ({err})') from None
-  if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-    raise AdapterFileError(f'{path}: expected a dict of tensors')
-  return {name: tensor.float().numpy() for name, tensor in state.items()}
 
 
 def shape_problems(expected: dict[str, tuple[int, ...]], found: dict[str, np.ndarray]) -> list[str]:

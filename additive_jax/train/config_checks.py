@@ -1,0 +1,105 @@
+"""`check_config`: a bad experiment config is refused, naming its key, before anything runs.
+
+Every check here reads the config (and at most the model's own config file), so a
+mistake costs nothing: no weight is read, nothing is compiled. Later failures
+are then about the data or the hardware, not about a typo.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import ml_collections
+from jax.sharding import Mesh
+
+from additive_jax.data.encode import OVER_LONG_POLICIES
+from additive_jax.data.sources import source_spec
+from additive_jax.data.templates import TEMPLATES
+from additive_jax.model.config import REMAT_POLICIES
+from additive_jax.model.load import load_config
+from additive_jax.peft.registry import check_methods, parse_method
+from additive_jax.train import mesh as mesh_lib
+from additive_jax.train.optimizer import DEFAULT_LEARNING_RATES, SCHEDULES, method_settings
+
+DTYPES = ('float32', 'bfloat16')
+_POSITIVE = ('batch_size', 'seq_len', 'num_steps', 'accumulation', 'log_every', 'checkpoint_every')
+_NOT_NEGATIVE = ('eval_every', 'eval_batches', 'keep_best', 'accuracy_limit')
+
+
+def check_config(config: ml_collections.ConfigDict) -> tuple[Mesh, tuple]:
+  """(the mesh, the methods) of a config whose every checkable key is valid."""
+  _check_values(config)
+  mesh = _check_mesh_and_batch(config)
+  _check_data(config)
+  methods = _check_methods_and_optimizer(config)
+  return mesh, methods
+
+
+def _check_values(config) -> None:
+  for key in _POSITIVE + _NOT_NEGATIVE:
+    value, low = config[key], 1 if key in _POSITIVE else 0
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+      raise ValueError(f'config.{key} must be an integer ≥ {low}, got {value!r}')
+  if config.keep_checkpoints < 1:
+    raise ValueError(f'config.keep_checkpoints must be ≥ 1 (the latest is what resumes), '
+                     f'got {config.keep_checkpoints!r}')
+  for key, allowed in (('dtype', DTYPES), ('param_dtype', DTYPES), ('remat', REMAT_POLICIES)):
+    if config[key] not in allowed:
+      raise ValueError(f'config.{key} must be one of {", ".join(allowed)}, got {config[key]!r}')
+
+
+def _check_mesh_and_batch(config) -> Mesh:
+  try:
+    mesh = mesh_lib.make_mesh(config.mesh)
+  except ValueError as err:
+    raise ValueError(f'config.mesh: {err}') from None
+  ways = math.prod(mesh.shape[axis] for axis in mesh_lib.BATCH_AXES)
+  if config.batch_size % ways:
+    raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the {ways} ways '
+                     f'the batch is split (mesh data × fsdp = {mesh.shape["data"]} × '
+                     f'{mesh.shape["fsdp"]})')
+  if (config.batch_size // ways) % config.accumulation:
+    raise ValueError(f'config.accumulation={config.accumulation} does not divide the '
+                     f'{config.batch_size // ways} rows each device gets')
+  return mesh
+
+
+def _check_data(config) -> None:
+  data = config.data
+  for key, allowed in (('template', TEMPLATES), ('over_long', OVER_LONG_POLICIES)):
+    if data[key] not in allowed:
+      raise ValueError(f'config.data.{key} must be one of {", ".join(allowed)}, got {data[key]!r}')
+  spec = source_spec(data.source)
+  for key in ('split', 'eval_split'):
+    path = spec.path(data.data_dir, data[key])
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'config.data.{key}={data[key]!r}: no data file {path}')
+  if config.accuracy_split:
+    if len(spec.labels) != 1:
+      raise ValueError(f'config.accuracy_split={config.accuracy_split!r}: accuracy needs a '
+                       f'classification source, and {spec.name} has no label field')
+    path = spec.path(data.data_dir, config.accuracy_split)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'config.accuracy_split={config.accuracy_split!r}: no data file {path}')
+
+
+def _check_methods_and_optimizer(config) -> tuple:
+  methods = tuple(parse_method(text) for text in config.peft)
+  if not methods:
+    raise ValueError('config.peft names no method: nothing would train')
+  stray = set(config.optimizer) - set(DEFAULT_LEARNING_RATES)
+  if stray:
+    raise ValueError(f'config.optimizer has settings for {sorted(stray)}, which is no method key '
+                     f'(method keys: {", ".join(DEFAULT_LEARNING_RATES)})')
+  for key, overrides in config.optimizer.items():
+    settings = method_settings(key, overrides)
+    unknown = set(settings) - set(method_settings(key))
+    if unknown:
+      raise ValueError(f'config.optimizer.{key} has unknown keys {sorted(unknown)}; '
+                       f'known: {sorted(method_settings(key))}')
+    if settings['schedule'] not in SCHEDULES:
+      raise ValueError(f'config.optimizer.{key}.schedule must be one of {", ".join(SCHEDULES)}, '
+                       f'got {settings["schedule"]!r}')
+  check_methods(methods, load_config(config.model))  # the model's config alone: no weights read
+  return methods

@@ -1,0 +1,53 @@
+"""What a run measures besides its training loss: eval loss and classification accuracy.
+
+The eval batches are built once per run (building them tokenizes the eval split)
+and reused at every evaluation; evaluation reads the trainables as they are,
+with a prefix's reparameterization evaluated once (`peft.inference_form`).
+"""
+
+from __future__ import annotations
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from additive_jax.data.pipeline import make_eval_batches
+from additive_jax.eval.accuracy import classification_accuracy
+from additive_jax.peft.merge import inference_form
+from additive_jax.train.mesh import global_batch
+from additive_jax.train.prepare import Run
+from additive_jax.train.step import jit_eval_step
+
+
+class LossEvaluator:
+  """`evaluator(state)` -> token-weighted eval loss, perplexity and token count over the first
+  `config.eval_batches` batches of `config.data.eval_split` (all of them for 0)."""
+
+  def __init__(self, run: Run, config: ml_collections.ConfigDict):
+    self.run = run
+    self.batches, _ = make_eval_batches(
+        config.data, run.tokenizer, batch_size=config.batch_size, seq_len=config.seq_len,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    self.count = min(config.eval_batches or len(self.batches), len(self.batches))
+    self.step = jit_eval_step(run.model, run.mesh, run.param_shardings)
+
+  def __call__(self, state) -> dict[str, float]:
+    loss_sum = tokens = 0.0
+    for index in range(self.count):
+      out = self.step(state.peft, self.run.params, global_batch(self.batches[index], self.run.mesh))
+      loss_sum += float(out['loss_sum'])
+      tokens += float(out['loss_tokens'])
+    loss = loss_sum / max(tokens, 1.0)
+    return {'eval_loss': loss, 'eval_perplexity': float(np.exp(loss)), 'eval_tokens': tokens}
+
+
+def accuracy(run: Run, state, config: ml_collections.ConfigDict) -> float:
+  """Accuracy on `config.accuracy_split` by the label words' log-likelihood."""
+  model, variables = inference_form(run.model, {'params': run.params, 'peft': state.peft})
+  value, rows = classification_accuracy(model, variables, run.tokenizer, config.data,
+                                        config.accuracy_split, config.accuracy_limit,
+                                        progress=jax.process_index() == 0)
+  logging.info('accuracy on %s %s (%d rows): %.4f', config.data.source, config.accuracy_split,
+               rows, value)
+  return value
