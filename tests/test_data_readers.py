@@ -86,3 +86,13 @@ def test_unknown_source_and_split_are_named():
     sources.source_spec('imdb')
   with pytest.raises(ValueError, match=r"gsm8k has no split 'dev' \(splits: train, test\)"):
     sources.GSM8K.path('/data', 'dev')
+
+
+@pytest.mark.parametrize('value', ['null', '["a", "b"]', '{"x": 1}', 'true'])
+def test_a_field_that_is_not_text_is_named(tmp_path, value):
+  directory = tmp_path / 'gsm8k'
+  directory.mkdir()
+  (directory / 'train.jsonl').write_text('{"question": "q", "answer": "a #### 1"}\n'
+                                         f'{{"question": {value}, "answer": "a #### 2"}}\n')
+  with pytest.raises(ValueError, match=r'train.jsonl:2: field question is .*, not text'):
+    list(sources.read_split(sources.source_spec('gsm8k'), str(tmp_path), 'train'))

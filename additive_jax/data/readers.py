@@ -51,7 +51,8 @@ def _not_blank(path: str, number: int, text: str) -> None:
 
 
 def read_jsonl(path: str, portion: tuple[float, float] = (0.0, 1.0)) -> Rows:
-  """One JSON object per line; every value becomes a string."""
+  """One JSON object per line; numbers become strings, other non-text values stay as they are
+  (the source spec refuses one in a field it reads)."""
   for number, text in _portion(numbered_lines(path), portion):
     _not_blank(path, number, text)
     try:
@@ -60,7 +61,12 @@ def read_jsonl(path: str, portion: tuple[float, float] = (0.0, 1.0)) -> Rows:
       raise ValueError(f'{path}:{number}: malformed JSON: {e.msg} (column {e.colno})') from None
     if not isinstance(row, dict):
       raise ValueError(f'{path}:{number}: expected a JSON object, got {type(row).__name__}')
-    yield number, {key: str(value) for key, value in row.items()}
+    yield number, {key: _number_as_text(value) for key, value in row.items()}
+
+
+def _number_as_text(value):
+  is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  return str(value) if is_number else value
 
 
 def read_tsv(path: str, portion: tuple[float, float] = (0.0, 1.0)) -> Rows:

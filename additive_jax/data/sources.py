@@ -96,6 +96,9 @@ def read_split(spec: SourceSpec, data_dir: str, split: str) -> Iterator[tuple[in
     if missing:
       raise ValueError(f'{path}:{line}: missing field {", ".join(sorted(missing))} '
                        f'(the row has {", ".join(row) or "none"})')
+    not_text = sorted(name for name in needed if not isinstance(row[name], str))
+    if not_text:
+      raise ValueError(f'{path}:{line}: field {not_text[0]} is {row[not_text[0]]!r}, not text')
     values = {name: row[name].strip() for name in needed}
     for name, words in spec.labels.items():
       if values[name] not in words:

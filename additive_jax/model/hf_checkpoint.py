@@ -19,7 +19,8 @@ from additive_jax.model.config import ConfigError, LlamaConfig
 from additive_jax.model.convert import CheckpointError, params_from_hf
 
 
-def _read_json(path: str, error: type[ValueError]):
+def read_json(path: str, error: type[ValueError]):
+  """A JSON file's value; a file that is not JSON raises `error` naming it."""
   try:
     with open(path, encoding='utf-8') as f:
       return json.load(f)
@@ -29,7 +30,7 @@ def _read_json(path: str, error: type[ValueError]):
 
 def read_config_json(path: str, **overrides) -> LlamaConfig:
   """The config of an HF `config.json` file; an error names the file and the field."""
-  raw = _read_json(path, ConfigError)
+  raw = read_json(path, ConfigError)
   try:
     return LlamaConfig.from_hf(raw, **overrides)
   except ConfigError as err:
@@ -54,7 +55,7 @@ def _tensor_files(directory: str) -> dict[str, str]:
   """Tensor name -> the safetensors file that holds it."""
   index = os.path.join(directory, 'model.safetensors.index.json')
   if os.path.exists(index):
-    contents = _read_json(index, CheckpointError)
+    contents = read_json(index, CheckpointError)
     weight_map = contents.get('weight_map') if isinstance(contents, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
       raise CheckpointError(f'{index}: no "weight_map" object of tensor name -> file name')

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -86,6 +87,13 @@ class AttentionContext:
   config: LlamaConfig = flax.struct.field(pytree_node=False)  # static; the ladder's side net
 
 
+def _project_hooks(methods, p, name: str, x, y):
+  """Every method's `project` hook, in order, at projection `name` (y = W x)."""
+  for method in methods:
+    y = method.project(p[method.key], name, x, y)
+  return y
+
+
 @jax.checkpoint
 def _attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
   """softmax(q kᵀ / √H) v, recomputed in the backward pass rather than stored: the scores and
@@ -107,10 +115,7 @@ class Attention(nn.Module):
                              param_dtype=cfg.param_dtype, kernel_init=_init(('embed',) + heads_axes),
                              bias_init=_init(heads_axes, nn.initializers.zeros), name=name)
 
-    def project(name, x, y):
-      for method in self.methods:
-        y = method.project(p[method.key], name, x, y)
-      return y
+    project = functools.partial(_project_hooks, self.methods, p)
 
     heads = (cfg.num_heads, cfg.head_dim)
     kv_heads = (cfg.num_kv_heads, cfg.head_dim)
@@ -157,10 +162,7 @@ class MLP(nn.Module):
                       kernel_init=_init(axes), bias_init=_init(axes[-1:], nn.initializers.zeros),
                       name=name)
 
-    def project(name, x, y):
-      for method in self.methods:
-        y = method.project(p[method.key], name, x, y)
-      return y
+    project = functools.partial(_project_hooks, self.methods, p)
 
     gate_BTF = project('gate', x_BTD, dense('gate_proj', cfg.intermediate_size, ('embed', 'mlp'))(x_BTD))
     up_BTF = project('up', x_BTD, dense('up_proj', cfg.intermediate_size, ('embed', 'mlp'))(x_BTD))

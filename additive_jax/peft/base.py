@@ -19,9 +19,22 @@ Model-level sites (`tree` is the method's whole subtree):
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, ClassVar
 
 PyTree = Any
+
+
+def require_positive_int(method: str, name: str, value) -> None:
+  """A constructor argument that counts something (a width, a rank, a number of tokens)."""
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    raise ValueError(f'{method} {name} must be a positive integer, got {value!r}')
+
+
+def require_number(method: str, name: str, value) -> None:
+  """A real-valued constructor argument (a scale, an alpha); a bool is not one."""
+  if not isinstance(value, numbers.Real) or isinstance(value, bool):
+    raise ValueError(f'{method} {name} must be a number, got {value!r}')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,20 +49,12 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from additive_jax.peft.base import Method
+from additive_jax.peft.base import Method, require_number, require_positive_int
 
 PLACEMENTS = ('pfeiffer', 'houlsby', 'parallel')
 ACTIVATIONS = {'relu': jax.nn.relu,
                'gelu': lambda x: jax.nn.gelu(x, approximate=False),  # erf-based, as torch's
                'silu': jax.nn.silu}
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-  return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,13 +76,12 @@ class Bottleneck(Method):
     if (self.dim is None) == (self.reduction_factor is None):
       raise ValueError('Bottleneck takes exactly one of dim and reduction_factor, got '
                        f'dim={self.dim!r}, reduction_factor={self.reduction_factor!r}')
-    if self.dim is not None and (not _is_int(self.dim) or self.dim <= 0):
-      raise ValueError(f'Bottleneck dim must be a positive integer, got {self.dim!r}')
+    if self.dim is not None:
+      require_positive_int('Bottleneck', 'dim', self.dim)
     rf = self.reduction_factor
-    if rf is not None and (not _is_real(rf) or not rf > 0):
+    if rf is not None and (isinstance(rf, bool) or not isinstance(rf, numbers.Real) or not rf > 0):
       raise ValueError(f'Bottleneck reduction_factor must be a positive number, got {rf!r}')
-    if not _is_real(self.scale):
-      raise ValueError(f'Bottleneck scale must be a number, got {self.scale!r}')
+    require_number('Bottleneck', 'scale', self.scale)
 
   @property
   def sites(self) -> tuple[str, ...]:

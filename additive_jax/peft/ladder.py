@@ -61,7 +61,7 @@ import jax.numpy as jnp
 from additive_jax.model import llama as llama_lib  # a module: llama.py imports peft.base
 from additive_jax.model.config import LlamaConfig
 from additive_jax.model.rope import rotary_tables
-from additive_jax.peft.base import Method
+from additive_jax.peft.base import Method, require_positive_int
 
 GATE_TEMPERATURE = 0.1  # the paper's T in μ = sigmoid(α / T)
 
@@ -75,9 +75,7 @@ class LadderSide(Method):
   wants_taps: ClassVar[bool] = True
 
   def __post_init__(self):
-    r = self.reduction
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-      raise ValueError(f'LadderSide reduction must be a positive integer, got {r!r}')
+    require_positive_int('LadderSide', 'reduction', self.reduction)
 
   def check(self, config) -> None:
     r = self.reduction

@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from additive_jax.peft.base import Method
+from additive_jax.peft.base import Method, require_number, require_positive_int
 from additive_jax.peft.merge import stages
 
 # target -> the params path of its projection
@@ -66,10 +65,8 @@ class LoRA(Method):
   mergeable: ClassVar[bool] = True
 
   def __post_init__(self):
-    if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
-      raise ValueError(f'LoRA rank must be a positive integer, got {self.rank!r}')
-    if not isinstance(self.alpha, numbers.Real) or isinstance(self.alpha, bool):
-      raise ValueError(f'LoRA alpha must be a number, got {self.alpha!r}')
+    require_positive_int('LoRA', 'rank', self.rank)
+    require_number('LoRA', 'alpha', self.alpha)
     targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets or len(set(targets)) != len(targets):

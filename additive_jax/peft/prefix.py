@@ -43,7 +43,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from additive_jax.peft.base import Method
+from additive_jax.peft.base import Method, require_positive_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +54,9 @@ class PrefixTuning(Method):
   key: ClassVar[str] = 'prefix'
 
   def __post_init__(self):
-    if not isinstance(self.num_tokens, int) or isinstance(self.num_tokens, bool) or self.num_tokens <= 0:
-      raise ValueError(f'PrefixTuning num_tokens must be a positive integer, got {self.num_tokens!r}')
-    dim = self.projection_dim
-    if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0):
-      raise ValueError(f'PrefixTuning projection_dim must be a positive integer or None, got {dim!r}')
+    require_positive_int('PrefixTuning', 'num_tokens', self.num_tokens)
+    if self.projection_dim is not None:
+      require_positive_int('PrefixTuning', 'projection_dim', self.projection_dim)
 
   @property
   def num_prefix_tokens(self) -> int:

@@ -36,7 +36,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from additive_jax.peft.base import Method
+from additive_jax.peft.base import Method, require_positive_int
 
 INITS = ('vocab', 'text')
 
@@ -55,8 +55,7 @@ class PromptTuning(Method):
   key: ClassVar[str] = 'prompt'
 
   def __init__(self, num_tokens: int, init: str = 'vocab', text: str | None = None):
-    if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens <= 0:
-      raise ValueError(f'PromptTuning num_tokens must be a positive integer, got {num_tokens!r}')
+    require_positive_int('PromptTuning', 'num_tokens', num_tokens)
     if init not in INITS:
       raise ValueError(f'PromptTuning init must be one of {INITS}, got {init!r}')
     if init == 'text' and not text:

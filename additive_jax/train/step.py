@@ -54,7 +54,9 @@ def train_step(model, optimizer, accumulation: int, state: TrainState, params, b
       batch)
   zeros = (jax.tree.map(jnp.zeros_like, state.peft), jnp.zeros(()), jnp.zeros(()))
   (grads, loss_sum, weight), _ = jax.lax.scan(micro_step, zeros, micro_batches)
-  weight = jnp.maximum(weight, 1.0)  # a batch with no loss tokens makes no update
+  # A batch with no loss tokens has zero gradients (Adam's momentum still moves the leaves);
+  # the floor only avoids 0 / 0.
+  weight = jnp.maximum(weight, 1.0)
   grads = jax.tree.map(lambda g: g / weight, grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.peft)
   peft = optax.apply_updates(state.peft, updates)

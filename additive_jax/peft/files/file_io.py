@@ -17,7 +17,7 @@ import numpy as np
 import safetensors.flax
 import safetensors.numpy
 
-from additive_jax.model.hf_checkpoint import read_tensor_pickle
+from additive_jax.model.hf_checkpoint import read_json as read_json_value, read_tensor_pickle
 
 
 class AdapterFileError(ValueError):
@@ -27,11 +27,7 @@ class AdapterFileError(ValueError):
 def read_json(path: str) -> dict:
   if not os.path.exists(path):
     raise AdapterFileError(f'{path} does not exist')
-  try:
-    with open(path, encoding='utf-8') as f:
-      value = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as err:
-    raise AdapterFileError(f'{path}: not valid JSON ({err})') from None
+  value = read_json_value(path, AdapterFileError)
   if not isinstance(value, dict):
     raise AdapterFileError(f'{path}: expected a JSON object, got {type(value).__name__}')
   return value
