@@ -1,4 +1,5 @@
-"""Shared fixtures: SmolLM2 loaded once per session, tiny random HF checkpoints."""
+"""Shared fixtures and constants: SmolLM2 loaded once per session, tiny random HF checkpoints,
+the Llama 3.2 configs whose published trainable counts the tests check."""
 
 import os
 
@@ -15,7 +16,23 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 import pytest  # noqa: E402
 
+from additive_jax.model.config import LlamaConfig  # noqa: E402
+
 SMOLLM2 = 'smollm2-135m-instruct'
+
+# Llama 3.2 1B and 3B as their config.json files describe them (counts need no weights).
+LLAMA_3_2_1B_HF = {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama',
+                   'vocab_size': 128256, 'hidden_size': 2048, 'intermediate_size': 8192,
+                   'num_hidden_layers': 16, 'num_attention_heads': 32, 'num_key_value_heads': 8,
+                   'head_dim': 64, 'rms_norm_eps': 1e-5, 'tie_word_embeddings': True,
+                   'rope_theta': 500000.0, 'max_position_embeddings': 131072,
+                   'rope_scaling': {'rope_type': 'llama3', 'factor': 32.0, 'low_freq_factor': 1.0,
+                                    'high_freq_factor': 4.0,
+                                    'original_max_position_embeddings': 8192}}
+LLAMA_3_2_3B_HF = dict(LLAMA_3_2_1B_HF, hidden_size=3072, num_hidden_layers=28,
+                       num_attention_heads=24, head_dim=128)
+LLAMA_3_2_1B = LlamaConfig.from_hf(LLAMA_3_2_1B_HF)
+LLAMA_3_2_3B = LlamaConfig.from_hf(LLAMA_3_2_3B_HF)
 
 
 def relative_error(ours, ref) -> float:
@@ -55,6 +72,31 @@ def save_tiny_hf_llama(directory, seed=0, **overrides):
   model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings)).eval()
   model.save_pretrained(directory)
   return model
+
+
+@pytest.fixture(scope='session')
+def tiny_hf_llama(tmp_path_factory):
+  """(HF model, our config, our params) of one random Llama of `save_tiny_hf_llama`'s defaults:
+  3 layers, 6 query heads, 2 KV heads, head dim 8, vocabulary 101.
+
+  Many test files share it, so none may change it: the params are read-only arrays, and the
+  torch model is run under `torch.no_grad` and deep-copied before PEFT wraps it."""
+  import jax
+  from additive_jax.model.hf_checkpoint import load_hf_directory
+  directory = tmp_path_factory.mktemp('tiny_llama')
+  hf_model = save_tiny_hf_llama(directory)
+  config, params = load_hf_directory(str(directory))
+  for leaf in jax.tree.leaves(params):
+    leaf.flags.writeable = False
+  return hf_model, config, params
+
+
+def free_port() -> int:
+  """A free TCP port on localhost, for a `jax.distributed` coordinator."""
+  import socket
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
 
 
 @pytest.fixture(scope='session')

@@ -16,15 +16,13 @@ import jax
 jax.config.update('jax_cpu_collectives_implementation', 'gloo')
 checkpoint, port, process_id, output = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 jax.distributed.initialize(f'localhost:{port}', num_processes=2, process_id=process_id)
-assert jax.device_count() == 2  # starts the backend before conftest (imported below) asks for 8
-
-import numpy as np  # noqa: E402
+assert jax.device_count() == 2  # one CPU device in each process
 
 from additive_jax.train.mesh import make_mesh  # noqa: E402
-from test_trainer_sharded import train  # noqa: E402  (the same run as the 8-device test)
+from sharded_helpers import flat, train  # noqa: E402  (the same run as the 8-device test)
 
-losses, state, *_ = train(checkpoint, make_mesh((-1, 1, 1)), local_rows=slice(4 * process_id, 4 * process_id + 4))
-leaves = {jax.tree_util.keystr(path): np.asarray(leaf).tolist()
-          for path, leaf in jax.tree_util.tree_leaves_with_path(state.peft)}
+losses, state, *_ = train(checkpoint, make_mesh((-1, 1, 1)),
+                          local_rows=slice(4 * process_id, 4 * process_id + 4))
+leaves = {path: leaf.tolist() for path, leaf in flat(state.peft).items()}
 with open(output, 'w', encoding='utf-8') as f:
   json.dump({'process': jax.process_index(), 'losses': losses, 'peft': leaves}, f)

@@ -8,13 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
 import additive_jax as aj
 from additive_jax.model.config import LlamaConfig
 from additive_jax.model.llama import Llama
 from additive_jax.peft.files import AdapterFileError, detect_format, load_adapter, save_adapter
-from adapter_files_helpers import random_peft
+from adapter_files_helpers import assert_same_leaves, random_peft
 
 CONFIG = LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=6,
                      num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5)
@@ -42,14 +41,6 @@ def tokens():
 
 def logits(methods, params, peft, tokens):
   return np.asarray(Llama(CONFIG, peft=tuple(methods)).apply({'params': params, 'peft': peft}, tokens))
-
-
-def assert_same_leaves(got, want):
-  got, want = traverse_util.flatten_dict(got), traverse_util.flatten_dict(want)
-  assert got.keys() == want.keys()
-  for name, leaf in want.items():
-    assert got[name].dtype == np.float32, name
-    np.testing.assert_array_equal(got[name], leaf, err_msg=str(name))
 
 
 @pytest.mark.parametrize('methods', [(m,) for m in SINGLE] + [COMBINATION],

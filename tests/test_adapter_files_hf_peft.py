@@ -4,20 +4,15 @@ import copy
 import json
 import os
 
-import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
 import torch
-from flax import traverse_util
 
 import additive_jax as aj
-from additive_jax.model.hf_checkpoint import load_hf_directory
-from additive_jax.model.llama import Llama
 from additive_jax.peft.files import AdapterFileError, load_adapter, save_adapter
-from adapter_files_helpers import random_peft
+from adapter_files_helpers import assert_same_leaves, hf_logits, our_logits, random_peft
 from conftest import relative_error
-from conftest import save_tiny_hf_llama
 
 ALL = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 EXPORTS = [aj.peft.LoRA(4, 6, ALL), aj.peft.IA3(), aj.peft.PromptTuning(3), aj.peft.PrefixTuning(4),
@@ -25,44 +20,17 @@ EXPORTS = [aj.peft.LoRA(4, 6, ALL), aj.peft.IA3(), aj.peft.PromptTuning(3), aj.p
 
 
 @pytest.fixture(scope='module')
-def tiny(tmp_path_factory):
-  """(HF model, our config, our params): 3 layers, 6 query heads, 2 KV heads, head dim 8."""
-  directory = tmp_path_factory.mktemp('tiny_llama')
-  hf_model = save_tiny_hf_llama(directory)
-  config, params = load_hf_directory(str(directory))
-  return hf_model, config, params
-
-
-@pytest.fixture(scope='module')
 def tokens():
   return np.random.RandomState(1).randint(0, 101, (2, 9))
-
-
-def our_logits(config, params, methods, peft_tree, tokens):
-  model = Llama(config, peft=tuple(methods))
-  return np.asarray(model.apply({'params': params, 'peft': peft_tree}, jnp.asarray(tokens)))
-
-
-def hf_logits(model, tokens, virtual_tokens=0):
-  with torch.no_grad():
-    logits = model(input_ids=torch.tensor(tokens)).logits.numpy()
-  return logits[:, virtual_tokens:]  # PEFT's prompt tuning returns the virtual positions too
 
 
 def virtual_tokens(method):
   return method.num_tokens if isinstance(method, aj.peft.PromptTuning) else 0
 
 
-def assert_same_leaves(got, want):
-  got, want = traverse_util.flatten_dict(got), traverse_util.flatten_dict(want)
-  assert got.keys() == want.keys()
-  for name in want:
-    np.testing.assert_array_equal(got[name], np.asarray(want[name]), err_msg=str(name))
-
-
 @pytest.mark.parametrize('method', EXPORTS, ids=lambda m: m.call_string())
-def test_export_loads_in_peft_with_our_logits_and_reads_back(tiny, tokens, tmp_path, method):
-  hf_model, config, params = tiny
+def test_export_loads_in_peft_with_our_logits_and_reads_back(tiny_hf_llama, tokens, tmp_path, method):
+  hf_model, config, params = tiny_hf_llama
   peft_tree = random_peft((method,), config)
   ours = our_logits(config, params, (method,), peft_tree, tokens)
   save_adapter(str(tmp_path), (method,), peft_tree, config, format='hf_peft',
@@ -110,8 +78,8 @@ def randomized_peft_model(hf_model, settings, seed=0):
 
 
 @pytest.mark.parametrize('name', PEFT_SETTINGS)
-def test_peft_saved_adapter_imports_with_equal_logits(tiny, tokens, tmp_path, name):
-  hf_model, config, params = tiny
+def test_peft_saved_adapter_imports_with_equal_logits(tiny_hf_llama, tokens, tmp_path, name):
+  hf_model, config, params = tiny_hf_llama
   settings, expected = PEFT_SETTINGS[name]
   peft_model = randomized_peft_model(hf_model, settings)
   ref = hf_logits(peft_model, tokens, virtual_tokens(expected))
@@ -123,8 +91,8 @@ def test_peft_saved_adapter_imports_with_equal_logits(tiny, tokens, tmp_path, na
   assert relative_error(ours, ref) <= 1e-5
 
 
-def test_pickle_is_refused_unless_allowed(tiny, tokens, tmp_path):
-  hf_model, config, params = tiny
+def test_pickle_is_refused_unless_allowed(tiny_hf_llama, tokens, tmp_path):
+  hf_model, config, params = tiny_hf_llama
   peft_model = randomized_peft_model(hf_model, PEFT_SETTINGS['ia3'][0])
   peft_model.save_pretrained(str(tmp_path), safe_serialization=False)
   assert 'adapter_model.bin' in os.listdir(tmp_path)
@@ -137,15 +105,15 @@ def test_pickle_is_refused_unless_allowed(tiny, tokens, tmp_path):
 
 
 @pytest.fixture
-def lora_dir(tiny, tmp_path):
-  _, config, _ = tiny
+def lora_dir(tiny_hf_llama, tmp_path):
+  _, config, _ = tiny_hf_llama
   method = aj.peft.LoRA(2, 4)
   save_adapter(str(tmp_path), (method,), random_peft((method,), config), config, format='hf_peft')
   return tmp_path
 
 
-def test_adapter_for_another_base_names_the_tensors(tiny, lora_dir):
-  _, config, _ = tiny
+def test_adapter_for_another_base_names_the_tensors(tiny_hf_llama, lora_dir):
+  _, config, _ = tiny_hf_llama
   with pytest.raises(AdapterFileError) as err:
     load_adapter(str(lora_dir), config.replace(hidden_size=64))
   assert str(lora_dir / 'adapter_model.safetensors') in str(err.value)
@@ -163,16 +131,16 @@ def test_adapter_for_another_base_names_the_tensors(tiny, lora_dir):
     ({'target_modules': 'q_proj|v_proj'}, r"target_modules='q_proj\|v_proj'"),
     ({'peft_type': 'LOHA'}, r"peft_type 'LOHA' is not read here; supported: LORA, IA3"),
 ])
-def test_unsupported_peft_settings_are_named(tiny, lora_dir, change, match):
-  _, config, _ = tiny
+def test_unsupported_peft_settings_are_named(tiny_hf_llama, lora_dir, change, match):
+  _, config, _ = tiny_hf_llama
   path = lora_dir / 'adapter_config.json'
   path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
   with pytest.raises(AdapterFileError, match=f'{path}: .*{match}'):
     load_adapter(str(lora_dir), config)
 
 
-def test_prefix_for_another_head_layout_is_named(tiny, tmp_path):
-  _, config, _ = tiny
+def test_prefix_for_another_head_layout_is_named(tiny_hf_llama, tmp_path):
+  _, config, _ = tiny_hf_llama
   method = aj.peft.PrefixTuning(2)
   save_adapter(str(tmp_path), (method,), random_peft((method,), config), config, format='hf_peft')
   with pytest.raises(AdapterFileError, match=r'token_dim=16, this model needs 24; '

@@ -9,10 +9,12 @@ import glob
 import os
 import re
 import shutil
+import threading
 
 import grain
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -99,16 +101,25 @@ def test_the_latest_and_the_best_are_kept_together(tmp_path, one_device, keep_be
   assert sorted(int(name) for name in os.listdir(tmp_path)) == kept
 
 
-def test_a_save_runs_in_the_background(tmp_path, one_device):
-  # 25 MB of state, a few hundred milliseconds of writing after save() returns.
-  wide = BASE.replace(hidden_size=512, num_heads=8, num_kv_heads=8, head_dim=64, num_layers=4)
-  methods = (Bottleneck(dim=512),)
-  state = random_state(abstract_state(lambda _: replicated(one_device), methods, wide))
+def test_a_save_runs_in_the_background(tmp_path, one_device, monkeypatch):
+  """save() returns while the save goes on in another thread, the step in its temporary folder
+  until the save is complete. The save is held at the state's finalize step (the arrays written,
+  the folder not yet renamed) until the test has looked."""
+  finalize, released = ocp.StandardCheckpointHandler.finalize, threading.Event()
+
+  def held_finalize(self, directory):
+    released.wait(timeout=60)  # bounded: a save() that waits for its own end fails, not hangs
+    finalize(self, directory)
+
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, 'finalize', held_finalize)
+  state = random_state(abstract_state(lambda _: replicated(one_device)))
   checkpoints = Checkpoints(str(tmp_path))
-  checkpoints.save(3, state, iterator(), run_config(methods))
-  # save() returned while the arrays were still being written into the temporary folder.
-  assert checkpoints.manager.is_saving_in_progress()
-  assert os.listdir(tmp_path) == ['3.orbax-checkpoint-tmp']
+  try:
+    checkpoints.save(3, state, iterator(), run_config())
+    assert checkpoints.manager.is_saving_in_progress()
+    assert os.listdir(tmp_path) == ['3.orbax-checkpoint-tmp']
+  finally:
+    released.set()
   checkpoints.wait()
   assert os.listdir(tmp_path) == ['3'] and checkpoints.latest_step() == 3
   checkpoints.close()

@@ -18,23 +18,35 @@ import pytest
 from additive_jax.model.load import load_config
 from additive_jax.train.checkpoint import CheckpointError, Checkpoints
 from additive_jax.train.loop import train_and_evaluate
-from test_trainer_cli import ROOT, run_main, sst2_config
+from cli_helpers import ROOT, in_process_config, run_main
 
 STEPS = 6
 
-# The CLI, killed as a preemption would kill it, right after the save of one step has started:
-# save() has returned and the arrays are still being written into the temporary folder.
+# The CLI, killed as a preemption would kill it, inside the save of one step: its background
+# thread has written the arrays into the temporary folder and SIGKILLs the process as it starts
+# to finalize them, before the folder is renamed. Training waits on that save, so that the log
+# ends at the step saved.
 KILLED_DURING_SAVE = """
 import os, signal
+import orbax.checkpoint as ocp
 from additive_jax import main
 from additive_jax.train.checkpoint import Checkpoints
 
-save = Checkpoints.save
-def save_then_die(self, step, *args, **kwargs):
+kill_step = int(os.environ['KILL_DURING_SAVE_OF_STEP'])
+save, finalize = Checkpoints.save, ocp.StandardCheckpointHandler.finalize
+
+def save_and_wait(self, step, *args, **kwargs):
   save(self, step, *args, **kwargs)
-  if step == int(os.environ['KILL_DURING_SAVE_OF_STEP']):
+  if step == kill_step:
+    self.wait()
+
+def finalize_or_die(self, directory):
+  if f'{kill_step}.orbax-checkpoint-tmp' in str(directory).split(os.sep):
     os.kill(os.getpid(), signal.SIGKILL)
-Checkpoints.save = save_then_die
+  finalize(self, directory)
+
+Checkpoints.save = save_and_wait
+ocp.StandardCheckpointHandler.finalize = finalize_or_die
 main.app.run(main.main)
 """
 
@@ -52,14 +64,6 @@ def reference_run(tmp_path_factory, overrides):
   result = run_main(workdir, *overrides)
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
-
-
-def in_process_config(model, data_dir, peft):
-  """A run of `peft` in this process: 8 devices, one row each."""
-  config = sst2_config()
-  config.model, config.data.data_dir, config.accuracy_split = model, data_dir, ''
-  config.batch_size, config.peft = 8, tuple(peft)
-  return config
 
 
 def metric_lines(workdir, timing=False):

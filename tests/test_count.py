@@ -15,15 +15,8 @@ from additive_jax.peft.ladder import LadderSide
 from additive_jax.peft.lora import LoRA
 from additive_jax.peft.prefix import PrefixTuning
 from additive_jax.peft.prompt import PromptTuning
+from conftest import LLAMA_3_2_1B_HF, LLAMA_3_2_3B_HF
 
-LLAMA_3_2_1B = {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'vocab_size': 128256,
-                'hidden_size': 2048, 'intermediate_size': 8192, 'num_hidden_layers': 16,
-                'num_attention_heads': 32, 'num_key_value_heads': 8, 'head_dim': 64,
-                'tie_word_embeddings': True, 'rope_theta': 500000.0, 'max_position_embeddings': 131072,
-                'rope_scaling': {'rope_type': 'llama3', 'factor': 32.0, 'low_freq_factor': 1.0,
-                                 'high_freq_factor': 4.0, 'original_max_position_embeddings': 8192}}
-LLAMA_3_2_3B = dict(LLAMA_3_2_1B, hidden_size=3072, num_hidden_layers=28, num_attention_heads=24,
-                    head_dim=128)
 ALL_TARGETS = "('q', 'k', 'v', 'o', 'gate', 'up', 'down')"
 
 
@@ -46,7 +39,7 @@ def trainable_column(stdout):
 
 
 def test_command_prints_the_published_counts(tmp_path):
-  result = run_count(tmp_path, LLAMA_3_2_1B, 'IA3()', 'Bottleneck(dim=64)',
+  result = run_count(tmp_path, LLAMA_3_2_1B_HF, 'IA3()', 'Bottleneck(dim=64)',
                      f'LoRA(rank=16, alpha=32, targets={ALL_TARGETS})')
   assert result.returncode == 0, result.stderr
   rows = trainable_column(result.stdout)
@@ -55,11 +48,12 @@ def test_command_prints_the_published_counts(tmp_path):
   assert '0.0119%' in result.stdout and '16.13 MiB' in result.stdout and '8.06 MiB' in result.stdout
 
   # A text-initialized prompt has the shape of any other: counting needs no tokenizer.
-  result = run_count(tmp_path, LLAMA_3_2_1B, "PromptTuning(num_tokens=8, init='text', text='Review:')")
+  result = run_count(tmp_path, LLAMA_3_2_1B_HF,
+                     "PromptTuning(num_tokens=8, init='text', text='Review:')")
   assert result.returncode == 0, result.stderr
   assert '16,384' in result.stdout  # 8 × 2048
 
-  result = run_count(tmp_path, LLAMA_3_2_3B, 'IA3()', 'PrefixTuning(num_tokens=200)')
+  result = run_count(tmp_path, LLAMA_3_2_3B_HF, 'IA3()', 'PrefixTuning(num_tokens=200)')
   assert result.returncode == 0, result.stderr
   assert trainable_column(result.stdout)['IA3()'] == 286_720  # as HF PEFT reports
   assert trainable_column(result.stdout)['PrefixTuning('] == 11_468_800
@@ -77,14 +71,14 @@ def test_command_prints_the_published_counts(tmp_path):
     (['PromptTuning(num_tokens=200000)'], 'leaves no position'),
 ])
 def test_command_refuses_bad_methods_with_one_clear_line(tmp_path, methods, message):
-  result = run_count(tmp_path, LLAMA_3_2_1B, *methods)
+  result = run_count(tmp_path, LLAMA_3_2_1B_HF, *methods)
   assert result.returncode != 0
   assert 'Traceback' not in result.stderr
   assert re.search(message, result.stderr.splitlines()[-1]), result.stderr
 
 
-@pytest.mark.parametrize('config', [LLAMA_3_2_1B, dict(LLAMA_3_2_1B, attention_bias=True, mlp_bias=True,
-                                                       tie_word_embeddings=False)],
+@pytest.mark.parametrize('config', [LLAMA_3_2_1B_HF, dict(LLAMA_3_2_1B_HF, attention_bias=True,
+                                                          mlp_bias=True, tie_word_embeddings=False)],
                          ids=['llama-3.2-1b', 'with-biases-untied'])
 def test_formula_equals_leaves_for_every_method(config):
   config = LlamaConfig.from_hf(config)

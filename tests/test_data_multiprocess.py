@@ -8,12 +8,12 @@ same time: the second to finish must accept the first one's data.
 import collections
 import json
 import os
-import socket
 import subprocess
 import sys
 
 from additive_jax import data
-from test_data_pipeline import examples_of
+from conftest import free_port
+from data_helpers import examples_of, shakespeare_test_config
 
 _PROCESS = r'''
 import json, sys
@@ -24,8 +24,7 @@ jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processe
                            process_id=int(process_id))
 import transformers
 sys.path.insert(0, tests_dir)
-from test_data_multiprocess import shakespeare_test_config
-from test_data_pipeline import examples_of
+from data_helpers import examples_of, shakespeare_test_config
 from additive_jax import data
 
 tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -39,19 +38,6 @@ with open(out, 'w') as f:
              'eval_batches': len(evaluation), 'census': report.kept + report.truncated}, f)
 jax.distributed.shutdown()
 '''
-
-
-def shakespeare_test_config():
-  config = data.data_config()
-  config.source, config.split, config.eval_split = 'tinyshakespeare', 'test', 'test'
-  config.packing, config.num_epochs = False, 1
-  return config
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
 
 
 def counts(rows):

@@ -16,6 +16,7 @@ from additive_jax.data.encode import fit
 from additive_jax.model.config import LlamaConfig
 from additive_jax.model.llama import Llama
 from additive_jax.train.loss import token_cross_entropy
+from data_helpers import examples_of
 
 SST2_TEST_ROWS = 872
 
@@ -25,17 +26,6 @@ def sst2_test_config(**overrides):
   config.split = config.eval_split = 'test'
   config.update(overrides)
   return config
-
-
-def examples_of(*batches):
-  """The ids (x_0..x_n) of every segment of every row of the batches, empty rows left out."""
-  found = []
-  for batch in batches:
-    for tokens, targets, segments in zip(batch['tokens'], batch['targets'], batch['segment_ids']):
-      for segment in range(1, segments.max() + 1):
-        where = segments == segment
-        found.append(tuple(tokens[where].tolist()) + (int(targets[where][-1]),))
-  return found
 
 
 def all_examples(tokenizer, config):

@@ -9,10 +9,8 @@ from jax.sharding import PartitionSpec as P
 
 from additive_jax.model.config import LlamaConfig
 from additive_jax.model.llama import Llama
+from additive_jax.train.config import RULES
 from additive_jax.train.mesh import make_mesh, place, shardings_for
-
-RULES = (('layers', None), ('vocab', 'tensor'), ('embed', 'fsdp'), ('q_heads', 'tensor'),
-         ('kv_heads', 'tensor'), ('head_dim', None), ('mlp', 'tensor'))
 
 
 def test_mesh_shapes_and_errors():

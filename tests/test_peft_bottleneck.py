@@ -20,34 +20,15 @@ import pytest
 import torch
 from transformers.activations import get_activation
 
-from additive_jax.model.config import LlamaConfig
-from additive_jax.model.hf_checkpoint import load_hf_directory
 from additive_jax.model.llama import Llama
 from additive_jax.peft.bottleneck import Bottleneck
-from conftest import relative_error, save_tiny_hf_llama
+from additive_jax.peft.count import count_leaves
+from conftest import LLAMA_3_2_1B, relative_error
 
 DIM = 5
 PLACEMENTS = ('pfeiffer', 'houlsby', 'parallel')
 ACTIVATIONS = ('relu', 'gelu', 'silu')
 ADAPTERHUB_ACTIVATION = {'relu': 'relu', 'gelu': 'gelu', 'silu': 'swish'}  # its `non_linearity`
-LLAMA_3_2_1B = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
-                           num_heads=32, num_kv_heads=8, head_dim=64, tie_word_embeddings=True)
-
-
-def leaf_count(method, config):
-  """Trainable parameters from the leaves' shapes: `init` under eval_shape, no weights."""
-  params = jax.eval_shape(Llama(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-  trees = jax.eval_shape(lambda key: Llama(config, peft=(method,)).init_peft(key, params['params']),
-                         jax.random.key(0))
-  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(trees['peft']))
-
-
-@pytest.fixture(scope='module')
-def tiny(tmp_path_factory):
-  directory = tmp_path_factory.mktemp('tiny_llama')
-  hf_model = save_tiny_hf_llama(directory)
-  config, params = load_hf_directory(str(directory))
-  return hf_model, config, params
 
 
 @pytest.fixture(scope='module')
@@ -56,8 +37,8 @@ def tokens():
 
 
 @pytest.fixture(scope='module')
-def base_logits(tiny, tokens):
-  _, config, params = tiny
+def base_logits(tiny_hf_llama, tokens):
+  _, config, params = tiny_hf_llama
   return np.asarray(Llama(config).apply({'params': params}, jnp.asarray(tokens)))
 
 
@@ -108,8 +89,8 @@ def reference_logits(hf_model, method, tree, tokens):
 
 @pytest.mark.parametrize('activation', ACTIVATIONS)
 @pytest.mark.parametrize('placement', PLACEMENTS)
-def test_identity_at_init(tiny, tokens, base_logits, placement, activation):
-  _, config, params = tiny
+def test_identity_at_init(tiny_hf_llama, tokens, base_logits, placement, activation):
+  _, config, params = tiny_hf_llama
   model = Llama(config, peft=(Bottleneck(DIM, placement, activation, scale=2.0),))
   variables = model.init_peft(jax.random.key(0), params)
   np.testing.assert_array_equal(np.asarray(model.apply(variables, jnp.asarray(tokens))), base_logits)
@@ -118,8 +99,9 @@ def test_identity_at_init(tiny, tokens, base_logits, placement, activation):
 @pytest.mark.parametrize('placement, activation, scale', [
     ('pfeiffer', 'relu', 1.0), ('pfeiffer', 'gelu', 0.5), ('houlsby', 'silu', 1.0),
     ('houlsby', 'relu', 2.0), ('parallel', 'relu', 4.0), ('parallel', 'gelu', 1.0)])
-def test_logits_match_adapterhub_placement(tiny, tokens, base_logits, placement, activation, scale):
-  hf_model, config, params = tiny
+def test_logits_match_adapterhub_placement(tiny_hf_llama, tokens, base_logits, placement, activation,
+                                           scale):
+  hf_model, config, params = tiny_hf_llama
   method = Bottleneck(DIM, placement, activation, scale)
   tree = random_adapters(method, config)
   model = Llama(config, peft=(method,))
@@ -129,9 +111,9 @@ def test_logits_match_adapterhub_placement(tiny, tokens, base_logits, placement,
   assert relative_error(ours, ref) <= 1e-5
 
 
-def test_placements_differ(tiny, tokens):
+def test_placements_differ(tiny_hf_llama, tokens):
   """Same leaves at different sites (reading r + f or r): far apart, beyond rounding (~1e-7)."""
-  _, config, params = tiny
+  _, config, params = tiny_hf_llama
   tree = random_adapters(Bottleneck(DIM, 'pfeiffer'), config)
   logits = [np.asarray(Llama(config, peft=(Bottleneck(DIM, p),)).apply(
       {'params': params, 'peft': {'bottleneck': tree}}, jnp.asarray(tokens)))
@@ -140,10 +122,10 @@ def test_placements_differ(tiny, tokens):
 
 
 @pytest.mark.parametrize('placement', PLACEMENTS)
-def test_init_as_adapterhub(tiny, placement):
+def test_init_as_adapterhub(tiny_hf_llama, placement):
   """W_down: N(0, 0.02) ("bert") for seq_bn/double_seq_bn, U(±1/√D) ("mam_adapter") for
   par_bn; b_down, W_up, b_up zero; fp32 leaves with a leading layers axis."""
-  _, config, params = tiny
+  _, config, params = tiny_hf_llama
   tree = Bottleneck(16, placement).init(jax.random.key(0), config, params)
   assert sorted(tree) == (['attn', 'mlp'] if placement == 'houlsby' else ['mlp'])
   d = config.hidden_size
@@ -163,8 +145,8 @@ def test_init_as_adapterhub(tiny, placement):
 
 
 @pytest.mark.parametrize('reduction_factor, dim', [(16, 3), (5, 9), (7.5, 6), (48, 1)])
-def test_reduction_factor_floors_like_adapterhub(tiny, reduction_factor, dim):
-  _, config, params = tiny
+def test_reduction_factor_floors_like_adapterhub(tiny_hf_llama, reduction_factor, dim):
+  _, config, params = tiny_hf_llama
   method = Bottleneck(reduction_factor=reduction_factor)
   assert method.bottleneck_dim(config) == dim == int(48 // reduction_factor)
   assert method.init(jax.random.key(0), config, params)['mlp']['down'].shape == (3, 48, dim)
@@ -177,7 +159,7 @@ def test_reduction_factor_floors_like_adapterhub(tiny, reduction_factor, dim):
     (Bottleneck(reduction_factor=32), 4_228_096)], ids=['pfeiffer', 'parallel', 'houlsby', 'rf32'])
 def test_parameter_count(method, expected):
   assert method.num_params(LLAMA_3_2_1B) == expected
-  assert leaf_count(method, LLAMA_3_2_1B) == expected
+  assert count_leaves((method,), LLAMA_3_2_1B) == {'bottleneck': expected}
 
 
 @pytest.mark.parametrize('kwargs, match', [
@@ -199,7 +181,7 @@ def test_bad_arguments(kwargs, match):
 
 @pytest.mark.parametrize('kwargs, match', [(dict(dim=49), 'dim=49 exceeds the hidden size 48'),
                                            (dict(reduction_factor=100), 'reduction_factor=100')])
-def test_too_wide_or_too_narrow_for_the_model(tiny, kwargs, match):
-  _, config, _ = tiny
+def test_too_wide_or_too_narrow_for_the_model(tiny_hf_llama, kwargs, match):
+  _, config, _ = tiny_hf_llama
   with pytest.raises(ValueError, match=match):
     Llama(config, peft=(Bottleneck(**kwargs),))

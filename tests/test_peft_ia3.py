@@ -1,7 +1,6 @@
 """(IA)³ against HF PEFT's IA3Config on the same tiny random Llama (GQA, with biases)."""
 
 import copy
-import math
 
 import jax
 import jax.numpy as jnp
@@ -10,24 +9,11 @@ import peft
 import pytest
 import torch
 
-from additive_jax.model.config import LlamaConfig
 from additive_jax.model.hf_checkpoint import load_hf_directory
 from additive_jax.model.llama import Llama
+from additive_jax.peft.count import count_leaves
 from additive_jax.peft.ia3 import IA3
-from conftest import relative_error, save_tiny_hf_llama
-
-LLAMA_3_2_1B = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
-                           num_heads=32, num_kv_heads=8, head_dim=64, tie_word_embeddings=True)
-LLAMA_3_2_3B = LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_layers=28,
-                           num_heads=24, num_kv_heads=8, head_dim=128, tie_word_embeddings=True)
-
-
-def leaf_count(method, config):
-  """Trainable parameters from the leaves' shapes: `init` under eval_shape, no weights."""
-  params = jax.eval_shape(Llama(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-  trees = jax.eval_shape(lambda key: Llama(config, peft=(method,)).init_peft(key, params['params']),
-                         jax.random.key(0))
-  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(trees['peft']))
+from conftest import LLAMA_3_2_1B, LLAMA_3_2_3B, relative_error, save_tiny_hf_llama
 
 
 @pytest.fixture(scope='module')
@@ -125,7 +111,7 @@ def test_unmerge_refuses_zero_entries(tiny):
                          ids=['llama-3.2-1b', 'llama-3.2-3b'])
 def test_parameter_count(config, expected):
   assert IA3().num_params(config) == expected
-  assert leaf_count(IA3(), config) == expected
+  assert count_leaves((IA3(),), config) == {'ia3': expected}
 
 
 def test_leaves_are_fp32_with_layers_axis(tiny):

@@ -14,16 +14,13 @@ from additive_jax.model.llama import KVCache, Llama
 from additive_jax.model.rope import rotary_tables
 from additive_jax.peft.base import Method
 from additive_jax.peft.ladder import LadderSide, keep_indices
+from conftest import LLAMA_3_2_3B
 
 # Sizes chosen so that every backbone-internal size is unique: F = 80 and H = 8 appear nowhere
 # else (side: R = 24, F/r = 40, H/r = 4; B = 2, T = 5, L = 3, N = 6, K = 2, V = 101).
 CONFIG = LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=6,
                      num_kv_heads=2, head_dim=8, rope_theta=1000.0)
 LADDER = LadderSide(reduction=2)
-LLAMA_3_2_3B = LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_layers=28,
-                           num_heads=24, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
-                           rope_scaling=RopeScaling('llama3', 32.0, 1.0, 4.0, 8192),
-                           tie_word_embeddings=True, max_position_embeddings=131072)
 
 
 @dataclasses.dataclass(frozen=True)

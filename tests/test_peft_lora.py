@@ -10,31 +10,12 @@ import peft
 import pytest
 import torch
 
-from additive_jax.model.config import LlamaConfig
-from additive_jax.model.hf_checkpoint import load_hf_directory
 from additive_jax.model.llama import Llama
+from additive_jax.peft.count import count_leaves
 from additive_jax.peft.lora import LoRA, TARGETS
-from conftest import relative_error, save_tiny_hf_llama
+from conftest import LLAMA_3_2_1B, relative_error
 
 ALL = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
-LLAMA_3_2_1B = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
-                           num_heads=32, num_kv_heads=8, head_dim=64, tie_word_embeddings=True)
-
-
-def leaf_count(method, config):
-  """Trainable parameters from the leaves' shapes: `init` under eval_shape, no weights."""
-  params = jax.eval_shape(Llama(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-  trees = jax.eval_shape(lambda key: Llama(config, peft=(method,)).init_peft(key, params['params']),
-                         jax.random.key(0))
-  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(trees['peft']))
-
-
-@pytest.fixture(scope='module')
-def tiny(tmp_path_factory):
-  directory = tmp_path_factory.mktemp('tiny_llama')
-  hf_model = save_tiny_hf_llama(directory)
-  config, params = load_hf_directory(str(directory))
-  return hf_model, config, params
 
 
 @pytest.fixture(scope='module')
@@ -68,8 +49,8 @@ def hf_peft_state_dict(tree, config):
 
 
 @pytest.mark.parametrize('targets', [('q', 'v'), ALL, ('o',), ('down',)], ids='-'.join)
-def test_identity_at_init(tiny, tokens, targets):
-  _, config, params = tiny
+def test_identity_at_init(tiny_hf_llama, tokens, targets):
+  _, config, params = tiny_hf_llama
   base = np.asarray(Llama(config).apply({'params': params}, jnp.asarray(tokens)))
   model = Llama(config, peft=(LoRA(4, 8, targets),))
   variables = model.init_peft(jax.random.key(0), params)
@@ -77,8 +58,8 @@ def test_identity_at_init(tiny, tokens, targets):
 
 
 @pytest.mark.parametrize('method', [LoRA(4, 6, ALL), LoRA(2, 16)], ids=['all-r4-a6', 'qv-r2-a16'])
-def test_logits_match_hf_peft(tiny, tokens, method):
-  hf_model, config, params = tiny
+def test_logits_match_hf_peft(tiny_hf_llama, tokens, method):
+  hf_model, config, params = tiny_hf_llama
   tree = random_lora(method, config)
   model = Llama(config, peft=(method,))
   ours = np.asarray(model.apply({'params': params, 'peft': {'lora': tree}}, jnp.asarray(tokens)))
@@ -96,9 +77,9 @@ def test_logits_match_hf_peft(tiny, tokens, method):
   assert relative_error(ours, ref) <= 1e-5
 
 
-def test_init_as_hf_peft(tiny):
+def test_init_as_hf_peft(tiny_hf_llama):
   """A ~ U(±1/√I) (kaiming-uniform, a = √5) per target, B = 0."""
-  _, config, params = tiny
+  _, config, params = tiny_hf_llama
   tree = LoRA(16, 32, ALL).init(jax.random.key(0), config, params)
   for target, leaves in tree.items():
     fan_in = leaves['a'].shape[1]
@@ -109,8 +90,8 @@ def test_init_as_hf_peft(tiny):
     np.testing.assert_array_equal(leaves['b'], 0)
 
 
-def test_leaf_shapes(tiny):
-  _, config, params = tiny
+def test_leaf_shapes(tiny_hf_llama):
+  _, config, params = tiny_hf_llama
   tree = LoRA(4, 8, ALL).init(jax.random.key(0), config, params)
   d, f, nh, kh = 48, 80, 6 * 8, 2 * 8
   expected = {'q': (d, nh), 'k': (d, kh), 'v': (d, kh), 'o': (nh, d), 'gate': (d, f), 'up': (d, f),
@@ -122,7 +103,7 @@ def test_leaf_shapes(tiny):
 def test_parameter_count():
   method = LoRA(rank=16, alpha=32, targets=ALL)
   assert method.num_params(LLAMA_3_2_1B) == 11_272_192
-  assert leaf_count(method, LLAMA_3_2_1B) == 11_272_192
+  assert count_leaves((method,), LLAMA_3_2_1B) == {'lora': 11_272_192}
 
 
 def test_targets_list_becomes_hashable_tuple():

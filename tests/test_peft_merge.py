@@ -15,13 +15,12 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from additive_jax.model.hf_checkpoint import load_hf_directory
 from additive_jax.model.llama import Llama
 from additive_jax.peft.bottleneck import Bottleneck
 from additive_jax.peft.ia3 import IA3
 from additive_jax.peft.lora import LoRA
 from additive_jax.peft.merge import merge, unmerge
-from conftest import relative_error, save_tiny_hf_llama
+from conftest import relative_error
 
 U = 2.0 ** -24
 ALL = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
@@ -29,20 +28,12 @@ METHODS = {'ia3': IA3(), 'lora': LoRA(4, 8, ALL), 'bottleneck': Bottleneck(dim=6
 
 
 @pytest.fixture(scope='module')
-def tiny(tmp_path_factory):
-  """Our config and params of a random GQA Llama (6 heads, 2 KV heads)."""
-  directory = tmp_path_factory.mktemp('tiny_llama')
-  save_tiny_hf_llama(directory)
-  return load_hf_directory(str(directory))
-
-
-@pytest.fixture(scope='module')
-def trees(tiny):
+def trees(tiny_hf_llama):
   """Trained-looking leaves: (IA)³ in U(0.5, 1.5); LoRA A, B ~ N(0, 0.05), so (α/r)·A·B is
   about half the size of the base weights (std 0.02), as after training (updates ~20x the
   weights make this random network so ill-conditioned that the fp32 rounding of the merged
   weights alone moves the logits by 1e-5); bottleneck leaves N(0, 0.3)."""
-  config, params = tiny
+  _, config, params = tiny_hf_llama
   rng = np.random.RandomState(0)
   std = {'lora': 0.05, 'bottleneck': 0.3}
   out = {}
@@ -60,8 +51,8 @@ def tokens():
   return jnp.asarray(np.random.RandomState(1).randint(0, 101, (2, 9)))
 
 
-def model_and_variables(tiny, trees, keys):
-  config, params = tiny
+def model_and_variables(tiny_hf_llama, trees, keys):
+  _, config, params = tiny_hf_llama
   return (Llama(config, peft=tuple(METHODS[k] for k in keys)),
           {'params': params, 'peft': {k: trees[k] for k in keys}})
 
@@ -71,24 +62,25 @@ def model_and_variables(tiny, trees, keys):
 @pytest.mark.parametrize('keys', [('ia3',), ('lora',), ('ia3', 'lora'), ('lora', 'ia3'),
                                   ('bottleneck', 'ia3', 'lora'), ('lora', 'bottleneck', 'ia3')],
                          ids='+'.join)
-def test_merged_logits_equal_unmerged(tiny, trees, tokens, keys):
-  model, variables = model_and_variables(tiny, trees, keys)
+def test_merged_logits_equal_unmerged(tiny_hf_llama, trees, tokens, keys):
+  model, variables = model_and_variables(tiny_hf_llama, trees, keys)
   reference = np.asarray(model.apply(variables, tokens))
   merged_model, merged = merge(model, variables)
 
   rest = tuple(k for k in keys if k == 'bottleneck')
   assert tuple(m.key for m in merged_model.peft) == rest
   assert sorted(merged['peft']) == list(rest)
-  base = np.asarray(Llama(tiny[0]).apply({'params': tiny[1]}, tokens))
+  _, config, params = tiny_hf_llama
+  base = np.asarray(Llama(config).apply({'params': params}, tokens))
   assert relative_error(reference, base) > 1e-2  # the methods really act
   assert relative_error(np.asarray(merged_model.apply(merged, tokens)), reference) <= 1e-5
 
 
-def test_merge_order_matters_and_is_kept(tiny, trees, tokens):
+def test_merge_order_matters_and_is_kept(tiny_hf_llama, trees, tokens):
   """The two orders of (IA)³ and LoRA are different models; each merges to its own logits."""
   logits = {}
   for keys in (('ia3', 'lora'), ('lora', 'ia3')):
-    merged_model, merged = merge(*model_and_variables(tiny, trees, keys))
+    merged_model, merged = merge(*model_and_variables(tiny_hf_llama, trees, keys))
     logits[keys] = np.asarray(merged_model.apply(merged, tokens))
   assert relative_error(logits['ia3', 'lora'], logits['lora', 'ia3']) > 1e-3
 
@@ -99,8 +91,8 @@ def changed_leaves(before, after):
   return {path for path in flat_before if not np.array_equal(flat_before[path], flat_after[path])}
 
 
-def test_unmerge_restores_ia3(tiny, trees):
-  model, variables = model_and_variables(tiny, trees, ('ia3',))
+def test_unmerge_restores_ia3(tiny_hf_llama, trees):
+  model, variables = model_and_variables(tiny_hf_llama, trees, ('ia3',))
   merged = merge(model, variables)[1]['params']
   restored = unmerge(model, merged, variables['peft'])
   params = variables['params']
@@ -112,8 +104,8 @@ def test_unmerge_restores_ia3(tiny, trees):
     assert np.all(np.abs(r - w) <= (2 * U + U * U) * np.abs(w)), path
 
 
-def test_unmerge_restores_lora(tiny, trees):
-  model, variables = model_and_variables(tiny, trees, ('lora',))
+def test_unmerge_restores_lora(tiny_hf_llama, trees):
+  model, variables = model_and_variables(tiny_hf_llama, trees, ('lora',))
   merged = merge(model, variables)[1]['params']
   restored = unmerge(model, merged, variables['peft'])
   params = variables['params']
@@ -124,7 +116,7 @@ def test_unmerge_restores_lora(tiny, trees):
 
 
 @pytest.mark.parametrize('keys', [('ia3', 'lora'), ('lora', 'bottleneck', 'ia3')], ids='+'.join)
-def test_unmerge_undoes_each_fold_in_reverse(tiny, trees, keys):
+def test_unmerge_undoes_each_fold_in_reverse(tiny_hf_llama, trees, keys):
   """Combined, unmerge is exactly the single-method unmerges undone in the reverse of the
   merge sequence: the l_ff fold first, then the projection folds.
 
@@ -132,8 +124,8 @@ def test_unmerge_undoes_each_fold_in_reverse(tiny, trees, keys):
   |R − W| ≤ u(|W| + (2+u)|R| + |W'|/l); on down_proj (l ⊙ (W + Δ)), |R − W| ≤ u(|R| + 4|W'|/l)
   to first order. With l ≥ 0.5 here, 4u(max|W| + 2 max|W'|) per leaf covers both.
   """
-  model, variables = model_and_variables(tiny, trees, keys)
-  config = tiny[0]
+  model, variables = model_and_variables(tiny_hf_llama, trees, keys)
+  config = tiny_hf_llama[1]
   merged = merge(model, variables)[1]['params']
   mergeable = [METHODS[k] for k in keys if METHODS[k].mergeable]
   expected = merged
@@ -149,15 +141,15 @@ def test_unmerge_undoes_each_fold_in_reverse(tiny, trees, keys):
     assert np.abs(r - w).max() <= 4 * U * (np.abs(w).max() + 2 * np.abs(m).max())
 
 
-def test_merge_leaves_its_input_alone(tiny, trees):
-  model, variables = model_and_variables(tiny, trees, ('ia3', 'lora'))
+def test_merge_leaves_its_input_alone(tiny_hf_llama, trees):
+  model, variables = model_and_variables(tiny_hf_llama, trees, ('ia3', 'lora'))
   before = jax.tree.map(np.array, variables)
   merge(model, variables)
   jax.tree.map(np.testing.assert_array_equal, variables, before)
 
 
-def test_merge_refuses_a_bf16_base_unless_allowed(tiny, trees, tokens):
-  config, params = tiny
+def test_merge_refuses_a_bf16_base_unless_allowed(tiny_hf_llama, trees, tokens):
+  _, config, params = tiny_hf_llama
   model = Llama(config.replace(param_dtype=jnp.bfloat16), peft=(IA3(),))
   variables = {'params': jax.tree.map(lambda x: x.astype(jnp.bfloat16), params),
                'peft': {'ia3': trees['ia3']}}
@@ -167,8 +159,8 @@ def test_merge_refuses_a_bf16_base_unless_allowed(tiny, trees, tokens):
   assert {x.dtype for x in jax.tree.leaves(merged)} == {jnp.dtype(jnp.bfloat16)}
 
 
-def test_unmerge_needs_the_merged_trees(tiny, trees):
-  model, variables = model_and_variables(tiny, trees, ('ia3', 'lora'))
+def test_unmerge_needs_the_merged_trees(tiny_hf_llama, trees):
+  model, variables = model_and_variables(tiny_hf_llama, trees, ('ia3', 'lora'))
   merged = merge(model, variables)[1]['params']
   with pytest.raises(ValueError, match=r"\['lora'\]"):
     unmerge(model, merged, {'ia3': trees['ia3']})

@@ -11,26 +11,11 @@ import pytest
 import torch
 import transformers
 
-from additive_jax.model.config import LlamaConfig, RopeScaling
-from additive_jax.model.hf_checkpoint import load_hf_directory
 from additive_jax.model.llama import KVCache, Llama
 from additive_jax.peft.prefix import PrefixTuning
-from conftest import relative_error, save_tiny_hf_llama
+from conftest import LLAMA_3_2_3B, LLAMA_3_2_3B_HF, relative_error
 
 NUM_TOKENS, PROJECTION = 5, 16
-LLAMA_3_2_3B = LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_layers=28,
-                           num_heads=24, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
-                           rope_scaling=RopeScaling('llama3', 32.0, 1.0, 4.0, 8192),
-                           rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=131072)
-
-
-@pytest.fixture(scope='module')
-def tiny(tmp_path_factory):
-  """(HF model, our config, our params): 3 layers, 6 query heads, 2 KV heads, head dim 8."""
-  directory = tmp_path_factory.mktemp('tiny_llama')
-  hf_model = save_tiny_hf_llama(directory)
-  config, params = load_hf_directory(str(directory))
-  return hf_model, config, params
 
 
 def to_peft_layout(tree_LPKH, config):
@@ -68,8 +53,8 @@ def hf_logits(model, tokens, mask):
 
 
 @pytest.mark.parametrize('projection_dim', [None, PROJECTION])
-def test_logits_match_hf_peft_with_padding(tiny, projection_dim):
-  hf_model, config, params = tiny
+def test_logits_match_hf_peft_with_padding(tiny_hf_llama, projection_dim):
+  hf_model, config, params = tiny_hf_llama
   method = PrefixTuning(NUM_TOKENS, projection_dim)
   model = Llama(config, peft=(method,))
   variables = model.init_peft(jax.random.key(0), params)
@@ -85,10 +70,10 @@ def test_logits_match_hf_peft_with_padding(tiny, projection_dim):
   assert np.abs(got - base).max() > 1e-2  # the prefix changes the answer: the parity is not vacuous
 
 
-def test_fold_equals_projection_and_peft_export(tiny):
+def test_fold_equals_projection_and_peft_export(tiny_hf_llama):
   """Folding evaluates the reparameterization once: same logits, L·n·2·K·H leaves, and the
   flat prefix PEFT itself saves for a `prefix_projection` adapter ('prompt_embeddings')."""
-  hf_model, config, params = tiny
+  hf_model, config, params = tiny_hf_llama
   method = PrefixTuning(NUM_TOKENS, PROJECTION)
   variables = Llama(config, peft=(method,)).init_peft(jax.random.key(2), params)
   folded_method, folded = method.fold(variables['peft']['prefix'], config)
@@ -105,11 +90,11 @@ def test_fold_equals_projection_and_peft_export(tiny):
                              atol=1e-6 * np.abs(saved).max())
 
 
-def test_prefix_equal_to_a_real_prompts_cache_reproduces_that_prompt(tiny):
+def test_prefix_equal_to_a_real_prompts_cache_reproduces_that_prompt(tiny_hf_llama):
   """The exact effect, derived by hand: if every layer's prefix holds the keys (already rotated)
   and values that the base model caches for real tokens p at positions 0…n−1, then the prefixed
   model reading x at positions n… is the base model reading [p, x]."""
-  _, config, params = tiny
+  _, config, params = tiny_hf_llama
   rng = np.random.RandomState(3)
   prompt_ids, tokens = rng.randint(0, 101, (1, NUM_TOKENS)), rng.randint(0, 101, (1, 6))
   cache = KVCache.create(config, 1, NUM_TOKENS)
@@ -121,8 +106,8 @@ def test_prefix_equal_to_a_real_prompts_cache_reproduces_that_prompt(tiny):
   assert relative_error(np.asarray(got), np.asarray(full)[:, NUM_TOKENS:]) <= 1e-5
 
 
-def test_gradients_reach_every_leaf(tiny):
-  _, config, params = tiny
+def test_gradients_reach_every_leaf(tiny_hf_llama):
+  _, config, params = tiny_hf_llama
   for method in (PrefixTuning(NUM_TOKENS), PrefixTuning(NUM_TOKENS, PROJECTION)):
     model = Llama(config, peft=(method,))
     variables = model.init_peft(jax.random.key(0), params)
@@ -141,26 +126,23 @@ def test_count_llama_3_2_3b_from_formula_leaves_and_hf_peft():
                         jax.random.key(0), abstract)
   leaves = sum(x.size for x in jax.tree.leaves(tree))
   assert method.num_params(LLAMA_3_2_3B) == leaves == 11_468_800
-  hf_config = transformers.LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192,
-                                       num_hidden_layers=28, num_attention_heads=24,
-                                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
   with torch.device('meta'):
-    hf_model = transformers.LlamaForCausalLM(hf_config)
+    hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_3_2_3B_HF))
   peft_model = peft.get_peft_model(hf_model, peft.PrefixTuningConfig(task_type='CAUSAL_LM',
                                                                      num_virtual_tokens=200))
   assert peft_model.get_nb_trainable_parameters()[0] == 11_468_800
 
 
-def test_count_with_projection_matches_hf_peft(tiny):
-  hf_model, config, params = tiny
+def test_count_with_projection_matches_hf_peft(tiny_hf_llama):
+  hf_model, config, params = tiny_hf_llama
   method = PrefixTuning(NUM_TOKENS, PROJECTION)
   leaves = sum(x.size for x in jax.tree.leaves(method.init(jax.random.key(0), config, params)))
   peft_model = peft_model_for(hf_model, method, method.init(jax.random.key(0), config, params), config)
   assert method.num_params(config) == leaves == peft_model.get_nb_trainable_parameters()[0]
 
 
-def test_errors(tiny):
-  _, config, params = tiny
+def test_errors(tiny_hf_llama):
+  _, config, params = tiny_hf_llama
   for bad in (0, -1, 1.5):
     with pytest.raises(ValueError, match='num_tokens must be a positive integer'):
       PrefixTuning(bad)

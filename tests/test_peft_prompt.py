@@ -11,21 +11,11 @@ import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-from additive_jax.model.hf_checkpoint import load_hf_directory
 from additive_jax.model.llama import Llama
 from additive_jax.peft.prompt import PromptTuning
-from conftest import relative_error, save_tiny_hf_llama
+from conftest import relative_error
 
 NUM_TOKENS = 4
-
-
-@pytest.fixture(scope='module')
-def tiny(tmp_path_factory):
-  """(HF model, our config, our params) of one random Llama (GQA: 6 heads, 2 KV heads)."""
-  directory = tmp_path_factory.mktemp('tiny_llama')
-  hf_model = save_tiny_hf_llama(directory)
-  config, params = load_hf_directory(str(directory))
-  return hf_model, config, params
 
 
 @pytest.fixture(scope='module')
@@ -56,8 +46,8 @@ def peft_logits(hf_model, prompt_PD, tokens, mask):
   return out.numpy()[:, prompt_PD.shape[0]:]  # PEFT returns the virtual positions too
 
 
-def test_logits_match_hf_peft_with_padding(tiny):
-  hf_model, config, params = tiny
+def test_logits_match_hf_peft_with_padding(tiny_hf_llama):
+  hf_model, config, params = tiny_hf_llama
   variables = Llama(config, peft=(PromptTuning(NUM_TOKENS),)).init_peft(jax.random.key(0), params)
   tokens = np.random.RandomState(1).randint(0, 101, (3, 9))
   mask = np.ones_like(tokens)
@@ -72,10 +62,10 @@ def test_logits_match_hf_peft_with_padding(tiny):
   assert np.abs(got - base).max() > 1e-2  # the prompt changes the answer: the parity is not vacuous
 
 
-def test_soft_prompt_of_token_embeddings_equals_that_hard_prompt(tiny):
+def test_soft_prompt_of_token_embeddings_equals_that_hard_prompt(tiny_hf_llama):
   """The exact effect, derived by hand: prompt rows = embeddings of ids p make the model read
   [p, x] with x at positions n…, so its logits are the base logits of [p, x] on the x positions."""
-  _, config, params = tiny
+  _, config, params = tiny_hf_llama
   prompt_ids = np.array([5, 17, 17, 42])
   tree = {'prompt_PD': jnp.asarray(params['embed_tokens']['embedding'][prompt_ids])}
   tokens = np.random.RandomState(2).randint(0, 101, (2, 7))
@@ -85,9 +75,9 @@ def test_soft_prompt_of_token_embeddings_equals_that_hard_prompt(tiny):
   assert relative_error(got, ref) <= 1e-6
 
 
-def test_packed_segments_each_see_the_prompt_as_if_alone(tiny):
+def test_packed_segments_each_see_the_prompt_as_if_alone(tiny_hf_llama):
   """The train step always passes segment ids; every packed segment gets the prompt."""
-  _, config, params = tiny
+  _, config, params = tiny_hf_llama
   variables = Llama(config, peft=(PromptTuning(NUM_TOKENS),)).init_peft(jax.random.key(3), params)
   rng = np.random.RandomState(3)
   first, second = rng.randint(0, 101, 6), rng.randint(0, 101, 4)
@@ -101,8 +91,8 @@ def test_packed_segments_each_see_the_prompt_as_if_alone(tiny):
 
 
 @pytest.mark.parametrize('text', ['w5 w7 w9', 'w3 w4 w5 w6 w7 w8 w9'])  # repeated / truncated
-def test_text_init_matches_hf_peft(tiny, tokenizer_dir, text):
-  hf_model, config, params = tiny
+def test_text_init_matches_hf_peft(tiny_hf_llama, tokenizer_dir, text):
+  hf_model, config, params = tiny_hf_llama
   tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
   method = PromptTuning(NUM_TOKENS + 2, init='text', text=text)
   tree = Llama(config, peft=(method,)).init_peft(jax.random.key(0), params, tokenizer=tokenizer)
@@ -117,8 +107,8 @@ def test_text_init_matches_hf_peft(tiny, tokenizer_dir, text):
                                 params['embed_tokens']['embedding'][expected])
 
 
-def test_vocab_init_samples_rows_of_the_embedding_table(tiny):
-  _, config, params = tiny
+def test_vocab_init_samples_rows_of_the_embedding_table(tiny_hf_llama):
+  _, config, params = tiny_hf_llama
   table = params['embed_tokens']['embedding']
   prompts = [np.asarray(PromptTuning(NUM_TOKENS).init(jax.random.key(seed), config, params)['prompt_PD'])
              for seed in (0, 1)]
@@ -128,8 +118,8 @@ def test_vocab_init_samples_rows_of_the_embedding_table(tiny):
   assert not np.array_equal(prompts[0], prompts[1])
 
 
-def test_gradient_reaches_every_prompt_row(tiny):
-  _, config, params = tiny
+def test_gradient_reaches_every_prompt_row(tiny_hf_llama):
+  _, config, params = tiny_hf_llama
   model = Llama(config, peft=(PromptTuning(NUM_TOKENS),))
   variables = model.init_peft(jax.random.key(0), params)
   tokens = jnp.asarray(np.random.RandomState(4).randint(0, 101, (2, 5)))
@@ -138,8 +128,8 @@ def test_gradient_reaches_every_prompt_row(tiny):
   assert (np.abs(np.asarray(grads['prompt']['prompt_PD'])).max(axis=1) > 0).all()
 
 
-def test_parameter_count(tiny):
-  _, config, params = tiny
+def test_parameter_count(tiny_hf_llama):
+  _, config, params = tiny_hf_llama
   method = PromptTuning(NUM_TOKENS)
   leaves = jax.tree.leaves(method.init(jax.random.key(0), config, params))
   assert method.num_params(config) == sum(x.size for x in leaves) == NUM_TOKENS * 48
@@ -152,8 +142,8 @@ def test_call_string_rebuilds_the_method():
   assert PromptTuning(8, init='text', text='Classify:') == method
 
 
-def test_argument_errors(tiny):
-  _, config, params = tiny
+def test_argument_errors(tiny_hf_llama):
+  _, config, params = tiny_hf_llama
   for bad in (0, -3, 2.0):
     with pytest.raises(ValueError, match='num_tokens must be a positive integer'):
       PromptTuning(bad)
@@ -165,8 +155,8 @@ def test_argument_errors(tiny):
     Llama(config, peft=(PromptTuning(4, init='text', text='w3'),)).init_peft(jax.random.key(0), params)
 
 
-def test_prompt_longer_than_the_context_is_refused(tiny):
-  _, config, params = tiny
+def test_prompt_longer_than_the_context_is_refused(tiny_hf_llama):
+  _, config, params = tiny_hf_llama
   small = config.replace(max_position_embeddings=12)
   with pytest.raises(ValueError, match='leaves no position'):
     Llama(small, peft=(PromptTuning(12),))

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from test_trainer_cli import ROOT
+from cli_helpers import ROOT
 
 
 def test_sweep_runs_each_variant_with_each_override_once(tmp_path, tiny_with_tokenizer):

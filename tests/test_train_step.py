@@ -1,5 +1,5 @@
-"""The train step: every method and every pair trains, only variables['peft'] moves, and no
-gradient is ever computed for a frozen weight."""
+"""The train step: every method, every pair and the design's example of three train, only
+variables['peft'] moves, and no gradient is ever computed for a frozen weight."""
 
 import functools
 import itertools
@@ -39,6 +39,8 @@ SINGLES = {
 }
 # Every pair of methods that can train together (LST refuses a partner inside the backbone).
 PAIRS = [(a, b) for a, b in itertools.combinations(['pfeiffer', 'ia3', 'lora', 'prompt', 'prefix'], 2)]
+# The combination DESIGN.md gives as its example: an adapter, (IA)³ and a prefix in one run.
+DESIGN_TRIPLE = ('houlsby', 'ia3', 'prefix_projection')
 
 
 @pytest.fixture(scope='module')
@@ -97,9 +99,9 @@ def test_every_method_trains_and_only_its_leaves_move(params, batch, name):
   assert_trains([SINGLES[name]], params, batch)
 
 
-@pytest.mark.parametrize('pair', PAIRS, ids='+'.join)
-def test_every_pair_of_methods_trains(params, batch, pair):
-  assert_trains([SINGLES[name] for name in pair], params, batch)
+@pytest.mark.parametrize('names', PAIRS + [DESIGN_TRIPLE], ids='+'.join)
+def test_every_pair_of_methods_and_the_design_triple_trains(params, batch, names):
+  assert_trains([SINGLES[name] for name in names], params, batch)
 
 
 def test_accumulation_equals_one_whole_batch(params):

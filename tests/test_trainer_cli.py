@@ -1,10 +1,8 @@
 """The trainer end to end: `python -m additive_jax.main`, bad configs refused before any compute,
 and a two-process `jax.distributed` run on localhost."""
 
-import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,38 +10,18 @@ import jax
 import numpy as np
 import pytest
 
-from additive_jax.peft.registry import parse_method
+from additive_jax.model.load import load_config
+from additive_jax.peft.count import count_leaves
 from additive_jax.train.config import METHODS
-from additive_jax.train.mesh import make_mesh
 from additive_jax.train.config_checks import check_config
-from conftest import save_tiny_hf_llama
-from test_trainer_sharded import assert_same_trainables, flat, train
+from additive_jax.train.mesh import make_mesh
+from cli_helpers import ROOT, TESTS, experiment_config, run_main, sst2_config
+from conftest import free_port, save_tiny_hf_llama
+from sharded_helpers import assert_same_trainables, flat, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.join(ROOT, 'tests')
-
-
-def sst2_config(arg='pfeiffer,runlocal'):
-  spec = importlib.util.spec_from_file_location('sst2_config', os.path.join(ROOT, 'configs', 'sst2.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
-
-
-def run_main(workdir, *overrides, log=None):
-  """The CLI's CompletedProcess; with `log` (a file), a running Popen writing to it instead."""
-  args = [sys.executable, '-m', 'additive_jax.main', '--config=configs/sst2.py:pfeiffer,runlocal',
-          f'--workdir={workdir}', "--config.peft=('Bottleneck(dim=8)',)", *overrides]
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
-  if log is not None:
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-  return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+# The method each preset names, by its key.
+PRESET_KEYS = {'pfeiffer': 'bottleneck', 'houlsby': 'bottleneck', 'parallel': 'bottleneck',
+               'ia3': 'ia3', 'lora': 'lora', 'prompt': 'prompt', 'prefix': 'prefix', 'ladder': 'ladder'}
 
 
 def test_main_trains_evaluates_logs_and_checkpoints(tmp_path, tiny_with_tokenizer):
@@ -167,17 +145,25 @@ def test_two_process_cli_run_writes_logs_once(tmp_path, tiny_with_tokenizer):
 
 @pytest.mark.parametrize('config_file', ['sst2', 'gsm8k'])
 def test_every_method_preset_of_every_config_passes_the_checks(config_file):
-  """Each experiment (config × method preset) is valid on SmolLM2 before any weight is read."""
-  spec = importlib.util.spec_from_file_location(config_file, os.path.join(ROOT, 'configs', f'{config_file}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  for method in METHODS:
-    for arg in (method, f'{method},runlocal'):
-      config = module.get_config(arg)
+  """Each experiment (config × method preset) is valid before any weight is read; it trains the
+  method its preset names, the same with `runlocal` (which only shrinks the run), and a share
+  of its base (SmolLM2) that PEFT trains: from 0.005% (a 20-vector prompt) to 3% (the ladder)."""
+  assert sorted(METHODS) == sorted(PRESET_KEYS)
+  for name, key in PRESET_KEYS.items():
+    checked = []
+    for arg in (name, f'{name},runlocal'):
+      config = experiment_config(config_file, arg)
       config.batch_size = 8  # the test process has 8 devices
-      assert check_config(config)[1][0].call_string() == parse_method(METHODS[method]).call_string()
+      checked.append(check_config(config)[1])
+    methods, smoke_methods = checked
+    assert [m.key for m in methods] == [key] and smoke_methods == methods, name
+    if key == 'bottleneck':
+      assert methods[0].placement == name
+    base = load_config(config.model)
+    share = count_leaves(methods, base)[key] / base.num_base_params
+    assert 5e-5 <= share <= 0.03, (name, share)
   with pytest.raises(ValueError, match='unknown method preset'):
-    module.get_config('adapter')
+    experiment_config(config_file, 'adapter')
 
 
 def test_gsm8k_smoke_run_with_the_chat_template(tmp_path, tiny_with_tokenizer):

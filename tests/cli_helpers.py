@@ -1,0 +1,40 @@
+"""Shared by the tests that run the trainer: the repository root, the experiment configs, the
+CLI in a subprocess, and the config of a run in the test process."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, 'tests')
+
+
+def experiment_config(name, arg):
+  """`get_config(arg)` of configs/<name>.py."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def sst2_config(arg='pfeiffer,runlocal'):
+  return experiment_config('sst2', arg)
+
+
+def run_main(workdir, *overrides, log=None):
+  """The CLI's CompletedProcess; with `log` (a file), a running Popen writing to it instead."""
+  args = [sys.executable, '-m', 'additive_jax.main', '--config=configs/sst2.py:pfeiffer,runlocal',
+          f'--workdir={workdir}', "--config.peft=('Bottleneck(dim=8)',)", *overrides]
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  if log is not None:
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+  return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def in_process_config(model, data_dir, peft):
+  """A run of `peft` in this process: 8 devices, one row each."""
+  config = sst2_config()
+  config.model, config.data.data_dir, config.accuracy_split = model, data_dir, ''
+  config.batch_size, config.peft = 8, tuple(peft)
+  return config
