@@ -12,7 +12,8 @@ import torch
 import transformers
 
 from additive_jax.model.llama import KVCache, Llama
-from additive_jax.peft.prefix import PrefixTuning
+from additive_jax.peft.prefix import PrefixTuning, vocab_ids
+from additive_jax.peft.registry import parse_method
 from conftest import LLAMA_3_2_3B, LLAMA_3_2_3B_HF, relative_error
 
 NUM_TOKENS, PROJECTION = 5, 16
@@ -106,6 +107,26 @@ def test_prefix_equal_to_a_real_prompts_cache_reproduces_that_prompt(tiny_hf_lla
   assert relative_error(np.asarray(got), np.asarray(full)[:, NUM_TOKENS:]) <= 1e-5
 
 
+def test_vocab_init_reads_every_input_after_the_sampled_words(tiny_hf_llama):
+  """init='vocab' (Li & Liang's real-word activations): at init the prefixed model reading x is
+  the base model reading [w, x], w the n sampled vocabulary ids."""
+  _, config, params = tiny_hf_llama
+  method, key = PrefixTuning(NUM_TOKENS, init='vocab'), jax.random.key(7)
+  model = Llama(config, peft=(method,))
+  tokens = np.random.RandomState(4).randint(0, 101, (2, 6))
+  tree = method.init(key, config, params)
+  got = model.apply({'params': params, 'peft': {'prefix': tree}}, jnp.asarray(tokens))
+  words = np.asarray(vocab_ids(key, config, NUM_TOKENS))
+  assert len(set(words[0].tolist())) > 1
+  full = Llama(config).apply({'params': params},
+                             jnp.asarray(np.concatenate([np.repeat(words, 2, 0), tokens], 1)))
+  assert relative_error(np.asarray(got), np.asarray(full)[:, NUM_TOKENS:]) <= 1e-5
+  base = Llama(config).apply({'params': params}, jnp.asarray(tokens))
+  assert np.abs(np.asarray(got) - np.asarray(base)).max() > 1e-2  # the words do change the answer
+  assert method.call_string() == "PrefixTuning(num_tokens=5, init='vocab')"
+  assert parse_method(method.call_string()) == method
+
+
 def test_gradients_reach_every_leaf(tiny_hf_llama):
   _, config, params = tiny_hf_llama
   for method in (PrefixTuning(NUM_TOKENS), PrefixTuning(NUM_TOKENS, PROJECTION)):
@@ -148,6 +169,10 @@ def test_errors(tiny_hf_llama):
       PrefixTuning(bad)
   with pytest.raises(ValueError, match='projection_dim must be a positive integer'):
     PrefixTuning(4, projection_dim=0)
+  with pytest.raises(ValueError, match="init must be one of \\('random', 'vocab'\\), got 'text'"):
+    PrefixTuning(4, init='text')
+  with pytest.raises(ValueError, match="init='vocab'.*projection_dim"):
+    PrefixTuning(4, projection_dim=8, init='vocab')
   small = config.replace(max_position_embeddings=10)
   with pytest.raises(ValueError, match='leaves no position'):
     Llama(small, peft=(PrefixTuning(10),))

@@ -19,7 +19,7 @@ METHODS = {
     'ia3': 'IA3()',
     'lora': "LoRA(rank=8, alpha=16, targets=('q', 'k', 'v', 'o', 'gate', 'up', 'down'))",
     'prompt': 'PromptTuning(num_tokens=20)',
-    'prefix': 'PrefixTuning(num_tokens=20)',
+    'prefix': "PrefixTuning(num_tokens=20, init='vocab')",
     'ladder': 'LadderSide(reduction=8)',
 }
 
