@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from additive_jax.model.llama import Llama
 from additive_jax.model.load import load_config, load_model
 from additive_jax.peft.files import save_adapter, save_merged
-from additive_jax.peft.files.aj_format import leaf_shapes
+from additive_jax.peft.count import leaf_shapes
 from additive_jax.peft.registry import parse_method
 from additive_jax.train.checkpoint import CheckpointError, Checkpoints
 from additive_jax.train.optimizer import run_optimizer
@@ -71,8 +71,10 @@ def export_run(workdir: str, format: str, step: int | None = None, out: str | No
   config = checkpoints.restore_config(step)
   methods = tuple(parse_method(text) for text in config['peft'])
   model_config = load_config(config['model'])
-  peft = checkpoints.restore(step, abstract_train_state(config, methods, model_config)).peft
-  checkpoints.close()
+  try:
+    peft = checkpoints.restore(step, abstract_train_state(config, methods, model_config)).peft
+  finally:
+    checkpoints.close()
   out = out or os.path.join(workdir, 'export', f'{format}_{step}')
   if format == 'merged':
     base_config, params = load_model(config['model'])

@@ -6,7 +6,7 @@ import numpy as np
 from flax import traverse_util
 
 from additive_jax.model.llama import Llama
-from additive_jax.peft.files.aj_format import leaf_shapes
+from additive_jax.peft.count import leaf_shapes
 
 
 def random_peft(methods, config, seed=0):

@@ -146,7 +146,8 @@ def test_pickle_is_refused_unless_allowed(houlsby_dir):
 def test_adapterhub_itself_reads_ours_and_we_read_its():
   result = subprocess.run(['bash', os.path.join(REPOSITORY, 'tests', 'adapterhub', 'run.sh')],
                           env={**os.environ, 'MAIN_PYTHON': sys.executable},
-                          capture_output=True, text=True, check=False)
+                          capture_output=True, text=True, check=False,
+                          timeout=1200)  # a first run installs AdapterHub's venv (about a minute)
   print(result.stdout)
   assert result.returncode == 0, result.stdout + result.stderr[-3000:]
   assert result.stdout.count('max relative error') == 7

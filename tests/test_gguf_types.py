@@ -10,7 +10,6 @@ quantize -> dequantize round trip, and logits equal to transformers' on those we
 import copy
 
 import gguf
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -19,7 +18,7 @@ from gguf.quants import dequantize, quantize
 
 import additive_jax as aj
 from additive_jax.model.convert import params_to_hf
-from additive_jax.model.llama import Llama
+from adapter_files_helpers import hf_logits, our_logits
 from conftest import relative_error, save_tiny_hf_llama
 
 QUANT = gguf.GGMLQuantizationType
@@ -80,15 +79,6 @@ def write_gguf(path, hf_model, qtype):
   writer.close()
 
 
-def hf_logits(hf_model, tokens):
-  with torch.no_grad():
-    return hf_model(torch.tensor(tokens)).logits.numpy()
-
-
-def our_logits(config, params, tokens):
-  return np.asarray(Llama(config).apply({'params': params}, jnp.asarray(tokens)))
-
-
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
   """(directory, HF model, tokens, its fp32 logits)."""
@@ -101,7 +91,7 @@ def tiny(tmp_path_factory):
 def test_f32_logits_match_transformers(tiny):
   directory, hf_model, tokens, reference = tiny
   write_gguf(directory / 'f32.gguf', hf_model, QUANT.F32)
-  ours = our_logits(*aj.load_model(str(directory / 'f32.gguf')), tokens)
+  ours = our_logits(*aj.load_model(str(directory / 'f32.gguf')), (), {}, tokens)
   assert relative_error(ours, reference) <= 1e-5
   # transformers' own GGUF reader, on the same file
   theirs = transformers.LlamaForCausalLM.from_pretrained(
@@ -126,6 +116,6 @@ def test_each_type_gives_the_round_tripped_hf_weights(tiny, qtype):
 
   quantized_model = copy.deepcopy(hf_model)
   quantized_model.load_state_dict({name: torch.from_numpy(w) for name, w in expected.items()})
-  logits = our_logits(config, params, tokens)
+  logits = our_logits(config, params, (), {}, tokens)
   assert relative_error(logits, hf_logits(quantized_model, tokens)) <= 1e-5
   assert relative_error(logits, reference) <= LOGIT_BOUNDS[qtype]

@@ -97,7 +97,8 @@ class Method:
     raise NotImplementedError(f'{type(self).__name__} cannot be merged into the base weights')
 
   def call_string(self) -> str:
-    """The constructor call that rebuilds this method, e.g. `IA3()`."""
-    fields = ', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in dataclasses.fields(self)
-                       if getattr(self, f.name) != f.default)
+    """The constructor call that rebuilds this method, e.g. `IA3()`; a field whose constructor
+    keyword differs from its name says so in its metadata (`{'keyword': 'init'}`)."""
+    fields = ', '.join(f'{f.metadata.get("keyword", f.name)}={getattr(self, f.name)!r}'
+                       for f in dataclasses.fields(self) if getattr(self, f.name) != f.default)
     return f'{type(self).__name__}({fields})'

@@ -66,7 +66,7 @@ class PrefixTuning(Method):
   """
   num_tokens: int
   projection_dim: int | None = None
-  initializer: str = 'random'
+  initializer: str = dataclasses.field(default='random', metadata={'keyword': 'init'})
 
   key: ClassVar[str] = 'prefix'
 
@@ -82,14 +82,6 @@ class PrefixTuning(Method):
     for name, value in (('num_tokens', num_tokens), ('projection_dim', projection_dim),
                         ('initializer', init)):
       object.__setattr__(self, name, value)
-
-  def call_string(self) -> str:
-    args = [f'num_tokens={self.num_tokens!r}']
-    if self.projection_dim is not None:
-      args.append(f'projection_dim={self.projection_dim!r}')
-    if self.initializer != 'random':
-      args.append(f'init={self.initializer!r}')
-    return f'PrefixTuning({", ".join(args)})'
 
   @property
   def num_prefix_tokens(self) -> int:
@@ -164,6 +156,6 @@ def cached_keys_values(config, params, ids_1P) -> dict:
   from additive_jax.model.llama import KVCache, Llama  # the model imports this package
   base = Llama(config, parent=None)  # a model of its own, also when called from a model's method
   _, cache = base.apply({'params': params}, ids_1P,
-                                 cache=KVCache.create(config, 1, ids_1P.shape[1]))
+                        cache=KVCache.create(config, 1, ids_1P.shape[1]))
   return {'k_LPKH': cache.k_LBSKH[:, 0].astype(jnp.float32),
           'v_LPKH': cache.v_LBSKH[:, 0].astype(jnp.float32)}

@@ -49,7 +49,7 @@ class PromptTuning(Method):
   the `Method` hook that builds the leaves.
   """
   num_tokens: int
-  initializer: str = 'vocab'
+  initializer: str = dataclasses.field(default='vocab', metadata={'keyword': 'init'})
   text: str | None = None
 
   key: ClassVar[str] = 'prompt'
@@ -65,12 +65,6 @@ class PromptTuning(Method):
       raise ValueError(f"PromptTuning text is used only with init='text', got init={init!r}")
     for name, value in (('num_tokens', num_tokens), ('initializer', init), ('text', text)):
       object.__setattr__(self, name, value)
-
-  def call_string(self) -> str:
-    args = [f'num_tokens={self.num_tokens!r}']
-    if self.initializer != 'vocab':
-      args += [f'init={self.initializer!r}', f'text={self.text!r}']
-    return f'PromptTuning({", ".join(args)})'
 
   def check(self, config) -> None:
     if self.num_tokens >= config.max_position_embeddings:

@@ -93,11 +93,12 @@ def _check_methods_and_optimizer(config) -> tuple:
     raise ValueError(f'config.optimizer has settings for {sorted(stray)}, which is no method key '
                      f'(method keys: {", ".join(DEFAULT_LEARNING_RATES)})')
   for key, overrides in config.optimizer.items():
-    settings = method_settings(key, overrides)
-    unknown = set(settings) - set(method_settings(key))
+    defaults = method_settings(key)
+    unknown = set(overrides) - set(defaults)
     if unknown:
       raise ValueError(f'config.optimizer.{key} has unknown keys {sorted(unknown)}; '
-                       f'known: {sorted(method_settings(key))}')
+                       f'known: {sorted(defaults)}')
+    settings = {**defaults, **overrides}
     if settings['schedule'] not in SCHEDULES:
       raise ValueError(f'config.optimizer.{key}.schedule must be one of {", ".join(SCHEDULES)}, '
                        f'got {settings["schedule"]!r}')

@@ -80,7 +80,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.accuracy_split:
     before = logged_value(workdir, 'accuracy', step=0) if latest is not None else None
     if before is None:  # logged at step 0, so a resumed run reports the same "before"
-      before = accuracy(run, state, config)
+      before = accuracy(run, run.state, config)  # the initial state, even after a restore
       writer.write(0, {'accuracy': before})
     summary['accuracy_before'] = before
     say(f'accuracy before: {before:.4f}')

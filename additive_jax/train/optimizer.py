@@ -38,7 +38,8 @@ def schedule(settings, total_steps: int) -> optax.Schedule:
     warmup = min(settings['warmup_steps'], max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(0.0, settings['learning_rate'], warmup,
                                               max(total_steps, warmup + 1))
-  raise ValueError(f"optimizer schedule must be 'cosine' or 'constant', got {settings['schedule']!r}")
+  raise ValueError(f"optimizer schedule must be one of {', '.join(SCHEDULES)}, "
+                   f"got {settings['schedule']!r}")
 
 
 def make_optimizer(method_keys, settings_by_method, total_steps: int,
