@@ -6,14 +6,16 @@ setuptools.setup(
     name='additive_jax',
     version='0.1.0',
     description='Adapters, (IA)3, prompt/prefix tuning, ladder side tuning and LoRA for Llama in JAX',
+    # every folder of the package has an __init__.py, so find_packages lists them all
     packages=setuptools.find_packages(include=['additive_jax', 'additive_jax.*']),
     python_requires='>=3.11',
     install_requires=[
-        'jax>=0.7,<0.11',
-        'flax>=0.11,<0.13',
+        # tested with jax 0.10.2 / flax 0.12.8 / optax 0.2.8 / orbax-checkpoint 0.12.8, the newest
+        # releases this package index serves; jax.make_mesh's axis_types needs jax >= 0.7
+        'jax>=0.7,<0.13',
+        'flax>=0.11,<0.14',
         'optax>=0.2.5',
         'orbax-checkpoint>=0.11',
-        'chex>=0.1.90',
         'ml-collections>=1.0',
         'absl-py>=2.0',
         'transformers>=4.57',

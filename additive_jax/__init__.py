@@ -6,12 +6,28 @@
     model = aj.Llama(config, peft=(aj.peft.IA3(),))
     variables = model.init_peft(jax.random.key(0), params)
     logits = model.apply(variables, tokens)
+
+The names below are imported when first used (PEP 562), so `import additive_jax`
+loads neither JAX nor a model, and a command imports only the layers it needs.
 """
 
-from additive_jax import peft
-from additive_jax.model.config import LlamaConfig
-from additive_jax.model.llama import KVCache, Llama
-from additive_jax.model.load import load_model
-from additive_jax.model.tokenizer import load_tokenizer
+import importlib
+import importlib.metadata
 
-__version__ = '0.1.0'
+__version__ = importlib.metadata.version('additive_jax')
+
+# public name -> the module that defines it
+_PUBLIC = {'peft': 'additive_jax.peft',
+           'LlamaConfig': 'additive_jax.model.config',
+           'KVCache': 'additive_jax.model.llama',
+           'Llama': 'additive_jax.model.llama',
+           'load_model': 'additive_jax.model.load',
+           'load_tokenizer': 'additive_jax.model.tokenizer'}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+  if name not in _PUBLIC:
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+  module = importlib.import_module(_PUBLIC[name])
+  return module if name == 'peft' else getattr(module, name)

@@ -12,9 +12,11 @@ import sys
 
 from absl import app, flags
 
+from additive_jax import cli
 from additive_jax.model.load import load_config
 from additive_jax.peft.count import count_methods, format_table
-from additive_jax.peft.registry import check_methods, parse_method
+from additive_jax.model.hooks import check_methods
+from additive_jax.peft.registry import parse_method
 
 _CONFIG = flags.DEFINE_string('config', None, 'config.json, HF directory, .gguf or embedded name',
                               required=True)
@@ -38,4 +40,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

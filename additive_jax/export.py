@@ -25,12 +25,13 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
+from additive_jax import cli
 from additive_jax.model.llama import Llama
 from additive_jax.model.load import load_config, load_model
 from additive_jax.peft.files import save_adapter, save_merged
 from additive_jax.peft.count import leaf_shapes
-from additive_jax.peft.registry import parse_method
 from additive_jax.train.checkpoint import CheckpointError, Checkpoints
+from additive_jax.train.config_checks import methods_of
 from additive_jax.train.optimizer import run_optimizer
 from additive_jax.train.step import TrainState
 
@@ -69,7 +70,7 @@ def export_run(workdir: str, format: str, step: int | None = None, out: str | No
   if step is None:
     raise CheckpointError(f'{directory} holds no complete checkpoint')
   config = checkpoints.restore_config(step)
-  methods = tuple(parse_method(text) for text in config['peft'])
+  methods = methods_of(config)
   model_config = load_config(config['model'])
   try:
     peft = checkpoints.restore(step, abstract_train_state(config, methods, model_config)).peft
@@ -96,4 +97,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

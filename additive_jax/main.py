@@ -10,15 +10,13 @@ is found automatically on TPU pods and clusters, or given with
 `--coordinator_address`, `--num_processes`, `--process_id`.
 """
 
-import logging
-import os
 import sys
 
 from absl import app, flags
-from absl import logging as absl_logging
 import jax
 from ml_collections import config_flags
 
+from additive_jax import cli
 from additive_jax.train.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file', lock_config=True)
@@ -29,14 +27,7 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'processes in a mul
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'this process in a multi-host run')
 
 
-def _drop_orbax_info(record: logging.LogRecord) -> bool:
-  """Orbax logs every stage of every save at INFO, burying the run's own lines; its warnings
-  and errors stay."""
-  return record.levelno >= logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
-
-
 def main(argv):
-  absl_logging.get_absl_handler().addFilter(_drop_orbax_info)
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   config = _CONFIG.value
@@ -55,4 +46,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

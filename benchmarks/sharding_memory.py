@@ -56,12 +56,12 @@ def measure(mesh_shape, host_params, config, method_text):
   params = place(host_params, shardings)
   method = parse_method(method_text)
   model = Llama(config, peft=(method,))
-  optimizer = make_optimizer([method.key], {method.key: method_settings(method.key)}, 10)
+  optimizer = make_optimizer([method.key], {method.key: method_settings(type(method))}, 10)
   state, state_shardings = create_train_state(model, params, optimizer, jax.random.key(0), mesh)
   batch = {name: jax.ShapeDtypeStruct((_BATCH.value, _SEQ.value), dtype) for name, dtype in
            (('tokens', np.int32), ('targets', np.int32), ('loss_mask', np.float32),
             ('positions', np.int32), ('segment_ids', np.int32))}
-  step = jit_train_step(model, optimizer, 1, mesh, state_shardings, shardings)
+  step = jit_train_step(model, optimizer, 1, mesh, RULES, state_shardings, shardings)
   analysis = step.lower(state, params, batch).compile().memory_analysis()
   trainable = sum(x.nbytes for x in jax.tree.leaves(state.peft))
   moments = sum(x.nbytes for x in jax.tree.leaves(state.opt_state) if x.ndim)

@@ -46,6 +46,7 @@ class OursStep:
 
     import additive_jax as aj
     from additive_jax.peft.registry import parse_method
+    from additive_jax.train.config import RULES
     from additive_jax.train.mesh import batch_sharding, make_mesh, replicated
     from additive_jax.train.model_state import create_train_state
     from additive_jax.train.optimizer import make_optimizer, method_settings
@@ -61,7 +62,7 @@ class OursStep:
     model = aj.Llama(config, peft=(peft_method,))
     mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
     self.params = jax.device_put(host_params, replicated(mesh))
-    settings = method_settings(peft_method.key, {'schedule': 'constant'})
+    settings = method_settings(type(peft_method), {'schedule': 'constant'})
     learning_rate = settings['learning_rate']
     optimizer = make_optimizer([peft_method.key], {peft_method.key: settings}, total_steps=1)
     self.state, state_shardings = create_train_state(model, self.params, optimizer,
@@ -70,7 +71,7 @@ class OursStep:
       aj.peft.save_adapter(adapter_dir, model.peft, self.state.peft, config, format='hf_peft')
     self.batch = jax.device_put(random_batch(config.vocab_size, batch, seq_len),
                                 batch_sharding(mesh))
-    step = jit_train_step(model, optimizer, 1, mesh, state_shardings, replicated(mesh))
+    step = jit_train_step(model, optimizer, 1, mesh, RULES, state_shardings, replicated(mesh))
     started = time.perf_counter()
     self.step = step.lower(self.state, self.params, self.batch).compile()
     compile_s = time.perf_counter() - started

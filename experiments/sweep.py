@@ -3,7 +3,7 @@
     python experiments/sweep.py --config=configs/sst2.py --variants=pfeiffer,houlsby,lora \
         --root=/tmp/sst2_sweep --out=experiments/results/sst2_methods
     python experiments/sweep.py --config=configs/sst2.py --variants=pfeiffer \
-        --override="peft=('Bottleneck(dim=16)',)" --override="peft=('Bottleneck(dim=64)',)" ...
+        --override=peft.bottleneck.dim=16 --override=peft.bottleneck.dim=64 ...
 
 Each variant is the config's argument (a method preset, or several joined by
 '+': `ia3+prefix`), each `--override` a `key=value` the run gets on top; the

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from additive_jax.train.config import entries_of
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, 'tests')
 
@@ -25,16 +27,16 @@ def sst2_config(arg='pfeiffer,runlocal'):
 def run_main(workdir, *overrides, log=None):
   """The CLI's CompletedProcess; with `log` (a file), a running Popen writing to it instead."""
   args = [sys.executable, '-m', 'additive_jax.main', '--config=configs/sst2.py:pfeiffer,runlocal',
-          f'--workdir={workdir}', "--config.peft=('Bottleneck(dim=8)',)", *overrides]
+          f'--workdir={workdir}', '--config.peft.bottleneck.dim=8', *overrides]
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
   if log is not None:
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
   return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def in_process_config(model, data_dir, peft):
-  """A run of `peft` in this process: 8 devices, one row each."""
+def in_process_config(model, data_dir, methods):
+  """A run of `methods` (aj.peft objects) in this process: 8 devices, one row each."""
   config = sst2_config()
   config.model, config.data.data_dir, config.accuracy_split = model, data_dir, ''
-  config.batch_size, config.peft = 8, tuple(peft)
+  config.batch_size, config.peft = 8, entries_of(methods)
   return config

@@ -19,6 +19,9 @@ import pytest  # noqa: E402
 from additive_jax.model.config import LlamaConfig  # noqa: E402
 
 SMOLLM2 = 'smollm2-135m-instruct'
+# The real data, ../shared/data beside the checkout (where the trainer looks by default when it
+# runs from the checkout's root, as the tests do).
+SHARED_DATA = os.path.normpath(os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data'))
 
 # Llama 3.2 1B and 3B as their config.json files describe them (counts need no weights).
 LLAMA_3_2_1B_HF = {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama',
@@ -113,11 +116,10 @@ def tiny_with_tokenizer(tmp_path_factory, smollm2_tokenizer):
 def small_sst2(tmp_path_factory):
   """A data folder with the first 200 rows of each SST-2 split (an iterator tokenizes its whole
   split when it is built: the full one takes seconds)."""
-  from additive_jax.data.sources import DEFAULT_DATA_DIR
   directory = tmp_path_factory.mktemp('data')
   os.makedirs(directory / 'sst2')
   for split in ('train', 'dev', 'test'):
-    with open(os.path.join(DEFAULT_DATA_DIR, 'sst2', f'{split}.tsv'), encoding='utf-8') as f:
+    with open(os.path.join(SHARED_DATA, 'sst2', f'{split}.tsv'), encoding='utf-8') as f:
       rows = [next(f) for _ in range(201)]  # the header and the first 200 rows
     (directory / 'sst2' / f'{split}.tsv').write_text(''.join(rows), encoding='utf-8')
   return str(directory)

@@ -1,7 +1,7 @@
 """Shared by the data-pipeline tests (and the processes they start): the examples a stream
 yields, and the Tiny Shakespeare config the multi-process test reads."""
 
-from additive_jax import data
+from additive_jax.data.config import data_config
 
 
 def examples_of(*batches):
@@ -16,7 +16,7 @@ def examples_of(*batches):
 
 
 def shakespeare_test_config():
-  config = data.data_config()
+  config = data_config()
   config.source, config.split, config.eval_split = 'tinyshakespeare', 'test', 'test'
   config.packing, config.num_epochs = False, 1
   return config

@@ -33,18 +33,26 @@ def batches(vocab, rows=8, length=16):
   return out
 
 
+def setup(checkpoint, mesh, accumulation=1, rules=RULES):
+  """(the jitted step, the initial state, the params on the mesh, the fallback report)."""
+  config, params, param_shardings, fallback = load_base(checkpoint, mesh, rules)
+  model = Llama(config, peft=METHODS)
+  settings = {m.key: method_settings(type(m), {'schedule': 'constant'}) for m in METHODS}
+  optimizer = make_optimizer(list(settings), settings, STEPS)
+  state, state_shardings = create_train_state(model, params, optimizer, jax.random.key(0), mesh)
+  step = jit_train_step(model, optimizer, accumulation, mesh, rules, state_shardings,
+                        param_shardings)
+  return step, state, params, fallback
+
+
 def train(checkpoint, mesh, accumulation=1, local_rows=slice(None)):
   """(losses, final state, params before, params after, the fallback report) of STEPS steps;
   this process feeds `local_rows` of each global batch (all of them with one process)."""
-  config, params, param_shardings, fallback = load_base(checkpoint, mesh, RULES)
-  model = Llama(config, peft=METHODS)
-  settings = {m.key: method_settings(m.key, {'schedule': 'constant'}) for m in METHODS}
-  optimizer = make_optimizer(list(settings), settings, STEPS)
-  state, state_shardings = create_train_state(model, params, optimizer, jax.random.key(0), mesh)
+  step, state, params, fallback = setup(checkpoint, mesh, accumulation)
+  config_vocab = params['embed_tokens']['embedding'].shape[0]
   before = jax.tree.map(np.asarray, params)
-  step = jit_train_step(model, optimizer, accumulation, mesh, state_shardings, param_shardings)
   losses = []
-  for batch in batches(config.vocab_size):
+  for batch in batches(config_vocab):
     local = {name: rows[local_rows] for name, rows in batch.items()}
     state, metrics = step(state, params, global_batch(local, mesh))
     losses.append(float(metrics['loss']))

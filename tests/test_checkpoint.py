@@ -24,7 +24,7 @@ from additive_jax.peft.bottleneck import Bottleneck
 from additive_jax.peft.ia3 import IA3
 from additive_jax.peft.lora import LoRA
 from additive_jax.train.checkpoint import CheckpointError, Checkpoints
-from additive_jax.train.config import default_config
+from additive_jax.train.config import default_config, entries_of
 from additive_jax.train.mesh import make_mesh, replicated
 
 BASE = LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=6,
@@ -36,7 +36,7 @@ def run_config(methods=METHODS) -> dict:
   """What a run saves as its 'config' item."""
   config = default_config()
   config.model = '/models/tiny'
-  config.peft = tuple(m.call_string() for m in methods)
+  config.peft = entries_of(methods)
   return config.to_dict()
 
 

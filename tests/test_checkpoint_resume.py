@@ -16,6 +16,7 @@ import jax
 import pytest
 
 from additive_jax.model.load import load_config
+from additive_jax.peft import IA3, Bottleneck
 from additive_jax.train.checkpoint import CheckpointError, Checkpoints
 from additive_jax.train.loop import train_and_evaluate
 from cli_helpers import ROOT, in_process_config, run_main
@@ -47,7 +48,7 @@ def finalize_or_die(self, directory):
 
 Checkpoints.save = save_and_wait
 ocp.StandardCheckpointHandler.finalize = finalize_or_die
-main.app.run(main.main)
+main.cli.run(main.main)
 """
 
 
@@ -76,7 +77,7 @@ def metric_lines(workdir, timing=False):
 def test_a_run_killed_during_a_save_resumes_with_bit_identical_losses(tmp_path, reference_run,
                                                                       overrides):
   args = [sys.executable, '-c', KILLED_DURING_SAVE, '--config=configs/sst2.py:pfeiffer,runlocal',
-          f'--workdir={tmp_path}', "--config.peft=('Bottleneck(dim=8)',)", *overrides]
+          f'--workdir={tmp_path}', '--config.peft.bottleneck.dim=8', *overrides]
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
          'KILL_DURING_SAVE_OF_STEP': '4'}
   killed = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -127,12 +128,12 @@ def test_a_checkpoint_holds_the_trainable_state_and_no_frozen_weight(reference_r
 def test_resuming_a_workdir_of_another_config_names_what_differs(reference_run,
                                                                   tiny_with_tokenizer, small_sst2):
   before = sorted(os.listdir(reference_run / 'checkpoints'))
-  config = in_process_config(tiny_with_tokenizer, small_sst2, ['IA3()'])
+  config = in_process_config(tiny_with_tokenizer, small_sst2, [IA3()])
   with pytest.raises(CheckpointError, match='holds a run with another config') as error:
     train_and_evaluate(config, str(reference_run))
   assert "peft: ['Bottleneck(dim=8)'] -> ['IA3()']" in str(error.value)
   # What is computed may not change (the seed); how the run is watched may (log_every).
-  config = in_process_config(tiny_with_tokenizer, small_sst2, ['Bottleneck(dim=8)'])
+  config = in_process_config(tiny_with_tokenizer, small_sst2, [Bottleneck(dim=8)])
   config.seed, config.log_every = 7, 3
   with pytest.raises(CheckpointError, match='holds a run with another config') as error:
     train_and_evaluate(config, str(reference_run))

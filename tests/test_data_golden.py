@@ -10,7 +10,8 @@ where the target belongs to the response (its final EOS, id 2, included).
 import grain
 import numpy as np
 
-from additive_jax import data
+from additive_jax.data.config import data_config
+from additive_jax.data.pipeline import make_eval_batches
 from additive_jax.data import packing, tfds_builders
 from additive_jax.data.encode import example_arrays
 
@@ -31,9 +32,9 @@ GREMIO = [55, 38511, 8772, 42, 198, 49, 4065, 28, 1643, 392, 42, 392, 523, 325, 
 
 
 def eval_rows(tokenizer, source, split, seq_len, template='plain'):
-  config = data.data_config()
+  config = data_config()
   config.source, config.eval_split, config.template = source, split, template
-  batches, _ = data.make_eval_batches(config, tokenizer, batch_size=1, seq_len=seq_len)
+  batches, _ = make_eval_batches(config, tokenizer, batch_size=1, seq_len=seq_len)
   return batches
 
 
@@ -137,7 +138,7 @@ def test_packed_rows_restart_positions_per_segment():
 
 def test_tfds_records_are_the_file_rows():
   """The prepared records keep the file order and point back to their lines."""
-  source = tfds_builders.data_source('sst2', 'test', data.data_config().data_dir)
+  source = tfds_builders.data_source('sst2', 'test', data_config().data_dir)
   assert len(source) == 872
   assert source[0] == {
       'prompt': b"Review: it 's a charming and often affecting journey .\nSentiment:",

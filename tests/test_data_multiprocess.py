@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 
-from additive_jax import data
+from additive_jax.data.pipeline import make_eval_batches, make_train_iterator
 from conftest import free_port
 from data_helpers import examples_of, shakespeare_test_config
 
@@ -25,14 +25,14 @@ jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processe
 import transformers
 sys.path.insert(0, tests_dir)
 from data_helpers import examples_of, shakespeare_test_config
-from additive_jax import data
+from additive_jax.data.pipeline import make_eval_batches, make_train_iterator
 
 tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
 shard = dict(seq_len=256, process_index=jax.process_index(), process_count=jax.process_count(),
              cache_dir=cache_dir)
-train, report = data.make_train_iterator(shakespeare_test_config(), tokenizer, batch_size=2, seed=0,
+train, report = make_train_iterator(shakespeare_test_config(), tokenizer, batch_size=2, seed=0,
                                          **shard)
-evaluation, _ = data.make_eval_batches(shakespeare_test_config(), tokenizer, batch_size=8, **shard)
+evaluation, _ = make_eval_batches(shakespeare_test_config(), tokenizer, batch_size=8, **shard)
 with open(out, 'w') as f:
   json.dump({'train': examples_of(*train), 'eval': examples_of(*evaluation),
              'eval_batches': len(evaluation), 'census': report.kept + report.truncated}, f)
@@ -58,7 +58,7 @@ def test_two_processes_read_disjoint_shards_that_cover_the_split(smollm2_tokeniz
     assert process.returncode == 0, log[-3000:]
   first, second = (json.loads(path.read_text()) for path in outputs)
 
-  everything, report = data.make_eval_batches(shakespeare_test_config(), smollm2_tokenizer,
+  everything, report = make_eval_batches(shakespeare_test_config(), smollm2_tokenizer,
                                               batch_size=8, seq_len=256, cache_dir=str(cache_dir))
   expected = collections.Counter(examples_of(*everything))
   total = sum(expected.values())

@@ -11,7 +11,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from additive_jax import data
+from additive_jax.data.config import data_config
+from additive_jax.data.packing import pad_fraction
+from additive_jax.data.pipeline import make_eval_batches, make_train_iterator
 from additive_jax.data.encode import fit
 from additive_jax.model.config import LlamaConfig
 from additive_jax.model.llama import Llama
@@ -22,14 +24,14 @@ SST2_TEST_ROWS = 872
 
 
 def sst2_test_config(**overrides):
-  config = data.data_config()
+  config = data_config()
   config.split = config.eval_split = 'test'
   config.update(overrides)
   return config
 
 
 def all_examples(tokenizer, config):
-  batches, _ = data.make_eval_batches(config, tokenizer, batch_size=8, seq_len=128)
+  batches, _ = make_eval_batches(config, tokenizer, batch_size=8, seq_len=128)
   return collections.Counter(examples_of(*batches))
 
 
@@ -40,7 +42,7 @@ def batches_equal(a, b):
 @pytest.mark.parametrize('packing', [True, False])
 def test_one_epoch_yields_every_example_once(smollm2_tokenizer, packing):
   config = sst2_test_config(packing=packing, num_epochs=1)
-  iterator, report = data.make_train_iterator(config, smollm2_tokenizer, batch_size=1,
+  iterator, report = make_train_iterator(config, smollm2_tokenizer, batch_size=1,
                                               seq_len=128, seed=0)
   seen = collections.Counter(examples_of(*iterator))
   assert seen == all_examples(smollm2_tokenizer, config)
@@ -50,7 +52,7 @@ def test_one_epoch_yields_every_example_once(smollm2_tokenizer, packing):
 def test_the_seed_orders_the_stream_and_each_epoch_is_reshuffled(smollm2_tokenizer):
   def epochs(seed, num_epochs):
     config = sst2_test_config(packing=False, num_epochs=num_epochs)
-    iterator, _ = data.make_train_iterator(config, smollm2_tokenizer, batch_size=SST2_TEST_ROWS,
+    iterator, _ = make_train_iterator(config, smollm2_tokenizer, batch_size=SST2_TEST_ROWS,
                                            seq_len=64, seed=seed)
     return [examples_of(batch) for batch in iterator]
 
@@ -66,7 +68,7 @@ def test_the_seed_orders_the_stream_and_each_epoch_is_reshuffled(smollm2_tokeniz
 def test_restored_state_gives_the_batches_of_an_uninterrupted_run(smollm2_tokenizer, packing,
                                                                    steps):
   config = sst2_test_config(packing=packing)
-  make = lambda: data.make_train_iterator(config, smollm2_tokenizer, batch_size=8, seq_len=256,
+  make = lambda: make_train_iterator(config, smollm2_tokenizer, batch_size=8, seq_len=256,
                                           seed=7)[0]
   uninterrupted = make()
   for _ in range(steps):
@@ -81,7 +83,7 @@ def test_restored_state_gives_the_batches_of_an_uninterrupted_run(smollm2_tokeni
 
 def test_iterator_state_round_trips_through_orbax(smollm2_tokenizer, tmp_path):
   config = sst2_test_config()
-  make = lambda: data.make_train_iterator(config, smollm2_tokenizer, batch_size=4, seq_len=64,
+  make = lambda: make_train_iterator(config, smollm2_tokenizer, batch_size=4, seq_len=64,
                                           seed=3)[0]
   iterator = make()
   for _ in range(3):
@@ -99,7 +101,7 @@ def test_iterator_state_round_trips_through_orbax(smollm2_tokenizer, tmp_path):
 
 def test_eval_shards_have_equal_batch_counts_and_cover_every_example_once(smollm2_tokenizer):
   config = sst2_test_config()
-  shards = [data.make_eval_batches(config, smollm2_tokenizer, batch_size=6, seq_len=128,
+  shards = [make_eval_batches(config, smollm2_tokenizer, batch_size=6, seq_len=128,
                                    process_index=i, process_count=3)[0] for i in range(3)]
   # 872 rows: shards of 291, 291, 290 rows in batches of 2 rows → 146 batches each
   assert [len(shard) for shard in shards] == [146, 146, 146]
@@ -111,7 +113,7 @@ def test_eval_shards_have_equal_batch_counts_and_cover_every_example_once(smollm
 
 def test_batch_size_must_split_over_the_processes(smollm2_tokenizer):
   with pytest.raises(ValueError, match='batch_size 6 is not divisible by the 4 processes'):
-    data.make_train_iterator(sst2_test_config(), smollm2_tokenizer, batch_size=6, seq_len=64,
+    make_train_iterator(sst2_test_config(), smollm2_tokenizer, batch_size=6, seq_len=64,
                              seed=0, process_index=0, process_count=4)
 
 
@@ -133,7 +135,7 @@ def test_over_long_policies(smollm2_tokenizer, tmp_path):
   # 30 x ' word' (2229) and 40 x ' long' (986) make prompts of 36 and 46 ids.
   write_sst2(tmp_path, ['good \t1', ' '.join(['word'] * 30) + ' \t0', 'fine \t1',
                         ' '.join(['long'] * 40) + ' \t1'])
-  run = lambda policy: data.make_train_iterator(
+  run = lambda policy: make_train_iterator(
       sst2_test_config(data_dir=str(tmp_path), packing=False, num_epochs=1, over_long=policy),
       smollm2_tokenizer, batch_size=1, seq_len=8, seed=0, cache_dir=str(tmp_path / 'cache'))
 
@@ -161,12 +163,12 @@ def test_unknown_policy_and_template_are_named(smollm2_tokenizer):
   for key, value, message in (('over_long', 'shorten', "unknown over-long policy 'shorten'"),
                               ('template', 'alpaca', "unknown template 'alpaca'")):
     with pytest.raises(ValueError, match=message):
-      data.make_train_iterator(sst2_test_config(**{key: value}), smollm2_tokenizer, batch_size=1,
+      make_train_iterator(sst2_test_config(**{key: value}), smollm2_tokenizer, batch_size=1,
                                seq_len=8, seed=0)
 
 
 def test_pad_fraction():
-  assert data.pad_fraction({'segment_ids': np.array([[1, 1, 2, 0], [1, 0, 0, 0]])}) == 0.5
+  assert pad_fraction({'segment_ids': np.array([[1, 1, 2, 0], [1, 0, 0, 0]])}) == 0.5
 
 
 def tiny_llama():
@@ -192,14 +194,14 @@ def summed_loss(model):
 def test_packed_loss_equals_the_loss_of_the_examples_unpacked(smollm2_tokenizer):
   model, variables = tiny_llama()
   config = sst2_test_config(packing=True, num_epochs=1)
-  packed, _ = data.make_train_iterator(config, smollm2_tokenizer, batch_size=2, seq_len=128,
+  packed, _ = make_train_iterator(config, smollm2_tokenizer, batch_size=2, seq_len=128,
                                        seed=5)
   packed_batch = next(packed)
   # first-fit packing takes the stream in order: the first packed batch holds its first m examples
   m = len(examples_of(packed_batch))
   assert packed_batch['segment_ids'].max() > 2  # rows hold several examples
   config.packing = False
-  padded, _ = data.make_train_iterator(config, smollm2_tokenizer, batch_size=m, seq_len=128,
+  padded, _ = make_train_iterator(config, smollm2_tokenizer, batch_size=m, seq_len=128,
                                        seed=5)
   padded_batch = next(padded)
   assert collections.Counter(examples_of(padded_batch)) == collections.Counter(

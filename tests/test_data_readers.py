@@ -6,6 +6,7 @@ import os
 import pytest
 
 from additive_jax.data import readers, sources
+from conftest import SHARED_DATA
 
 
 def write(directory, relative, content):
@@ -45,8 +46,8 @@ def test_text_paragraphs_and_the_held_out_portion(tmp_path):
 
 def test_tiny_shakespeare_splits_hold_out_the_last_tenth_of_the_lines():
   spec = sources.TINY_SHAKESPEARE
-  train = split_rows(spec, sources.DEFAULT_DATA_DIR, 'train')
-  test = split_rows(spec, sources.DEFAULT_DATA_DIR, 'test')
+  train = split_rows(spec, SHARED_DATA, 'train')
+  test = split_rows(spec, SHARED_DATA, 'test')
   # input.txt has 40,000 lines; line 36,000 is in the middle of a speech
   last_line, _, last_text = train[-1]
   assert last_line + last_text.count('\n') == 36000

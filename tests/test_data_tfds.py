@@ -11,6 +11,7 @@ import time
 import pytest
 
 from additive_jax.data import sources, tfds_builders
+from conftest import SHARED_DATA
 
 
 def write_gsm8k(directory, test_rows):
@@ -56,7 +57,7 @@ def test_bad_input_fails_the_preparation_and_leaves_nothing_behind(tmp_path):
 
 def test_unknown_split_fails_before_preparing(tmp_path):
   with pytest.raises(ValueError, match="gsm8k has no split 'dev'"):
-    tfds_builders.data_source('gsm8k', 'dev', sources.DEFAULT_DATA_DIR, str(tmp_path))
+    tfds_builders.data_source('gsm8k', 'dev', SHARED_DATA, str(tmp_path))
   assert os.listdir(tmp_path) == []
 
 
@@ -65,7 +66,7 @@ def test_a_killed_preparation_is_not_taken_for_prepared_data(tmp_path):
   child = subprocess.Popen(
       [sys.executable, '-c', 'import sys; from additive_jax.data import tfds_builders; '
        'tfds_builders.data_source("gsm8k", "test", sys.argv[1], sys.argv[2])',
-       sources.DEFAULT_DATA_DIR, cache], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+       SHARED_DATA, cache], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 60
     while not incomplete_dirs(cache):
@@ -77,7 +78,7 @@ def test_a_killed_preparation_is_not_taken_for_prepared_data(tmp_path):
     child.send_signal(signal.SIGKILL)
     child.wait()
   assert incomplete_dirs(cache) and version_dirs(cache) == []
-  builder = tfds_builders.prepared_builder('gsm8k', sources.DEFAULT_DATA_DIR, cache)
+  builder = tfds_builders.prepared_builder('gsm8k', SHARED_DATA, cache)
   assert builder.is_prepared()
   assert len(builder.as_data_source(split='train')) == 7473
   assert len(builder.as_data_source(split='test')) == 1319

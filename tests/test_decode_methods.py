@@ -69,8 +69,8 @@ def test_the_inference_form_of_a_reparameterized_prefix_gives_the_same_logits(pa
 
 
 @pytest.mark.parametrize('method, message', [
-    (aj.peft.PromptTuning(num_tokens=3), 'prompt tuning cannot decode with a KV cache'),
-    (aj.peft.LadderSide(reduction=2), 'LadderSide has no KV cache'),
+    (aj.peft.PromptTuning(num_tokens=3), r'PromptTuning\(num_tokens=3\) cannot decode with a KV cache'),
+    (aj.peft.LadderSide(reduction=2), r'LadderSide\(reduction=2\) cannot decode with a KV cache'),
 ])
 def test_methods_without_a_cache_refuse_one(params, method, message):
   model, variables = random_variables(method, params)

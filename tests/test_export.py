@@ -38,10 +38,10 @@ def runs(tmp_path_factory, tiny_with_tokenizer, small_sst2):
   adapters move well away from their identity init in two steps."""
   workdirs = {}
   for name, method in RUNS.items():
-    config = in_process_config(tiny_with_tokenizer, small_sst2, [method])
+    config = in_process_config(tiny_with_tokenizer, small_sst2, [parse_method(method)])
     config.seq_len, config.num_steps, config.checkpoint_every = 32, STEPS, STEPS
-    with config.unlocked():
-      config.optimizer[name] = {'learning_rate': 0.05, 'schedule': 'constant'}
+    config.peft[name].optimizer.learning_rate = 0.05
+    config.peft[name].optimizer.schedule = 'constant'
     workdirs[name] = str(tmp_path_factory.mktemp(name))
     train_and_evaluate(config, workdirs[name])
   return workdirs

@@ -12,7 +12,7 @@ import torch
 
 import additive_jax as aj
 from additive_jax.model.config import ConfigError
-from additive_jax.model.convert import CheckpointError
+from additive_jax.model.convert import ModelLoadError
 from additive_jax.model.load import load_config
 from conftest import save_tiny_hf_llama
 
@@ -112,7 +112,7 @@ def test_unsupported_rope_type_is_named(checkpoint):
 
 def test_missing_tensor_is_named(checkpoint):
   edit_tensors(checkpoint, lambda t: t.pop('model.layers.1.mlp.up_proj.weight'))
-  with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight' is missing"):
+  with pytest.raises(ModelLoadError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight' is missing"):
     aj.load_model(str(checkpoint))
 
 
@@ -120,7 +120,7 @@ def test_misshapen_tensor_is_named(checkpoint):
   def shrink(tensors):
     tensors['model.layers.2.self_attn.k_proj.weight'] = np.zeros((8, 48), np.float32)
   edit_tensors(checkpoint, shrink)
-  with pytest.raises(CheckpointError, match=r"k_proj\.weight' has shape \(8, 48\), the config implies \(16, 48\)"):
+  with pytest.raises(ModelLoadError, match=r"k_proj\.weight' has shape \(8, 48\), the config implies \(16, 48\)"):
     aj.load_model(str(checkpoint))
 
 
@@ -129,10 +129,10 @@ def test_corrupt_index_is_named(tmp_path):
   hf_model.save_pretrained(tmp_path / 'sharded', max_shard_size='20KB')
   index = tmp_path / 'sharded' / 'model.safetensors.index.json'
   index.write_text(index.read_text()[:40])
-  with pytest.raises(CheckpointError, match=r'model\.safetensors\.index\.json: not valid JSON'):
+  with pytest.raises(ModelLoadError, match=r'model\.safetensors\.index\.json: not valid JSON'):
     aj.load_model(str(tmp_path / 'sharded'))
   index.write_text('{"weight_map": ["model-00001-of-00002.safetensors"]}')
-  with pytest.raises(CheckpointError, match=r'index\.json: no "weight_map" object'):
+  with pytest.raises(ModelLoadError, match=r'index\.json: no "weight_map" object'):
     aj.load_model(str(tmp_path / 'sharded'))
 
 
@@ -140,13 +140,13 @@ def test_truncated_safetensors(checkpoint):
   path = checkpoint / 'model.safetensors'
   data = path.read_bytes()
   path.write_bytes(data[:len(data) // 2])
-  with pytest.raises(CheckpointError, match='model.safetensors'):
+  with pytest.raises(ModelLoadError, match='model.safetensors'):
     aj.load_model(str(checkpoint))
 
 
 def test_garbage_safetensors_header(checkpoint):
   (checkpoint / 'model.safetensors').write_bytes(b'\xff' * 64)
-  with pytest.raises(CheckpointError, match='not a readable safetensors file'):
+  with pytest.raises(ModelLoadError, match='not a readable safetensors file'):
     aj.load_model(str(checkpoint))
 
 
@@ -156,7 +156,7 @@ def test_pickle_refused_unless_allowed(tmp_path):
   os.makedirs(folder)
   shutil.copy(tmp_path / 'src' / 'config.json', folder)
   torch.save(model.state_dict(), folder / 'pytorch_model.bin')
-  with pytest.raises(CheckpointError, match='pickle'):
+  with pytest.raises(ModelLoadError, match='pickle'):
     aj.load_model(str(folder))
   config, params = aj.load_model(str(folder), allow_pickle=True)
   _, reference = aj.load_model(str(tmp_path / 'src'))
@@ -167,7 +167,7 @@ def test_pickle_refused_unless_allowed(tmp_path):
 def test_corrupt_pickle_is_named(checkpoint):
   os.remove(checkpoint / 'model.safetensors')
   (checkpoint / 'pytorch_model.bin').write_bytes(b'PK\x03\x04' + b'\0' * 60)
-  with pytest.raises(CheckpointError, match=r'pytorch_model\.bin: not a readable tensor pickle'):
+  with pytest.raises(ModelLoadError, match=r'pytorch_model\.bin: not a readable tensor pickle'):
     aj.load_model(str(checkpoint), allow_pickle=True)
 
 
@@ -180,14 +180,14 @@ def test_truncated_gguf(tmp_path, smollm2_gguf):
   broken = tmp_path / 'broken.gguf'
   with open(smollm2_gguf, 'rb') as src:
     broken.write_bytes(src.read(5_000_000))
-  with pytest.raises(CheckpointError, match='broken.gguf'):
+  with pytest.raises(ModelLoadError, match='broken.gguf'):
     aj.load_model(str(broken))
 
 
 def test_not_a_gguf(tmp_path):
   bogus = tmp_path / 'bogus.gguf'
   bogus.write_bytes(b'GGML' + b'\0' * 100)
-  with pytest.raises(CheckpointError, match='not a readable GGUF file'):
+  with pytest.raises(ModelLoadError, match='not a readable GGUF file'):
     aj.load_model(str(bogus))
 
 

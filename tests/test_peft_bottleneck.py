@@ -45,7 +45,7 @@ def base_logits(tiny_hf_llama, tokens):
 def random_adapters(method, config, seed=0):
   """Every leaf random (N(0, 0.3)), W_up and the biases included, so each term shows."""
   rng = np.random.RandomState(seed)
-  shapes = jax.eval_shape(lambda: method.init(jax.random.key(0), config, None))
+  shapes = jax.eval_shape(lambda: method.init_leaves(jax.random.key(0), config, None))
   return jax.tree.map(lambda x: (0.3 * rng.randn(*x.shape)).astype(np.float32), shapes)
 
 
@@ -126,7 +126,7 @@ def test_init_as_adapterhub(tiny_hf_llama, placement):
   """W_down: N(0, 0.02) ("bert") for seq_bn/double_seq_bn, U(±1/√D) ("mam_adapter") for
   par_bn; b_down, W_up, b_up zero; fp32 leaves with a leading layers axis."""
   _, config, params = tiny_hf_llama
-  tree = Bottleneck(16, placement).init(jax.random.key(0), config, params)
+  tree = Bottleneck(16, placement).init_leaves(jax.random.key(0), config, params)
   assert sorted(tree) == (['attn', 'mlp'] if placement == 'houlsby' else ['mlp'])
   d = config.hidden_size
   for site in tree.values():
@@ -149,7 +149,7 @@ def test_reduction_factor_floors_like_adapterhub(tiny_hf_llama, reduction_factor
   _, config, params = tiny_hf_llama
   method = Bottleneck(reduction_factor=reduction_factor)
   assert method.bottleneck_dim(config) == dim == int(48 // reduction_factor)
-  assert method.init(jax.random.key(0), config, params)['mlp']['down'].shape == (3, 48, dim)
+  assert method.init_leaves(jax.random.key(0), config, params)['mlp']['down'].shape == (3, 48, dim)
 
 
 @pytest.mark.parametrize('method, expected', [

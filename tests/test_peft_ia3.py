@@ -38,7 +38,7 @@ def tokens():
 def random_ia3(config, seed=0):
   """Vectors far from one (U(0.5, 1.5)) so that every channel's scaling shows in the logits."""
   rng = np.random.RandomState(seed)
-  shapes = jax.eval_shape(lambda: IA3().init(jax.random.key(0), config, None))
+  shapes = jax.eval_shape(lambda: IA3().init_leaves(jax.random.key(0), config, None))
   return jax.tree.map(lambda x: rng.uniform(0.5, 1.5, x.shape).astype(np.float32), shapes)
 
 
@@ -116,7 +116,7 @@ def test_parameter_count(config, expected):
 
 def test_leaves_are_fp32_with_layers_axis(tiny):
   _, config, params = tiny
-  tree = IA3().init(jax.random.key(0), config, params)
+  tree = IA3().init_leaves(jax.random.key(0), config, params)
   kh = config.num_kv_heads * config.head_dim
   assert {k: (v.shape, v.dtype) for k, v in tree.items()} == {
       'l_k': ((3, kh), jnp.float32), 'l_v': ((3, kh), jnp.float32),

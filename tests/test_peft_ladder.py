@@ -28,7 +28,7 @@ class HiddenScale(Method):
   """A stand-in for (IA)³'s l_ff: scales the MLP hidden activation, inside the backbone."""
   key: ClassVar[str] = 'hidden_scale'
 
-  def init(self, rng, config, params, tokenizer=None):
+  def init_leaves(self, rng, config, params, tokenizer=None):
     return {'scale_LF': jnp.ones((config.num_layers, config.intermediate_size))}
 
   def mlp_hidden(self, p, h):
@@ -153,7 +153,7 @@ def test_pruning_keeps_the_largest_l1_channels():
 
 def test_pruned_blocks_are_slices_of_the_backbone(params):
   hidden, units, head = keep_indices(params['layers'], CONFIG, LADDER.reduction)
-  blocks = LADDER.init(jax.random.key(0), CONFIG, params)['blocks']
+  blocks = LADDER.init_leaves(jax.random.key(0), CONFIG, params)['blocks']
   q = np.asarray(params['layers']['self_attn']['q_proj']['kernel'])
   np.testing.assert_array_equal(blocks['self_attn']['q_proj']['kernel'],
                                 q[:, np.asarray(hidden)][..., np.asarray(head)])
@@ -202,6 +202,6 @@ def test_argument_errors():
                                     LLAMA_3_2_3B], ids=['tiny', 'tiny_biases', 'llama_3_2_3b'])
 def test_parameter_count_formula_equals_leaves(config):
   method = LadderSide(2 if config is not LLAMA_3_2_3B else 8)
-  tree = jax.eval_shape(lambda key, p: method.init(key, config, p), jax.random.key(0),
+  tree = jax.eval_shape(lambda key, p: method.init_leaves(key, config, p), jax.random.key(0),
                         abstract_params(config))
   assert method.num_params(config) == sum(x.size for x in jax.tree.leaves(tree))

@@ -27,7 +27,7 @@ def random_lora(method, config, seed=0):
   """A and B both non-zero (N(0, 0.1): (α/r)·A·B about the size of the base weights, std 0.02),
   so every target's update shows in the logits."""
   rng = np.random.RandomState(seed)
-  shapes = jax.eval_shape(lambda: method.init(jax.random.key(0), config, None))
+  shapes = jax.eval_shape(lambda: method.init_leaves(jax.random.key(0), config, None))
   return jax.tree.map(lambda x: (0.1 * rng.randn(*x.shape)).astype(np.float32), shapes)
 
 
@@ -80,7 +80,7 @@ def test_logits_match_hf_peft(tiny_hf_llama, tokens, method):
 def test_init_as_hf_peft(tiny_hf_llama):
   """A ~ U(±1/√I) (kaiming-uniform, a = √5) per target, B = 0."""
   _, config, params = tiny_hf_llama
-  tree = LoRA(16, 32, ALL).init(jax.random.key(0), config, params)
+  tree = LoRA(16, 32, ALL).init_leaves(jax.random.key(0), config, params)
   for target, leaves in tree.items():
     fan_in = leaves['a'].shape[1]
     a = np.asarray(leaves['a'])
@@ -92,7 +92,7 @@ def test_init_as_hf_peft(tiny_hf_llama):
 
 def test_leaf_shapes(tiny_hf_llama):
   _, config, params = tiny_hf_llama
-  tree = LoRA(4, 8, ALL).init(jax.random.key(0), config, params)
+  tree = LoRA(4, 8, ALL).init_leaves(jax.random.key(0), config, params)
   d, f, nh, kh = 48, 80, 6 * 8, 2 * 8
   expected = {'q': (d, nh), 'k': (d, kh), 'v': (d, kh), 'o': (nh, d), 'gate': (d, f), 'up': (d, f),
               'down': (f, d)}

@@ -38,7 +38,7 @@ def trees(tiny_hf_llama):
   std = {'lora': 0.05, 'bottleneck': 0.3}
   out = {}
   for key, method in METHODS.items():
-    shapes = jax.eval_shape(lambda: method.init(jax.random.key(0), config, params))
+    shapes = jax.eval_shape(lambda: method.init_leaves(jax.random.key(0), config, params))
     if key == 'ia3':
       out[key] = jax.tree.map(lambda x: rng.uniform(0.5, 1.5, x.shape).astype(np.float32), shapes)
     else:

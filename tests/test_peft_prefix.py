@@ -114,7 +114,7 @@ def test_vocab_init_reads_every_input_after_the_sampled_words(tiny_hf_llama):
   method, key = PrefixTuning(NUM_TOKENS, init='vocab'), jax.random.key(7)
   model = Llama(config, peft=(method,))
   tokens = np.random.RandomState(4).randint(0, 101, (2, 6))
-  tree = method.init(key, config, params)
+  tree = method.init_leaves(key, config, params)
   got = model.apply({'params': params, 'peft': {'prefix': tree}}, jnp.asarray(tokens))
   words = np.asarray(vocab_ids(key, config, NUM_TOKENS))
   assert len(set(words[0].tolist())) > 1
@@ -157,8 +157,8 @@ def test_count_llama_3_2_3b_from_formula_leaves_and_hf_peft():
 def test_count_with_projection_matches_hf_peft(tiny_hf_llama):
   hf_model, config, params = tiny_hf_llama
   method = PrefixTuning(NUM_TOKENS, PROJECTION)
-  leaves = sum(x.size for x in jax.tree.leaves(method.init(jax.random.key(0), config, params)))
-  peft_model = peft_model_for(hf_model, method, method.init(jax.random.key(0), config, params), config)
+  leaves = sum(x.size for x in jax.tree.leaves(method.init_leaves(jax.random.key(0), config, params)))
+  peft_model = peft_model_for(hf_model, method, method.init_leaves(jax.random.key(0), config, params), config)
   assert method.num_params(config) == leaves == peft_model.get_nb_trainable_parameters()[0]
 
 

@@ -110,7 +110,7 @@ def test_text_init_matches_hf_peft(tiny_hf_llama, tokenizer_dir, text):
 def test_vocab_init_samples_rows_of_the_embedding_table(tiny_hf_llama):
   _, config, params = tiny_hf_llama
   table = params['embed_tokens']['embedding']
-  prompts = [np.asarray(PromptTuning(NUM_TOKENS).init(jax.random.key(seed), config, params)['prompt_PD'])
+  prompts = [np.asarray(PromptTuning(NUM_TOKENS).init_leaves(jax.random.key(seed), config, params)['prompt_PD'])
              for seed in (0, 1)]
   for prompt in prompts:
     assert prompt.dtype == np.float32 and prompt.shape == (NUM_TOKENS, config.hidden_size)
@@ -131,7 +131,7 @@ def test_gradient_reaches_every_prompt_row(tiny_hf_llama):
 def test_parameter_count(tiny_hf_llama):
   _, config, params = tiny_hf_llama
   method = PromptTuning(NUM_TOKENS)
-  leaves = jax.tree.leaves(method.init(jax.random.key(0), config, params))
+  leaves = jax.tree.leaves(method.init_leaves(jax.random.key(0), config, params))
   assert method.num_params(config) == sum(x.size for x in leaves) == NUM_TOKENS * 48
 
 

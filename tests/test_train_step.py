@@ -73,7 +73,7 @@ def run_steps(methods, params, batch, steps, accumulation=1):
   """(losses, initial peft, final peft) after `steps` jitted steps at each method's default lr."""
   model = Llama(CONFIG, peft=tuple(methods))
   peft = model.init_peft(jax.random.key(1), params)['peft']
-  settings = {m.key: method_settings(m.key, {'schedule': 'constant'}) for m in methods}
+  settings = {m.key: method_settings(type(m), {'schedule': 'constant'}) for m in methods}
   optimizer = make_optimizer(list(peft), settings, total_steps=steps)
   step = jax.jit(functools.partial(train_step, model, optimizer, accumulation))
   state, losses = TrainState.create(peft, optimizer), []
@@ -180,7 +180,7 @@ def test_a_step_on_smollm2(smollm2, smollm2_tokenizer, method):
   batch = {'tokens': np.asarray([ids[:-1]], np.int32), 'targets': np.asarray([ids[1:]], np.int32),
            'loss_mask': np.ones((1, 32), np.float32), 'positions': np.arange(32)[None],
            'segment_ids': np.ones((1, 32), np.int32)}
-  settings = method_settings(method.key, {'schedule': 'constant', 'learning_rate': 1e-4})
+  settings = method_settings(type(method), {'schedule': 'constant', 'learning_rate': 1e-4})
   optimizer = make_optimizer([method.key], {method.key: settings}, total_steps=2)
   step = jax.jit(functools.partial(train_step, model, optimizer, 1))
   state, first = step(TrainState.create(peft, optimizer), params, batch)
@@ -195,7 +195,7 @@ def test_bf16_compute_keeps_fp32_trainables_optimizer_state_and_loss(params, bat
   methods = (SINGLES['pfeiffer'], SINGLES['lora'])
   model = Llama(CONFIG.replace(dtype=jnp.bfloat16), peft=methods)
   peft = model.init_peft(jax.random.key(1), params)['peft']
-  settings = {m.key: method_settings(m.key, {'schedule': 'constant'}) for m in methods}
+  settings = {m.key: method_settings(type(m), {'schedule': 'constant'}) for m in methods}
   optimizer = make_optimizer(list(peft), settings, total_steps=1)
   state, metrics = jax.jit(functools.partial(train_step, model, optimizer, 1))(
       TrainState.create(peft, optimizer), params, batch)
@@ -205,3 +205,43 @@ def test_bf16_compute_keeps_fp32_trainables_optimizer_state_and_loss(params, bat
   fp32_loss, _, _ = run_steps(methods, params, batch, steps=1)
   assert float(metrics['loss']) == pytest.approx(fp32_loss[0], rel=2e-2)
   assert float(metrics['loss']) != fp32_loss[0]  # the compute did run in bf16
+
+
+@pytest.mark.parametrize('remat', ['full', 'dots'])
+def test_gradients_under_remat_equal_those_without(params, batch, remat):
+  """Activation checkpointing recomputes the forward pass; it must not change a gradient."""
+  methods = (SINGLES['houlsby'], SINGLES['ia3'], SINGLES['lora'], SINGLES['prefix'])
+  peft = Llama(CONFIG, peft=methods).init_peft(jax.random.key(1), params)['peft']
+  rng = np.random.RandomState(3)  # away from the identity init, so every leaf has a gradient
+  peft = jax.tree.map(lambda x: jnp.asarray(x + 0.1 * rng.randn(*x.shape), jnp.float32), peft)
+
+  def gradients(config):
+    loss = lambda p: batch_loss(Llama(config, peft=methods), p, params, batch)[0]
+    return jax.jit(jax.grad(loss))(peft)
+
+  plain, checkpointed = gradients(CONFIG), gradients(CONFIG.replace(remat=remat))
+  for (path, g), h in zip(jax.tree_util.tree_leaves_with_path(plain), jax.tree.leaves(checkpointed)):
+    assert np.abs(g).max() > 0, jax.tree_util.keystr(path)
+    np.testing.assert_allclose(h, g, rtol=1e-5, atol=1e-5 * np.abs(g).max(),
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_a_bf16_stored_base_trains_with_fp32_trainables(params, batch):
+  """A base stored in bf16 (half the memory) trains: the trainables, their gradients and Adam's
+  moments stay fp32, the loss falls, and the base is not touched."""
+  params_bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  config = CONFIG.replace(param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+  methods = (SINGLES['pfeiffer'], SINGLES['lora'])
+  model = Llama(config, peft=methods)
+  peft = model.init_peft(jax.random.key(1), params_bf16)['peft']
+  settings = {m.key: method_settings(type(m), {'schedule': 'constant'}) for m in methods}
+  optimizer = make_optimizer(list(peft), settings, total_steps=3)
+  step = jax.jit(functools.partial(train_step, model, optimizer, 1))
+  state, losses = TrainState.create(peft, optimizer), []
+  for _ in range(3):
+    state, metrics = step(state, params_bf16, batch)
+    losses.append(float(metrics['loss']))
+  assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
+  assert {x.dtype for x in jax.tree.leaves((state.peft, state.opt_state))
+          if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}
+  assert {x.dtype for x in jax.tree.leaves(params_bf16)} == {jnp.dtype(jnp.bfloat16)}

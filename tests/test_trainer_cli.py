@@ -12,7 +12,7 @@ import pytest
 
 from additive_jax.model.load import load_config
 from additive_jax.peft.count import count_leaves
-from additive_jax.train.config import METHODS
+from additive_jax.peft.registry import presets
 from additive_jax.train.config_checks import check_config
 from additive_jax.train.mesh import make_mesh
 from cli_helpers import ROOT, TESTS, experiment_config, run_main, sst2_config
@@ -26,7 +26,7 @@ PRESET_KEYS = {'pfeiffer': 'bottleneck', 'houlsby': 'bottleneck', 'parallel': 'b
 
 def test_main_trains_evaluates_logs_and_checkpoints(tmp_path, tiny_with_tokenizer):
   result = run_main(tmp_path, f'--config.model={tiny_with_tokenizer}',
-                    '--config.optimizer.bottleneck.learning_rate=0.003')
+                    '--config.peft.bottleneck.optimizer.learning_rate=0.003')
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.splitlines()[0].split() == ['method', 'trainable', '%', 'of', 'base', 'fp32', 'bf16']
   summary = json.loads((tmp_path / 'summary.json').read_text())
@@ -46,7 +46,7 @@ def test_main_trains_evaluates_logs_and_checkpoints(tmp_path, tiny_with_tokenize
   # The same command again resumes the finished run: no step is trained, the accuracy before
   # training is the one logged at step 0, not a score of the trained adapter.
   again = run_main(tmp_path, f'--config.model={tiny_with_tokenizer}',
-                   '--config.optimizer.bottleneck.learning_rate=0.003')
+                   '--config.peft.bottleneck.optimizer.learning_rate=0.003')
   assert again.returncode == 0, again.stderr[-3000:]
   assert 'resumed from step 4' in again.stdout
   resumed = json.loads((tmp_path / 'summary.json').read_text())
@@ -56,10 +56,26 @@ def test_main_trains_evaluates_logs_and_checkpoints(tmp_path, tiny_with_tokenize
           if 'loss' in json.loads(line)] == [1, 2, 3, 4]
 
 
-def test_an_unknown_config_key_is_refused(tmp_path):
-  result = run_main(tmp_path, '--config.learning_rate=1e-3')
+@pytest.mark.parametrize('override, message', [
+    ('--config.learning_rat=1e-3',
+     "error: --config.learning_rat: the config has no key 'learning_rat'; the nearest is "
+     'config.peft.bottleneck.optimizer.learning_rate'),
+    ('--config.peft.bottleneck.dimm=16',
+     "error: --config.peft.bottleneck.dimm: the config has no key 'peft.bottleneck.dimm'; the "
+     'nearest is config.peft.bottleneck.dim'),
+    # a setting of a method the run does not train is refused, not silently ignored
+    ('--config.peft.lora.optimizer.learning_rate=2e-4',
+     "error: --config.peft.lora.optimizer.learning_rate: this run does not train 'lora' "
+     '(config.peft has bottleneck); name its preset in the config argument, e.g. '
+     '--config=FILE:lora'),
+    ('--config.optimizer.lora.learning_rate=2e-4',
+     "error: --config.optimizer.lora.learning_rate: the config has no key "
+     "'optimizer.lora.learning_rate'; the nearest is config.peft.bottleneck.optimizer.learning_rate"),
+])
+def test_a_bad_config_key_is_one_line_naming_the_nearest(tmp_path, override, message):
+  result = run_main(tmp_path, override)
   assert result.returncode != 0
-  assert 'learning_rate' in result.stderr
+  assert result.stderr.strip() == message
 
 
 @pytest.mark.parametrize('changes, error, message', [
@@ -68,10 +84,13 @@ def test_an_unknown_config_key_is_refused(tmp_path):
     ({'accumulation': 3}, ValueError, r'accumulation=3 does not divide the 1 rows'),
     ({'data.split': 'validation'}, ValueError, r"sst2 has no split 'validation'"),
     ({'dtype': 'float16'}, ValueError, r'config.dtype must be one of float32, bfloat16'),
-    ({'peft': ('Bottleneck(dim=9999)',)}, ValueError, r'exceeds the hidden size 576'),
-    ({'optimizer': {'lroa': {'learning_rate': 1.0}}}, ValueError, r"settings for \['lroa'\], which is no method"),
-    ({'optimizer': {'bottleneck': {'lr': 1.0}}}, ValueError, r"optimizer.bottleneck has unknown keys \['lr'\]"),
-    ({'optimizer': {'bottleneck': {'schedule': 'linear'}}}, ValueError, r'bottleneck.schedule must be one of cosine'),
+    ({'peft.bottleneck.dim': 9999}, ValueError, r'exceeds the hidden size 576'),
+    ({'peft.bottleneck.placement': 'after'}, ValueError,
+     r"config.peft.bottleneck: Bottleneck placement must be one of"),
+    ({'peft.bottleneck.optimizer': {'lr': 1.0}}, ValueError,
+     r"config.peft.bottleneck.optimizer has unknown keys \['lr'\]"),
+    ({'peft.bottleneck.optimizer.schedule': 'linear'}, ValueError,
+     r'config.peft.bottleneck.optimizer.schedule must be one of cosine'),
     ({'accumulation': 0}, ValueError, r'config.accumulation must be an integer ≥ 1, got 0'),
     ({'batch_size': -8}, ValueError, r'config.batch_size must be an integer ≥ 1'),
     ({'mesh': (0, -1, 1)}, ValueError, r'config.mesh: .* each entry is a positive size'),
@@ -86,11 +105,11 @@ def test_bad_configs_are_refused_before_any_compute(changes, error, message):
   config.batch_size = 8  # one row for each of the 8 devices
   with config.unlocked():
     for key, value in changes.items():
-      node, *_ = key.split('.')
-      if '.' in key:
-        config[node][key.split('.')[1]] = value
-      else:
-        config[key] = value
+      *parents, name = key.split('.')
+      node = config
+      for parent in parents:
+        node = node[parent]
+      node[name] = value
   with pytest.raises(error, match=message):
     check_config(config)
 
@@ -150,7 +169,8 @@ def test_every_method_preset_of_every_config_passes_the_checks(config_file):
   """Each experiment (config × method preset) is valid before any weight is read; it trains the
   method its preset names, the same with `runlocal` (which only shrinks the run), and a share
   of its base (SmolLM2) that PEFT trains: from 0.005% (a 20-vector prompt) to 3% (the ladder)."""
-  assert sorted(METHODS) == sorted(PRESET_KEYS)
+  built_in = [name for name, (cls, _) in presets().items() if cls.__module__.startswith('additive_jax.')]
+  assert sorted(built_in) == sorted(PRESET_KEYS)
   for name, key in PRESET_KEYS.items():
     checked = []
     for arg in (name, f'{name},runlocal'):

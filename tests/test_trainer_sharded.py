@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from additive_jax.train.mesh import make_mesh
+from additive_jax.train.config import RULES
+from additive_jax.train.mesh import global_batch, make_mesh
 from conftest import save_tiny_hf_llama
-from sharded_helpers import assert_same_trainables, flat, train
+from sharded_helpers import assert_same_trainables, batches, flat, setup, train
 
 
 @pytest.fixture(scope='module')
@@ -60,3 +61,22 @@ def test_optimizer_state_is_two_moments_of_the_trainable_partition_only(eight_de
   peft_shapes = sorted(x.shape for x in jax.tree.leaves(state.peft))
   assert sorted(x.shape for x in moments) == sorted(peft_shapes * 2)
   assert all(x.size == 1 for x in jax.tree.leaves(state.opt_state) if x.ndim == 0)
+
+
+def compiled_step_text(checkpoint, mesh, rules) -> str:
+  step, state, params, _ = setup(checkpoint, mesh, rules=rules)
+  batch = global_batch(batches(params['embed_tokens']['embedding'].shape[0])[0], mesh)
+  return step.lower(state, params, batch).compile().as_text()
+
+
+def test_an_fsdp_step_keeps_the_residual_stream_split_over_the_batch(checkpoint):
+  """The activations' logical constraint is in the compiled step: on an fsdp-8 mesh each device
+  holds its own row of the [B=8, T=16, D=48] residual stream, where the same step without the
+  activation rules gathers whole batches (FSDP would then move activations, not weights)."""
+  mesh = make_mesh((1, 8, 1))
+  constrained = compiled_step_text(checkpoint, mesh, RULES)
+  unconstrained = compiled_step_text(
+      checkpoint, mesh, tuple(rule for rule in RULES if not rule[0].startswith('activation_')))
+  whole, row = 'f32[8,16,48]', 'f32[1,16,48]'
+  assert row in constrained and whole not in constrained
+  assert whole in unconstrained

@@ -1,17 +1,35 @@
-"""`config.data`: the keys an experiment changes about its data.
+"""`config.data`: the keys an experiment changes about its data, and where files live.
 
 The batch size, sequence length and shuffle seed are not here: the trainer owns
 them (the model and the step need them too) and passes them to
-`make_train_iterator`. Prepared TFDS data goes under `$ADDITIVE_JAX_CACHE/tfds`
-(default `~/.cache/additive_jax/tfds`); the functions take `cache_dir=` to put it
-elsewhere.
+`make_train_iterator`.
+
+The data folder (the source files) is, in this order: `config.data.data_dir`
+when set, else `$ADDITIVE_JAX_DATA`, else `../shared/data` beside the working
+directory. The cache folder (the embedded model, prepared TFDS data under
+`tfds/`) is `$ADDITIVE_JAX_CACHE`, default `~/.cache/additive_jax`.
 """
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
-from additive_jax.data.sources import DEFAULT_DATA_DIR
+DATA_ENV = 'ADDITIVE_JAX_DATA'
+CACHE_ENV = 'ADDITIVE_JAX_CACHE'
+
+
+def data_dir(configured: str | None = None) -> str:
+  """The data folder: `configured` (config.data.data_dir), $ADDITIVE_JAX_DATA, or
+  ../shared/data beside the working directory."""
+  if configured:
+    return configured
+  return os.path.abspath(os.environ.get(DATA_ENV) or os.path.join(os.pardir, 'shared', 'data'))
+
+
+def cache_dir() -> str:
+  return os.environ.get(CACHE_ENV) or os.path.expanduser('~/.cache/additive_jax')
 
 
 def data_config() -> ml_collections.ConfigDict:
@@ -23,5 +41,6 @@ def data_config() -> ml_collections.ConfigDict:
   config.packing = True           # pack examples into rows (segment_ids) | pad one per row
   config.over_long = 'truncate'   # 'truncate' the prompt from the left | 'drop' | 'error'
   config.num_epochs = ml_collections.config_dict.placeholder(int)  # None: repeat forever
-  config.data_dir = DEFAULT_DATA_DIR  # the source files (../shared/data beside the checkout)
+  # the source files; unset: $ADDITIVE_JAX_DATA, else ../shared/data beside the working directory
+  config.data_dir = ml_collections.config_dict.placeholder(str)
   return config

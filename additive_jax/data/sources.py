@@ -1,7 +1,7 @@
 """The data sets, each a declarative spec that maps a file's rows to `prompt`/`response`.
 
 A spec names the file format, the file of each split (relative to the data
-folder, `../shared/data` by default), and two `str.format` templates over a
+folder, `config.data_dir`), and two `str.format` templates over a
 row's fields, after label fields are mapped to their words. Field values are
 stripped of surrounding whitespace first (SST-2 sentences end with a space).
 
@@ -23,15 +23,12 @@ import os
 import string
 from typing import Iterator, Mapping
 
+from additive_jax.data.config import data_dir as resolve_data_dir
 from additive_jax.data.readers import READERS
 
 # SST-2's prompt and its label words for labels 0 and 1.
 SST2_PROMPT = 'Review: {sentence}\nSentiment:'
 SST2_LABEL_WORDS = (' negative', ' positive')
-
-DEFAULT_DATA_DIR = os.path.normpath(
-    os.path.join(os.path.dirname(__file__), '..', '..', '..', 'shared', 'data'))
-
 
 @dataclasses.dataclass(frozen=True)
 class Split:
@@ -51,7 +48,7 @@ class SourceSpec:
   def path(self, data_dir: str, split: str) -> str:
     if split not in self.splits:
       raise ValueError(f'{self.name} has no split {split!r} (splits: {", ".join(self.splits)})')
-    return os.path.join(data_dir, self.splits[split].file)
+    return os.path.join(resolve_data_dir(data_dir), self.splits[split].file)
 
   def fields(self) -> set[str]:
     """The row fields the templates read."""

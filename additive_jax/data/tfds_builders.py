@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from additive_jax.data import sources
-from additive_jax.model.embedded import cache_dir as additive_jax_cache_dir
+from additive_jax.data.config import cache_dir as additive_jax_cache_dir
 
 _VERSION = '1.0.0'
 

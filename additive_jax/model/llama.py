@@ -10,14 +10,17 @@ With no method configured, logits equal `transformers`' `LlamaForCausalLM`.
 
 Variables: `{'params': frozen base (logical axis names on every weight),
 'peft': {method.key: its trainable leaves}}`. Methods (additive_jax/peft) act at
-the sites named in additive_jax/peft/base.py; the block calls every method's hook
-at every site, so adding a method never edits this file.
+the sites named in hooks.py; the block calls every method's hook at every site,
+so adding a method never edits this file.
+
+Activations carry logical axis names too (`ACTIVATION_AXES`): under
+`nn.logical_axis_rules(rules)` and a mesh set with `jax.set_mesh`, the residual
+stream and the logits keep their batch axis split as the rules say, so FSDP
+gathers weights, never activations. With no mesh in context nothing is constrained.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 from typing import Any, Sequence
 
@@ -26,35 +29,27 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from additive_jax.model.config import LlamaConfig
+from additive_jax.model.config import REMAT_POLICIES, LlamaConfig
+from additive_jax.model.hooks import Hooks, check_methods, init_methods
 from additive_jax.model.rope import apply_rotary, rotary_tables
-from additive_jax.peft.base import Method
 
-# The sharding of the residual stream and the logits ([B, ...], batch split over the data
-# axes), set by `batch_split_activations` around a sharded step's tracing: in every layer the
-# batch stays split, so FSDP gathers weights, never activations. Unset, nothing is constrained.
-_ACTIVATION_SHARDING = contextvars.ContextVar('activation_sharding', default=None)
+# The logical axes of the residual stream [B, T, D] and the logits [B, T, V].
+ACTIVATION_AXES = ('activation_batch', 'activation_length', 'activation_embed')
+LOGITS_AXES = ('activation_batch', 'activation_length', 'activation_vocab')
 
 
-@contextlib.contextmanager
-def batch_split_activations(sharding: jax.sharding.NamedSharding):
-  """Within: the model keeps its activations' leading (batch) axis split as `sharding`."""
-  token = _ACTIVATION_SHARDING.set(sharding)
-  try:
-    yield
-  finally:
-    _ACTIVATION_SHARDING.reset(token)
+class _LogicalWeight(nn.LogicallyPartitioned):
+  """A weight boxed with its logical axis names. `nn.DenseGeneral` unboxes its kernel at the
+  flattened [inputs, outputs] shape before reshaping it, also when it only checks the shape of
+  a weight it is given (so inside every sharded step); the names of the unflattened shape
+  cannot constrain that value, so a box whose value's rank is not its names' applies none."""
 
-
-def _constrain(x):
-  sharding = _ACTIVATION_SHARDING.get()
-  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
-
-_REMAT_POLICIES = {'full': None, 'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
+  def unbox(self, apply_constraint=True):
+    return super().unbox(apply_constraint and self.value.ndim == len(self.names))
 
 
 def _init(axes: tuple[str, ...], init=nn.initializers.normal(0.02)):
-  return nn.with_logical_partitioning(init, axes)
+  return lambda *args: _LogicalWeight(init(*args), axes)
 
 
 @flax.struct.dataclass
@@ -104,7 +99,7 @@ def _attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
 
 class Attention(nn.Module):
   config: LlamaConfig
-  methods: Sequence[Method]
+  methods: Sequence[Hooks]
 
   @nn.compact
   def __call__(self, x_BTD, p, kv, ctx: AttentionContext):
@@ -151,7 +146,7 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
   config: LlamaConfig
-  methods: Sequence[Method]
+  methods: Sequence[Hooks]
 
   @nn.compact
   def __call__(self, x_BTD, p):
@@ -188,7 +183,7 @@ def _add_deltas(r, f, deltas):
 class Block(nn.Module):
   """One decoder layer; scanned over the `layers` axis by `Llama`."""
   config: LlamaConfig
-  methods: Sequence[Method]
+  methods: Sequence[Hooks]
   keep_tap: bool = False
 
   @nn.compact
@@ -201,7 +196,7 @@ class Block(nn.Module):
     f_BTD = MLP(self.config, self.methods, name='mlp')(
         _rms_norm(self.config, 'post_attention_layernorm')(x_BTD), p)
     x_BTD = _add_deltas(r_BTD, f_BTD, [m.mlp_delta(p[m.key], r_BTD, f_BTD) for m in self.methods])
-    x_BTD = _constrain(x_BTD)
+    x_BTD = nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)
     return x_BTD, (kv, x_BTD if self.keep_tap else None)
 
 
@@ -214,17 +209,15 @@ class Llama(nn.Module):
   (a `KVCache`; then the call returns `(logits, cache)`).
   """
   config: LlamaConfig
-  peft: Sequence[Method] = ()
+  peft: Sequence[Hooks] = ()
 
   def __post_init__(self):
-    from additive_jax.peft.registry import check_methods  # the registry imports the methods
     object.__setattr__(self, 'peft', tuple(self.peft))
     check_methods(self.peft, self.config)
     super().__post_init__()
 
   def init_peft(self, rng, params, tokenizer=None) -> dict[str, Any]:
     """`{'params': params, 'peft': {key: leaves}}`, every method at its initial value."""
-    from additive_jax.peft.registry import init_methods
     return {'params': params, 'peft': init_methods(self.peft, rng, self.config, params, tokenizer)}
 
   @nn.compact
@@ -236,15 +229,15 @@ class Llama(nn.Module):
     embedder = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                         embedding_init=_init(('vocab', 'embed')), name='embed_tokens')
     batch, length = tokens_BT.shape
-    x_BTD = _constrain(embedder(tokens_BT))
+    x_BTD = nn.with_logical_constraint(embedder(tokens_BT), ACTIVATION_AXES)
     for method in methods:
       x_BTD = method.embed(trees[method.key], x_BTD)
     embedded_BTD = x_BTD
-    virtual = x_BTD.shape[1] - length   # vectors a method prepended (prompt tuning)
-    if virtual and cache is not None:
-      # every call would prepend the vectors again, each decode step among them
-      raise NotImplementedError('prompt tuning cannot decode with a KV cache yet: score or '
-                                'generate without a cache (full forward passes)')
+    virtual = x_BTD.shape[1] - length   # vectors the methods prepended (a soft prompt)
+    no_cache = [m.call_string() for m in methods if not m.kv_cache]
+    if cache is not None and no_cache:
+      raise NotImplementedError(f'{", ".join(no_cache)} cannot decode with a KV cache yet: score '
+                                'or generate without a cache (full forward passes)')
     prefix = sum(m.num_prefix_tokens for m in methods)
     if cache is None and prefix + virtual + length > cfg.max_position_embeddings:
       raise ValueError(f'{length} tokens + {virtual} prompt vectors + {prefix} prefix slots need '
@@ -266,7 +259,7 @@ class Llama(nn.Module):
 
     block = Block
     if cfg.remat != 'none':
-      block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     layers = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                      in_axes=(0, 0, nn.broadcast), length=cfg.num_layers,
                      metadata_params={nn.PARTITION_NAME: 'layers'})
@@ -286,7 +279,7 @@ class Llama(nn.Module):
       logits_BTV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
                             param_dtype=cfg.param_dtype, kernel_init=_init(('embed', 'vocab')),
                             name='lm_head')(x_BTD)
-    logits_BTV = _constrain(logits_BTV.astype(jnp.float32))
+    logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32), LOGITS_AXES)
     if cache is None:
       return logits_BTV
     return logits_BTV, cache.replace(k_LBSKH=kv[0], v_LBSKH=kv[1], end=cache.end + length + virtual)

@@ -1,19 +1,23 @@
-"""What a PEFT method is: trainable leaves plus what it does at the model's sites.
+"""What a PEFT method is: the model's site hooks plus everything else about the method.
 
-The Llama module (additive_jax/model/llama.py) calls these hooks at fixed named
-places; every default is the identity, so a method overrides only the sites it
-acts at and the model never branches on which methods are present.
+A method is one frozen dataclass in one file. Besides the hooks the model calls
+(additive_jax/model/hooks.py), its class says
 
-Per-layer sites (inside the scanned block; `p` is the method's slice of the
-`'peft'` tree for this layer, as returned by `layer_inputs`):
-  project(p, name, x, y)   after each projection y = W x, name in q,k,v,o,gate,up,down
-  mlp_hidden(p, h)         the MLP hidden activation silu(W_gate x) · W_up x
-  attn_delta(p, r, f)      added to the stream after attention: x = r + f + delta
-  mlp_delta(p, r, f)       added to the stream after the MLP: x = r + f + delta
-  prefix_kv(p)             key/value vectors [n, K, H] placed before the keys
-Model-level sites (`tree` is the method's whole subtree):
-  embed(tree, x_BTD)               the token embeddings (may prepend vectors)
-  final_hidden(tree, h_BTD, taps)  the backbone's final hidden state (ladder)
+  key                 its subtree of variables['peft'] and its config entry (`config.peft.<key>`)
+  presets             named settings an experiment picks by name (`configs/sst2.py:houlsby`)
+  optimizer_defaults  its learning rate and anything else it trains best with (train/optimizer.py
+                      fills in the rest)
+  num_params          its parameter-count formula (tests check it against the leaves)
+  shape_alike         a method with the same leaves whose init needs no tokenizer or forward
+                      pass, for counting and export
+  file_fields         its settings under the names adapter libraries use, for our adapter file
+  mergeable, merge, unmerge, fold   whether and how it folds into the base weights, and its
+                      inference form
+  kv_cache            whether it decodes one token at a time with a KV cache
+
+Defining a subclass registers it (by constructor name and by key), so a method
+written anywhere — a test file, a user's module — trains through the config,
+counts, saves and loads like the built-in ones.
 """
 
 from __future__ import annotations
@@ -22,7 +26,12 @@ import dataclasses
 import numbers
 from typing import Any, ClassVar
 
+from additive_jax.model.hooks import Hooks
+
 PyTree = Any
+
+# Constructor name -> class, filled as each method class is defined.
+_CLASSES: dict[str, type[Method]] = {}
 
 
 def require_positive_int(method: str, name: str, value) -> None:
@@ -37,68 +46,56 @@ def require_number(method: str, name: str, value) -> None:
     raise ValueError(f'{method} {name} must be a number, got {value!r}')
 
 
+def require_choice(method: str, name: str, value, choices) -> None:
+  if value not in choices:
+    raise ValueError(f'{method} {name} must be one of {tuple(choices)}, got {value!r}')
+
+
 @dataclasses.dataclass(frozen=True)
-class Method:
+class Method(Hooks):
   """Base class of the methods in `aj.peft`; frozen so a model config can hash it."""
 
-  key: ClassVar[str] = ''              # its key in variables['peft']
-  acts_in_backbone: ClassVar[bool] = True
-  num_prefix_tokens: ClassVar[int] = 0  # key/value slots it adds per layer
-  wants_taps: ClassVar[bool] = False    # needs every layer's output hidden state
+  presets: ClassVar[dict[str, dict]] = {}
+  optimizer_defaults: ClassVar[dict] = {}
   mergeable: ClassVar[bool] = False     # can be folded into the frozen weights
 
-  def check(self, config) -> None:
-    """Raises ValueError naming the bad argument if this method cannot act on `config`."""
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    known = _CLASSES.get(cls.__name__)
+    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__,
+                                                                         cls.__qualname__):
+      raise TypeError(f'a method named {cls.__name__} exists already ({known.__module__})')
+    _CLASSES[cls.__name__] = cls
 
   def num_params(self, config) -> int:
-    """Trainable parameters, from the method's formula (tests check it against the leaves)."""
-    raise NotImplementedError
+    """Trainable parameters, from the method's formula."""
+    raise NotImplementedError(f'{type(self).__name__} defines no num_params')
 
-  def init(self, rng, config, params, tokenizer=None) -> PyTree:
-    """Creates the trainable leaves; at init the method leaves the logits unchanged."""
-    raise NotImplementedError
+  def shape_alike(self) -> Method:
+    """A method with the same leaf shapes whose `init_leaves` reads nothing but the base's
+    shapes (no tokenizer, no forward pass): what counting and export trace."""
+    return self
 
-  def layer_inputs(self, tree: PyTree, config) -> PyTree | None:
-    """The per-layer part fed to the scanned blocks (leading `layers` axis), or None."""
-    return tree
-
-  def project(self, p, name: str, x, y):
-    return y
-
-  def mlp_hidden(self, p, h):
-    return h
-
-  def attn_delta(self, p, r, f):
-    return None
-
-  def mlp_delta(self, p, r, f):
-    return None
-
-  def prefix_kv(self, p):
-    return None
-
-  def embed(self, tree, x_BTD):
-    return x_BTD
-
-  def final_hidden(self, tree, h_BTD, taps, context):
-    return h_BTD
+  def file_fields(self, config) -> dict:
+    """Its settings under the names adapter libraries use, written to our adapter file for a
+    reader (loading rebuilds the method from its constructor call alone)."""
+    return {}
 
   def fold(self, tree, config):
     """(method, tree) for inference: a training-time reparameterization evaluated once (prefix
     tuning's MLP), the same logits for less work per call. Most methods have none."""
     return self, tree
 
-  def merge(self, tree, params, config):
-    """Params with this method folded in (only for `mergeable` methods)."""
+  def merge(self, tree, params, config, stage=None):
+    """Params with this method folded in (only for `mergeable` methods); `stage` ('project',
+    'mlp_hidden' or None for both) lets `aj.peft.merge` order several methods' folds."""
     raise NotImplementedError(f'{type(self).__name__} cannot be merged into the base weights')
 
-  def unmerge(self, tree, params, config):
+  def unmerge(self, tree, params, config, stage=None):
     """The inverse of `merge`: the original params back."""
     raise NotImplementedError(f'{type(self).__name__} cannot be merged into the base weights')
 
-  def call_string(self) -> str:
-    """The constructor call that rebuilds this method, e.g. `IA3()`; a field whose constructor
-    keyword differs from its name says so in its metadata (`{'keyword': 'init'}`)."""
-    fields = ', '.join(f'{f.metadata.get("keyword", f.name)}={getattr(self, f.name)!r}'
-                       for f in dataclasses.fields(self) if getattr(self, f.name) != f.default)
-    return f'{type(self).__name__}({fields})'
+
+def method_classes() -> dict[str, type[Method]]:
+  """Constructor name -> class, for every method defined so far."""
+  return dict(_CLASSES)

@@ -52,6 +52,9 @@ import jax.numpy as jnp
 from additive_jax.peft.base import Method, require_number, require_positive_int
 
 PLACEMENTS = ('pfeiffer', 'houlsby', 'parallel')
+# each placement as our adapter file names it for a reader
+FILE_PLACEMENTS = {'pfeiffer': 'after_ffn', 'houlsby': 'after_attn_and_ffn',
+                   'parallel': 'parallel_to_ffn'}
 ACTIVATIONS = {'relu': jax.nn.relu,
                'gelu': lambda x: jax.nn.gelu(x, approximate=False),  # erf-based, as torch's
                'silu': jax.nn.silu}
@@ -66,6 +69,10 @@ class Bottleneck(Method):
   reduction_factor: float | None = None
 
   key: ClassVar[str] = 'bottleneck'
+  presets: ClassVar[dict] = {'pfeiffer': {'dim': 64, 'placement': 'pfeiffer'},
+                             'houlsby': {'dim': 32, 'placement': 'houlsby'},
+                             'parallel': {'dim': 64, 'placement': 'parallel', 'scale': 4.0}}
+  optimizer_defaults: ClassVar[dict] = {'learning_rate': 1e-3}
 
   def __post_init__(self):
     if self.placement not in PLACEMENTS:
@@ -108,7 +115,7 @@ class Bottleneck(Method):
     d, r = config.hidden_size, self.bottleneck_dim(config)
     return len(self.sites) * config.num_layers * (2 * d * r + r + d)
 
-  def init(self, rng, config, params, tokenizer=None):
+  def init_leaves(self, rng, config, params, tokenizer=None):
     layers, d, r = config.num_layers, config.hidden_size, self.bottleneck_dim(config)
     tree = {}
     for site, key in zip(self.sites, jax.random.split(rng, len(self.sites))):
@@ -122,6 +129,11 @@ class Bottleneck(Method):
                     'up': jnp.zeros((layers, r, d), jnp.float32),  # zero: the identity at init
                     'up_bias': jnp.zeros((layers, d), jnp.float32)}
     return tree
+
+  def file_fields(self, config) -> dict:
+    return {'adapter_type': 'bottleneck', 'bottleneck_dim': self.bottleneck_dim(config),
+            'non_linearity': self.activation, 'adapter_placement': FILE_PLACEMENTS[self.placement],
+            'scaling': self.scale, 'num_layers': config.num_layers}
 
   def adapter(self, p, h_BTD):
     """s · A(h) for one layer's leaves `p` (down [D,R], down_bias [R], up [R,D], up_bias [D])."""

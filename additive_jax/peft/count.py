@@ -13,10 +13,8 @@ from flax import traverse_util
 import jax
 
 from additive_jax.model.config import LlamaConfig
+from additive_jax.model.hooks import init_methods
 from additive_jax.model.llama import abstract_params
-from additive_jax.peft.prefix import PrefixTuning
-from additive_jax.peft.prompt import PromptTuning
-from additive_jax.peft.registry import init_methods
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,21 +27,11 @@ class Count:
 
 def leaf_shapes(methods, config: LlamaConfig) -> dict[str, tuple[int, ...]]:
   """'key/path/to/leaf' -> shape of every leaf the methods build on `config` (no weights read)."""
-  shaped = [_shape_alike(m) for m in methods]
+  shaped = [m.shape_alike() for m in methods]
   trees = jax.eval_shape(lambda key, params: init_methods(shaped, key, config, params),
                          jax.random.key(0), abstract_params(config))
   return {name: tuple(leaf.shape)
           for name, leaf in traverse_util.flatten_dict(trees, sep='/').items()}
-
-
-def _shape_alike(method):
-  """The method with its plain init: a text-initialized prompt needs a tokenizer and a
-  'vocab'-initialized prefix a forward pass of the base, for the same shapes."""
-  if isinstance(method, PromptTuning):
-    return PromptTuning(method.num_tokens)
-  if isinstance(method, PrefixTuning):
-    return PrefixTuning(method.num_tokens, method.projection_dim)
-  return method
 
 
 def count_leaves(methods, config: LlamaConfig) -> dict[str, int]:

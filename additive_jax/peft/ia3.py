@@ -52,16 +52,22 @@ _STAGE_LEAVES = {'project': ('l_k', 'l_v'), 'mlp_hidden': ('l_ff',)}
 @dataclasses.dataclass(frozen=True)
 class IA3(Method):
   key: ClassVar[str] = 'ia3'
+  presets: ClassVar[dict] = {'ia3': {}}
+  optimizer_defaults: ClassVar[dict] = {'learning_rate': 3e-3}
   mergeable: ClassVar[bool] = True
 
   def num_params(self, config) -> int:
     return config.num_layers * (2 * config.num_kv_heads * config.head_dim + config.intermediate_size)
 
-  def init(self, rng, config, params, tokenizer=None):
+  def init_leaves(self, rng, config, params, tokenizer=None):
     layers, kh = config.num_layers, config.num_kv_heads * config.head_dim
     return {'l_k': jnp.ones((layers, kh), jnp.float32),
             'l_v': jnp.ones((layers, kh), jnp.float32),
             'l_ff': jnp.ones((layers, config.intermediate_size), jnp.float32)}
+
+  def file_fields(self, config) -> dict:
+    return {'adapter_type': 'ia3', 'target_modules': ['k_proj', 'v_proj', 'down_proj'],
+            'num_layers': config.num_layers}
 
   def project(self, p, name, x, y):
     if name in ('k', 'v'):  # y_BTKH; the vector is the flattened K·H channels

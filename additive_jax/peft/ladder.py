@@ -58,7 +58,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from additive_jax.model import llama as llama_lib  # a module: llama.py imports peft.base
+from additive_jax.model import llama as llama_lib
 from additive_jax.model.config import LlamaConfig
 from additive_jax.model.rope import rotary_tables
 from additive_jax.peft.base import Method, require_positive_int
@@ -71,6 +71,9 @@ class LadderSide(Method):
   reduction: int = 8
 
   key: ClassVar[str] = 'ladder'
+  presets: ClassVar[dict] = {'ladder': {'reduction': 8}}
+  optimizer_defaults: ClassVar[dict] = {'learning_rate': 3e-3}
+  kv_cache: ClassVar[bool] = False  # the side network keeps no cache of its own yet
   acts_in_backbone: ClassVar[bool] = False
   wants_taps: ClassVar[bool] = True
 
@@ -105,7 +108,7 @@ class LadderSide(Method):
       block += 2 * f + d
     return layers * block + (layers + 1) * config.hidden_size * d + layers + d + d * config.hidden_size
 
-  def init(self, rng, config, params, tokenizer=None):
+  def init_leaves(self, rng, config, params, tokenizer=None):
     hidden_R, mlp_LF, head_H = keep_indices(params['layers'], config, self.reduction)
     select_DR = jax.nn.one_hot(hidden_R, config.hidden_size, dtype=jnp.float32).T
     return {
@@ -117,13 +120,15 @@ class LadderSide(Method):
         'up_RD': jnp.zeros((hidden_R.shape[0], config.hidden_size), jnp.float32),
     }
 
+  def file_fields(self, config) -> dict:
+    return {'adapter_type': 'ladder_side', 'reduction': self.reduction,
+            'side_hidden_size': config.hidden_size // self.reduction,
+            'num_layers': config.num_layers}
+
   def layer_inputs(self, tree, config):
     return None  # nothing of the ladder runs inside the backbone's blocks
 
   def final_hidden(self, tree, h_BTD, taps, context):
-    if context.cache_end is not None:
-      raise NotImplementedError('LadderSide has no KV cache for its side network yet; '
-                                'decode without a cache')
     embedded_BTD, taps_LBTD = jax.lax.stop_gradient(taps)
     h_BTD = jax.lax.stop_gradient(h_BTD)
     side = self.side_config(context.config)

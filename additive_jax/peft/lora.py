@@ -62,6 +62,8 @@ class LoRA(Method):
   targets: tuple[str, ...] = ('q', 'v')
 
   key: ClassVar[str] = 'lora'
+  presets: ClassVar[dict] = {'lora': {'rank': 8, 'alpha': 16, 'targets': tuple(TARGETS)}}
+  optimizer_defaults: ClassVar[dict] = {'learning_rate': 5e-4}
   mergeable: ClassVar[bool] = True
 
   def __post_init__(self):
@@ -82,7 +84,7 @@ class LoRA(Method):
   def num_params(self, config) -> int:
     return config.num_layers * self.rank * sum(sum(widths(config, t)) for t in self.targets)
 
-  def init(self, rng, config, params, tokenizer=None):
+  def init_leaves(self, rng, config, params, tokenizer=None):
     tree = {}
     for target, key in zip(self.targets, jax.random.split(rng, len(self.targets))):
       i, o = widths(config, target)
@@ -91,6 +93,10 @@ class LoRA(Method):
           'a': jax.random.uniform(key, (config.num_layers, i, self.rank), jnp.float32, -bound, bound),
           'b': jnp.zeros((config.num_layers, self.rank, o), jnp.float32)}
     return tree
+
+  def file_fields(self, config) -> dict:
+    return {'adapter_type': 'lora', 'r': self.rank, 'lora_alpha': self.alpha,
+            'target_modules': [f'{t}_proj' for t in self.targets], 'num_layers': config.num_layers}
 
   def project(self, p, name, x, y):
     if name not in self.targets:

@@ -51,37 +51,33 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
+from additive_jax.model.llama import KVCache, Llama
 from additive_jax.peft.base import Method, require_positive_int
 
 
 INITS = ('random', 'vocab')
 
 
-@dataclasses.dataclass(frozen=True, init=False)
+@dataclasses.dataclass(frozen=True)
 class PrefixTuning(Method):
-  """`PrefixTuning(num_tokens, projection_dim=None, init='random'|'vocab')`.
-
-  The constructor keyword `init` is stored as `initializer`: `init` is the name of
-  the `Method` hook that builds the leaves.
-  """
+  """`PrefixTuning(num_tokens, projection_dim=None, init='random'|'vocab')`."""
   num_tokens: int
   projection_dim: int | None = None
-  initializer: str = dataclasses.field(default='random', metadata={'keyword': 'init'})
+  init: str = 'random'
 
   key: ClassVar[str] = 'prefix'
+  presets: ClassVar[dict] = {'prefix': {'num_tokens': 20, 'init': 'vocab'}}
+  optimizer_defaults: ClassVar[dict] = {'learning_rate': 5e-3}
 
-  def __init__(self, num_tokens: int, projection_dim: int | None = None, init: str = 'random'):
-    require_positive_int('PrefixTuning', 'num_tokens', num_tokens)
-    if projection_dim is not None:
-      require_positive_int('PrefixTuning', 'projection_dim', projection_dim)
-    if init not in INITS:
-      raise ValueError(f'PrefixTuning init must be one of {INITS}, got {init!r}')
-    if init == 'vocab' and projection_dim is not None:
+  def __post_init__(self):
+    require_positive_int('PrefixTuning', 'num_tokens', self.num_tokens)
+    if self.projection_dim is not None:
+      require_positive_int('PrefixTuning', 'projection_dim', self.projection_dim)
+    if self.init not in INITS:
+      raise ValueError(f'PrefixTuning init must be one of {INITS}, got {self.init!r}')
+    if self.init == 'vocab' and self.projection_dim is not None:
       raise ValueError("PrefixTuning(init='vocab') sets the prefix itself; with projection_dim the "
                        "prefix is an MLP's output, so use init='random' there")
-    for name, value in (('num_tokens', num_tokens), ('projection_dim', projection_dim),
-                        ('initializer', init)):
-      object.__setattr__(self, name, value)
 
   @property
   def num_prefix_tokens(self) -> int:
@@ -99,9 +95,9 @@ class PrefixTuning(Method):
     r = self.projection_dim
     return n * kh + kh * r + r + 2 * layers * kh * (r + 1)
 
-  def init(self, rng, config, params, tokenizer=None):
+  def init_leaves(self, rng, config, params, tokenizer=None):
     layers, n, k, h = config.num_layers, self.num_tokens, config.num_kv_heads, config.head_dim
-    if self.initializer == 'vocab':
+    if self.init == 'vocab':
       return cached_keys_values(config, params, vocab_ids(rng, config, n))
     keys = jax.random.split(rng, 7)
     if self.projection_dim is None:
@@ -120,6 +116,15 @@ class PrefixTuning(Method):
             'out_v_LRKH': linear(keys[4], (layers, r, k, h), r),
             'out_k_bias_LKH': linear(keys[5], (layers, k, h), r),
             'out_v_bias_LKH': linear(keys[6], (layers, k, h), r)}
+
+  def shape_alike(self) -> PrefixTuning:
+    # the plain init: 'vocab' would run the base for the same shapes
+    return PrefixTuning(self.num_tokens, self.projection_dim)
+
+  def file_fields(self, config) -> dict:
+    return {'adapter_type': 'prefix_tuning', 'num_virtual_tokens': self.num_tokens,
+            'projection_dim': self.projection_dim, 'num_layers': config.num_layers,
+            'num_kv_heads': config.num_kv_heads, 'head_dim': config.head_dim}
 
   def layer_inputs(self, tree, config):
     """`{'k_LPKH', 'v_LPKH'}`; the scan hands each layer its [P, K, H] slice."""
@@ -153,7 +158,6 @@ def vocab_ids(rng, config, num_tokens: int) -> jax.Array:
 def cached_keys_values(config, params, ids_1P) -> dict:
   """`{'k_LPKH', 'v_LPKH'}`: what the frozen base caches, layer by layer, reading `ids_1P` at
   positions 0…n−1."""
-  from additive_jax.model.llama import KVCache, Llama  # the model imports this package
   base = Llama(config, parent=None)  # a model of its own, also when called from a model's method
   _, cache = base.apply({'params': params}, ids_1P,
                         cache=KVCache.create(config, 1, ids_1P.shape[1]))

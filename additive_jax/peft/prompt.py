@@ -41,30 +41,28 @@ from additive_jax.peft.base import Method, require_positive_int
 INITS = ('vocab', 'text')
 
 
-@dataclasses.dataclass(frozen=True, init=False)
+@dataclasses.dataclass(frozen=True)
 class PromptTuning(Method):
-  """`PromptTuning(num_tokens, init='vocab'|'text', text=None)`.
-
-  The constructor keyword `init` is stored as `initializer`: `init` is the name of
-  the `Method` hook that builds the leaves.
-  """
+  """`PromptTuning(num_tokens, init='vocab'|'text', text=None)`."""
   num_tokens: int
-  initializer: str = dataclasses.field(default='vocab', metadata={'keyword': 'init'})
+  init: str = 'vocab'
   text: str | None = None
 
   key: ClassVar[str] = 'prompt'
+  presets: ClassVar[dict] = {'prompt': {'num_tokens': 20}}
+  # orders of magnitude above the others' (Lester et al. use 0.3 with Adafactor)
+  optimizer_defaults: ClassVar[dict] = {'learning_rate': 3e-2}
+  kv_cache: ClassVar[bool] = False  # every call would prepend the vectors, each decode step too
 
-  def __init__(self, num_tokens: int, init: str = 'vocab', text: str | None = None):
-    require_positive_int('PromptTuning', 'num_tokens', num_tokens)
-    if init not in INITS:
-      raise ValueError(f'PromptTuning init must be one of {INITS}, got {init!r}')
-    if init == 'text' and not text:
+  def __post_init__(self):
+    require_positive_int('PromptTuning', 'num_tokens', self.num_tokens)
+    if self.init not in INITS:
+      raise ValueError(f'PromptTuning init must be one of {INITS}, got {self.init!r}')
+    if self.init == 'text' and not self.text:
       raise ValueError("PromptTuning(init='text') needs text='...', the words whose embeddings "
                        'start the prompt')
-    if init != 'text' and text is not None:
-      raise ValueError(f"PromptTuning text is used only with init='text', got init={init!r}")
-    for name, value in (('num_tokens', num_tokens), ('initializer', init), ('text', text)):
-      object.__setattr__(self, name, value)
+    if self.init != 'text' and self.text is not None:
+      raise ValueError(f"PromptTuning text is used only with init='text', got init={self.init!r}")
 
   def check(self, config) -> None:
     if self.num_tokens >= config.max_position_embeddings:
@@ -74,13 +72,20 @@ class PromptTuning(Method):
   def num_params(self, config) -> int:
     return self.num_tokens * config.hidden_size
 
-  def init(self, rng, config, params, tokenizer=None):
+  def init_leaves(self, rng, config, params, tokenizer=None):
     table_VD = params['embed_tokens']['embedding']
-    if self.initializer == 'vocab':
+    if self.init == 'vocab':
       ids_P = jax.random.randint(rng, (self.num_tokens,), 0, config.vocab_size)
     else:
       ids_P = jnp.asarray(text_token_ids(self.text, tokenizer, self.num_tokens), jnp.int32)
     return {'prompt_PD': jnp.asarray(table_VD)[ids_P].astype(jnp.float32)}
+
+  def shape_alike(self) -> PromptTuning:
+    return PromptTuning(self.num_tokens)  # the text init needs a tokenizer for the same shape
+
+  def file_fields(self, config) -> dict:
+    return {'adapter_type': 'prompt_tuning', 'num_virtual_tokens': self.num_tokens,
+            'token_dim': config.hidden_size}
 
   def layer_inputs(self, tree, config):
     return None  # nothing per layer: the prompt acts at the embeddings only

@@ -1,48 +1,57 @@
-"""The set of methods a model carries: validation, initialization, parsing.
+"""Finding a method by its name, key or preset, and building it from text or from fields.
 
-A method set is refused before any compute when a method appears twice (each
-owns one key of `variables['peft']`) or when two methods cannot train together.
+Where text names a method (our adapter file, the `count` command) it is its
+constructor call, `"Bottleneck(dim=64, placement='houlsby')"`; an experiment
+config holds one entry per method key with the method's fields
+(`config.peft.bottleneck.dim`), made from a preset of the method's class.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
+import types
+import typing
+from typing import Any, Mapping
 
-import jax
-
-from additive_jax.peft.base import Method
-
-
-def method_classes() -> dict[str, type[Method]]:
-  """Constructor name -> class, for every method in `aj.peft`."""
-  import additive_jax.peft as peft_package
-  return {name: cls for name, cls in vars(peft_package).items()
-          if isinstance(cls, type) and issubclass(cls, Method) and cls is not Method}
+from additive_jax.peft.base import Method, method_classes
 
 
-def check_methods(methods, config) -> None:
-  keys = [m.key for m in methods]
-  for method in methods:
-    if not isinstance(method, Method):
-      raise TypeError(f'peft entries must be aj.peft methods, got {method!r}')
-    if keys.count(method.key) > 1:
-      raise ValueError(f'method {method.key!r} is configured twice; each method owns one '
-                       f"subtree of variables['peft'] (merge the settings into one)")
-    check = getattr(method, 'check', None)
-    if check is not None:
-      check(config)
-  outside = [m for m in methods if not m.acts_in_backbone]
-  inside = [m for m in methods if m.acts_in_backbone]
-  if outside and inside:
-    raise ValueError(
-        f'{outside[0].call_string()} runs the backbone under stop_gradient, so '
-        f'{", ".join(m.call_string() for m in inside)} acting inside the backbone would get no '
-        'gradient; train them in separate runs')
+def class_for_key(key: str) -> type[Method]:
+  """The method class whose subtree of variables['peft'] is `key`."""
+  classes = {cls.key: cls for cls in method_classes().values()}
+  if key not in classes:
+    raise ValueError(f'no method has the key {key!r}; method keys: {", ".join(sorted(classes))}')
+  return classes[key]
 
 
-def init_methods(methods, rng, config, params, tokenizer=None) -> dict:
-  rngs = jax.random.split(rng, max(len(methods), 1))
-  return {m.key: m.init(key, config, params, tokenizer) for m, key in zip(methods, rngs)}
+def presets() -> dict[str, tuple[type[Method], dict]]:
+  """Preset name -> (its method class, the fields it sets), over every method class."""
+  return {name: (cls, dict(fields)) for cls in method_classes().values()
+          for name, fields in cls.presets.items()}
+
+
+def field_types(cls: type[Method]) -> dict[str, tuple[Any, type]]:
+  """Field name -> (default, the type a config entry holds it as) of a method class. A field
+  that may be None holds its other type (a config entry needs one to be overridable)."""
+  hints = typing.get_type_hints(cls)
+  fields = {}
+  for field in dataclasses.fields(cls):
+    kind = hints[field.name]
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+      kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    kind = typing.get_origin(kind) or kind
+    default = None if field.default is dataclasses.MISSING else field.default
+    fields[field.name] = (default, kind)
+  return fields
+
+
+def method_from_fields(key: str, fields: Mapping) -> Method:
+  """The method of `key` built from an entry's fields (other entries, such as its
+  `optimizer` block, are not fields and are left out)."""
+  cls = class_for_key(key)
+  names = {f.name for f in dataclasses.fields(cls)}
+  return cls(**{name: value for name, value in fields.items() if name in names})
 
 
 def parse_method(text: str) -> Method:

@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from additive_jax.peft.files.file_io import join_problems, shape_problems
+from additive_jax.train.config_checks import methods_of
 
 
 class CheckpointError(ValueError):
@@ -138,8 +139,9 @@ class Checkpoints:
                 shape_problems(needed, saved_leaves))
     if problems:
       saved_config = self.restore_config(step)
-      run = ', '.join(f'{key}={saved_config[key]!r}' for key in ('model', 'peft')
-                      if key in saved_config)
+      written_by = {'model': saved_config.get('model'),
+                    'peft': [m.call_string() for m in methods_of(saved_config)]}
+      run = ', '.join(f'{key}={value!r}' for key, value in written_by.items() if value)
       raise CheckpointError(f'{self.step_directory(step)} does not fit this run: '
                             f'{join_problems(problems)}' +
                             (f' (it was written by a run with {run})' if run else ''))
@@ -197,10 +199,15 @@ RESUMABLE_CHANGES = ('log_every', 'eval_every', 'eval_batches', 'checkpoint_ever
 
 def config_changes(saved: dict, current: dict) -> list[str]:
   """'key: saved -> current' for every key of the run's config that differs from the saved one,
-  other than RESUMABLE_CHANGES (the JSON round trip turns tuples into lists on both sides)."""
+  other than RESUMABLE_CHANGES (the JSON round trip turns tuples into lists on both sides).
+  The methods are compared as their constructor calls, one line for all of their fields."""
+  methods = [[m.call_string() for m in methods_of(config)] for config in (saved, current)]
+  changes = [f'peft: {methods[0]!r} -> {methods[1]!r}'] if methods[0] != methods[1] else []
   def flat(config):
     return traverse_util.flatten_dict(json.loads(json.dumps(config)), sep='.')
   saved, current = flat(saved), flat(current)
-  return [f'{key}: {saved.get(key)!r} -> {current.get(key)!r}'
-          for key in sorted(set(saved) | set(current))
-          if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)]
+  method_field = lambda key: key.startswith('peft.') and '.optimizer.' not in key
+  return changes + [f'{key}: {saved.get(key)!r} -> {current.get(key)!r}'
+                    for key in sorted(set(saved) | set(current))
+                    if key not in RESUMABLE_CHANGES and not method_field(key)
+                    and saved.get(key) != current.get(key)]

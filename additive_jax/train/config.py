@@ -2,31 +2,31 @@
 
 Experiment files in `configs/` start from `default_config()`, set what differs,
 and lock the result, so `--config.some_typo=1` fails before anything runs.
+
+`config.peft` has one entry per trained method, under the method's key: its
+fields and its own `optimizer` block, each overridable on the command line
+(`--config.peft.bottleneck.dim=128`, `--config.peft.lora.optimizer.learning_rate=2e-4`).
+A preset of a method's class (`Bottleneck.presets['houlsby']`, ...) fills an
+entry; the methods act in the order of their keys.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from additive_jax.data.config import data_config
-from additive_jax.train.optimizer import DEFAULT_LEARNING_RATES, method_settings
+from additive_jax.peft.registry import field_types, presets
+from additive_jax.train.optimizer import method_settings
 
-# Method presets: the name an experiment's argument gives -> the constructor call.
-METHODS = {
-    'pfeiffer': "Bottleneck(dim=64, placement='pfeiffer')",
-    'houlsby': "Bottleneck(dim=32, placement='houlsby')",
-    'parallel': "Bottleneck(dim=64, placement='parallel', scale=4.0)",
-    'ia3': 'IA3()',
-    'lora': "LoRA(rank=8, alpha=16, targets=('q', 'k', 'v', 'o', 'gate', 'up', 'down'))",
-    'prompt': 'PromptTuning(num_tokens=20)',
-    'prefix': "PrefixTuning(num_tokens=20, init='vocab')",
-    'ladder': 'LadderSide(reduction=8)',
-}
-
-# Logical axis of a base weight -> mesh axis. A size the mesh axis does not divide is
-# replicated instead (mesh.shardings_for reports which).
+# Logical axis of a base weight or an activation -> mesh axis. A weight size the mesh axis does
+# not divide is replicated instead (mesh.shardings_for reports which). Activations keep their
+# batch split over data × fsdp in every layer, so FSDP gathers weights, never activations.
 RULES = (('layers', None), ('vocab', 'tensor'), ('embed', 'fsdp'), ('q_heads', 'tensor'),
-         ('kv_heads', 'tensor'), ('head_dim', None), ('mlp', 'tensor'))
+         ('kv_heads', 'tensor'), ('head_dim', None), ('mlp', 'tensor'),
+         ('activation_batch', ('data', 'fsdp')), ('activation_length', None),
+         ('activation_embed', None), ('activation_vocab', None))
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -35,10 +35,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.dtype = 'float32'                # compute dtype; 'bfloat16' on accelerators
   c.param_dtype = 'float32'          # storage dtype of the frozen base
   c.remat = 'none'                   # 'none' | 'full' | 'dots': activation checkpointing policy
-  c.peft = (METHODS['pfeiffer'],)    # the methods, as constructor calls
-  # every method's optimizer settings (learning_rate, schedule, warmup_steps, weight_decay); a run
-  # uses those of its methods: `--config.optimizer.lora.learning_rate=2e-4`
-  c.optimizer = ml_collections.ConfigDict({key: method_settings(key) for key in DEFAULT_LEARNING_RATES})
+  # the trained methods: one entry per key, its fields and its optimizer (see with_methods)
+  c.peft = method_entries('pfeiffer')
   c.clip_norm = 1.0                  # global gradient-norm clip over the trainable partition; 0: off
   c.data = data_config()
   c.batch_size = 8                   # rows per optimizer step, over all processes
@@ -60,12 +58,47 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def with_methods(config: ml_collections.ConfigDict, *names: str) -> ml_collections.ConfigDict:
-  """`config` training the preset methods `names` (keys of METHODS)."""
-  unknown = [n for n in names if n not in METHODS]
+def method_entries(*names: str) -> ml_collections.ConfigDict:
+  """`config.peft` for the presets `names`: per method key, every field of the method (the
+  preset's value, else the field's default) and an `optimizer` block of its settings."""
+  known = presets()
+  unknown = [n for n in names if n not in known]
   if unknown:
-    raise ValueError(f'unknown method preset {unknown}; presets: {", ".join(METHODS)}')
-  config.peft = tuple(METHODS[n] for n in names)
+    raise ValueError(f'unknown method preset {unknown}; presets: {", ".join(known)}')
+  entries = {}
+  for name in names:
+    cls, chosen = known[name]
+    if cls.key in entries:
+      raise ValueError(f'presets {entries[cls.key][0]!r} and {name!r} both configure the '
+                       f'{cls.key!r} method; a run trains each method once')
+    entries[cls.key] = (name, cls, chosen)
+  return ml_collections.ConfigDict(
+      {key: _entry(cls, chosen) for key, (_, cls, chosen) in entries.items()})
+
+
+def _entry(cls, chosen: dict) -> ml_collections.ConfigDict:
+  entry = ml_collections.ConfigDict()
+  for name, (default, kind) in field_types(cls).items():
+    value = chosen.get(name, default)
+    if value is None:  # typed, so that the command line can set it
+      entry[name] = ml_collections.config_dict.placeholder(kind)
+    else:
+      entry[name] = kind(value) if kind in (int, float) else value
+  entry.optimizer = method_settings(cls)
+  return entry
+
+
+def entries_of(methods) -> ml_collections.ConfigDict:
+  """`config.peft` for method objects (`aj.peft.Bottleneck(dim=8)`, ...): each entry holds the
+  method's fields as set and its class's optimizer settings."""
+  return ml_collections.ConfigDict(
+      {m.key: _entry(type(m), {f.name: getattr(m, f.name) for f in dataclasses.fields(m)})
+       for m in methods})
+
+
+def with_methods(config: ml_collections.ConfigDict, *names: str) -> ml_collections.ConfigDict:
+  """`config` training the preset methods `names` (e.g. 'pfeiffer', 'lora')."""
+  config.peft = method_entries(*names)
   return config
 
 

@@ -16,13 +16,13 @@ from jax.sharding import Mesh
 from additive_jax.data.encode import OVER_LONG_POLICIES
 from additive_jax.data.sources import source_spec
 from additive_jax.data.templates import TEMPLATES
-from additive_jax.model.config import REMAT_POLICIES
+from additive_jax.model.config import DTYPES, REMAT_POLICIES
+from additive_jax.model.hooks import check_methods
 from additive_jax.model.load import load_config
-from additive_jax.peft.registry import check_methods, parse_method
+from additive_jax.peft.registry import class_for_key, method_from_fields
 from additive_jax.train import mesh as mesh_lib
-from additive_jax.train.optimizer import DEFAULT_LEARNING_RATES, SCHEDULES, method_settings
+from additive_jax.train.optimizer import SCHEDULES, method_settings
 
-DTYPES = ('float32', 'bfloat16')
 _POSITIVE = ('batch_size', 'seq_len', 'num_steps', 'accumulation', 'log_every', 'checkpoint_every')
 _NOT_NEGATIVE = ('eval_every', 'eval_batches', 'keep_best', 'accuracy_limit')
 
@@ -84,23 +84,32 @@ def _check_data(config) -> None:
       raise FileNotFoundError(f'config.accuracy_split={config.accuracy_split!r}: no data file {path}')
 
 
+def methods_of(config) -> tuple:
+  """The methods of `config.peft` (a ConfigDict, or the dict a checkpoint keeps), each entry's
+  error named by its key."""
+  methods = []
+  for key, entry in config['peft'].items():
+    try:
+      methods.append(method_from_fields(key, entry))
+    except (ValueError, TypeError) as err:
+      raise ValueError(f'config.peft.{key}: {err}') from None
+  return tuple(methods)
+
+
 def _check_methods_and_optimizer(config) -> tuple:
-  methods = tuple(parse_method(text) for text in config.peft)
-  if not methods:
+  if not config.peft:
     raise ValueError('config.peft names no method: nothing would train')
-  stray = set(config.optimizer) - set(DEFAULT_LEARNING_RATES)
-  if stray:
-    raise ValueError(f'config.optimizer has settings for {sorted(stray)}, which is no method key '
-                     f'(method keys: {", ".join(DEFAULT_LEARNING_RATES)})')
-  for key, overrides in config.optimizer.items():
-    defaults = method_settings(key)
+  methods = methods_of(config)
+  for key, entry in config.peft.items():
+    defaults = method_settings(class_for_key(key))
+    overrides = entry.get('optimizer') or {}
     unknown = set(overrides) - set(defaults)
     if unknown:
-      raise ValueError(f'config.optimizer.{key} has unknown keys {sorted(unknown)}; '
+      raise ValueError(f'config.peft.{key}.optimizer has unknown keys {sorted(unknown)}; '
                        f'known: {sorted(defaults)}')
     settings = {**defaults, **overrides}
     if settings['schedule'] not in SCHEDULES:
-      raise ValueError(f'config.optimizer.{key}.schedule must be one of {", ".join(SCHEDULES)}, '
-                       f'got {settings["schedule"]!r}')
+      raise ValueError(f'config.peft.{key}.optimizer.schedule must be one of '
+                       f'{", ".join(SCHEDULES)}, got {settings["schedule"]!r}')
   check_methods(methods, load_config(config.model))  # the model's config alone: no weights read
   return methods

@@ -30,7 +30,7 @@ class LossEvaluator:
         config.data, run.tokenizer, batch_size=config.batch_size, seq_len=config.seq_len,
         process_index=jax.process_index(), process_count=jax.process_count())
     self.count = min(config.eval_batches or len(self.batches), len(self.batches))
-    self.step = jit_eval_step(run.model, run.mesh, run.param_shardings)
+    self.step = jit_eval_step(run.model, run.mesh, config.rules, run.param_shardings)
 
   def __call__(self, state) -> dict[str, float]:
     loss_sum = tokens = 0.0

@@ -85,7 +85,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary['accuracy_before'] = before
     say(f'accuracy before: {before:.4f}')
 
-  train_step = jit_train_step(run.model, run.optimizer, config.accumulation, mesh,
+  train_step = jit_train_step(run.model, run.optimizer, config.accumulation, mesh, config.rules,
                               run.state_shardings, run.param_shardings)
   evaluate_loss = LossEvaluator(run, config)
   first = int(state.step)

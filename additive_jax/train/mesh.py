@@ -40,7 +40,10 @@ def make_mesh(shape: Sequence[int] | None = None, devices=None) -> Mesh:
   if math.prod(shape) != len(devices):
     raise ValueError(f'mesh shape {tuple(shape)} needs {math.prod(shape)} devices, '
                      f'there are {len(devices)}')
-  return Mesh(np.asarray(devices).reshape(shape), AXES)
+  # Auto axes: shardings follow the rules and XLA's propagation (the default, Explicit, would
+  # make every sharding part of the types)
+  return jax.make_mesh(tuple(shape), AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES),
+                       devices=devices)
 
 
 def shardings_for(boxed_tree, mesh: Mesh, rules: Rules):

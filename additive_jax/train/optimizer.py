@@ -14,21 +14,20 @@ from __future__ import annotations
 import jax
 import optax
 
-# Learning rates that train well on SmolLM2-135M with a few hundred steps; the
-# literature's ranges: adapters 1e-4..1e-3, (IA)3 ~3e-3, LoRA ~2e-4..1e-3,
-# prompt tuning orders of magnitude higher (Lester et al. use 0.3 with Adafactor).
 SCHEDULES = ('cosine', 'constant')  # cosine: linear warmup, then cosine decay to zero
-DEFAULT_LEARNING_RATES = {'bottleneck': 1e-3, 'ia3': 3e-3, 'lora': 5e-4, 'prompt': 3e-2,
-                          'prefix': 5e-3, 'ladder': 3e-3}
+# Every method's settings unless its class says otherwise (`Method.optimizer_defaults`: each
+# method's learning rate, from the literature's ranges and what trains well on SmolLM2-135M
+# in a few hundred steps).
+SETTINGS = {'learning_rate': 1e-3,
+            'schedule': 'cosine',    # one of SCHEDULES
+            'warmup_steps': 10,
+            'weight_decay': 0.0}
 
 
-def method_settings(key: str, overrides=None) -> dict:
-  """One method's optimizer settings: the defaults, then the overrides (a dict or ConfigDict)."""
-  return {'learning_rate': DEFAULT_LEARNING_RATES[key],
-          'schedule': 'cosine',    # one of SCHEDULES
-          'warmup_steps': 10,
-          'weight_decay': 0.0,
-          **(overrides or {})}
+def method_settings(method_class, overrides=None) -> dict:
+  """One method's optimizer settings: the shared ones, its class's defaults, then the
+  overrides (a dict or ConfigDict, e.g. its config entry's `optimizer` block)."""
+  return {**SETTINGS, **method_class.optimizer_defaults, **(overrides or {})}
 
 
 def schedule(settings, total_steps: int) -> optax.Schedule:
@@ -57,7 +56,8 @@ def make_optimizer(method_keys, settings_by_method, total_steps: int,
 def run_optimizer(config, methods) -> tuple[optax.GradientTransformation, dict]:
   """(optimizer, each method's settings) of an experiment config (a ConfigDict, or the dict a
   checkpoint keeps): one definition for the run and for whatever reads its checkpoints."""
-  settings = {m.key: method_settings(m.key, config['optimizer'].get(m.key)) for m in methods}
+  settings = {m.key: method_settings(type(m), config['peft'][m.key]['optimizer'])
+              for m in methods}
   return make_optimizer(list(settings), settings, config['num_steps'], config['clip_norm']), settings
 
 

@@ -11,17 +11,14 @@ import dataclasses
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
+from additive_jax.model.config import DTYPES
 from additive_jax.model.llama import Llama
 from additive_jax.model.tokenizer import load_tokenizer
 from additive_jax.train.model_state import create_train_state, load_base
 from additive_jax.train.optimizer import run_optimizer
-
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
 
 @dataclasses.dataclass
 class Run:
@@ -40,8 +37,8 @@ class Run:
 def build(config: ml_collections.ConfigDict, mesh: Mesh, methods) -> Run:
   tokenizer = load_tokenizer(config.model)
   model_config, params, param_shardings, fallback = load_base(
-      config.model, mesh, config.rules, dtype=_DTYPES[config.dtype],
-      param_dtype=_DTYPES[config.param_dtype], remat=config.remat)
+      config.model, mesh, config.rules, dtype=DTYPES[config.dtype],
+      param_dtype=DTYPES[config.param_dtype], remat=config.remat)
   for path, dim, size, axis in fallback:
     logging.info('replicated: %s axis %d (size %d) is not divisible by mesh axis %r',
                  path, dim, size, axis)

@@ -9,16 +9,20 @@ with `lax.scan`, so the result equals one step on the whole batch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
-from additive_jax.model.llama import batch_split_activations
 from additive_jax.train.loss import token_cross_entropy
-from additive_jax.train.mesh import batch_sharding, replicated
+from jax.sharding import Mesh
+
+from additive_jax.train.mesh import Rules, batch_sharding, replicated
 
 
 @flax.struct.dataclass
@@ -65,27 +69,37 @@ def train_step(model, optimizer, accumulation: int, state: TrainState, params, b
   return TrainState(state.step + 1, peft, opt_state), metrics
 
 
-def _batch_split(fn, mesh):
-  """`fn` traced with the model's activations kept split over the batch axes of `mesh`."""
-  def traced(*args):
-    with batch_split_activations(batch_sharding(mesh)):
-      return fn(*args)
-  return traced
+@dataclasses.dataclass(frozen=True)
+class OnMesh:
+  """A jitted step called (and so traced) with `mesh` set and the logical axis `rules` in
+  force: the model's activation constraints then keep the batch split as the rules say."""
+  jitted: Any
+  mesh: Mesh
+  rules: Rules
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.jitted.lower(*args)
 
 
-def jit_train_step(model, optimizer, accumulation: int, mesh, state_shardings, param_shardings):
+def jit_train_step(model, optimizer, accumulation: int, mesh, rules, state_shardings,
+                   param_shardings):
   """`train_step` compiled for `mesh`: the state donated (updated in place), the base read
   where it lies, the batch split over the data axes; metrics replicated."""
   step = functools.partial(train_step, model, optimizer, accumulation)
-  return jax.jit(_batch_split(step, mesh),
-                 in_shardings=(state_shardings, param_shardings, batch_sharding(mesh)),
-                 out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+  return OnMesh(jax.jit(step, in_shardings=(state_shardings, param_shardings, batch_sharding(mesh)),
+                        out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0),
+                mesh, rules)
 
 
-def jit_eval_step(model, mesh, param_shardings):
-  return jax.jit(_batch_split(functools.partial(eval_step, model), mesh),
-                 in_shardings=(replicated(mesh), param_shardings, batch_sharding(mesh)),
-                 out_shardings=replicated(mesh))
+def jit_eval_step(model, mesh, rules, param_shardings):
+  return OnMesh(jax.jit(functools.partial(eval_step, model),
+                        in_shardings=(replicated(mesh), param_shardings, batch_sharding(mesh)),
+                        out_shardings=replicated(mesh)), mesh, rules)
 
 
 def eval_step(model, peft, params, batch):

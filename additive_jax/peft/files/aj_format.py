@@ -17,6 +17,7 @@ given base, and the recorded shape facts against it, and names what differs.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 
 import numpy as np
@@ -32,34 +33,6 @@ CONFIG_NAME = 'aj_adapter_config.json'
 WEIGHTS_NAME = 'aj_adapter.safetensors'
 BASE_FACTS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads',
               'num_kv_heads', 'head_dim')
-PLACEMENT_NAMES = {'pfeiffer': 'after_ffn', 'houlsby': 'after_attn_and_ffn',
-                   'parallel': 'parallel_to_ffn'}
-
-
-def _readable_fields(method, config) -> dict:
-  """The method's settings under the names adapter libraries use, for a reader of the JSON."""
-  layers = config.num_layers
-  if method.key == 'bottleneck':
-    return {'adapter_type': 'bottleneck', 'bottleneck_dim': method.bottleneck_dim(config),
-            'non_linearity': method.activation, 'adapter_placement': PLACEMENT_NAMES[method.placement],
-            'scaling': method.scale, 'num_layers': layers}
-  if method.key == 'ia3':
-    return {'adapter_type': 'ia3', 'target_modules': ['k_proj', 'v_proj', 'down_proj'],
-            'num_layers': layers}
-  if method.key == 'lora':
-    return {'adapter_type': 'lora', 'r': method.rank, 'lora_alpha': method.alpha,
-            'target_modules': [f'{t}_proj' for t in method.targets], 'num_layers': layers}
-  if method.key == 'prompt':
-    return {'adapter_type': 'prompt_tuning', 'num_virtual_tokens': method.num_tokens,
-            'token_dim': config.hidden_size}
-  if method.key == 'prefix':
-    return {'adapter_type': 'prefix_tuning', 'num_virtual_tokens': method.num_tokens,
-            'projection_dim': method.projection_dim, 'num_layers': layers,
-            'num_kv_heads': config.num_kv_heads, 'head_dim': config.head_dim}
-  if method.key == 'ladder':
-    return {'adapter_type': 'ladder_side', 'reduction': method.reduction,
-            'side_hidden_size': config.hidden_size // method.reduction, 'num_layers': layers}
-  return {}  # the constructor call alone describes a method added later
 
 
 def flat_leaves(methods, peft) -> dict[str, np.ndarray]:
@@ -69,13 +42,12 @@ def flat_leaves(methods, peft) -> dict[str, np.ndarray]:
 
 
 def save(directory, methods, peft, config, base_model_name_or_path=None) -> None:
-  from additive_jax import __version__  # the package sets it after importing aj.peft
   write_tensors(os.path.join(directory, WEIGHTS_NAME), flat_leaves(methods, peft))
   write_json(os.path.join(directory, CONFIG_NAME), {
-      'library_version': __version__,
+      'library_version': importlib.metadata.version('additive_jax'),
       'base_model_name_or_path': base_model_name_or_path,
       'base_model': {fact: getattr(config, fact) for fact in BASE_FACTS},
-      'methods': [{'method': m.call_string(), **_readable_fields(m, config),
+      'methods': [{'method': m.call_string(), **m.file_fields(config),
                    'num_params': m.num_params(config)} for m in methods]})
 
 

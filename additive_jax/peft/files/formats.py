@@ -31,7 +31,7 @@ import os
 
 from additive_jax.peft.files import adapterhub, aj_format, hf_peft
 from additive_jax.peft.files.file_io import AdapterFileError, check_shapes, read_json
-from additive_jax.peft.registry import check_methods
+from additive_jax.model.hooks import check_methods
 
 FORMATS = ('aj', 'hf_peft', 'adapterhub')
 FORMAT_NAMES = {'aj': 'additive_jax', 'hf_peft': 'Hugging Face PEFT', 'adapterhub': 'AdapterHub'}

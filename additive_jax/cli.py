@@ -1,0 +1,95 @@
+"""What every command does the same way: a quiet start and one-line errors for bad flags.
+
+`run(main)` stands in for `absl.app.run(main)`. Before JAX or transformers is
+imported it silences what reads like an error and is not (transformers'
+"PyTorch was not found", absent on a tokenizer-only install; TensorFlow's and
+JAX's probe for a TPU), keeps Orbax's INFO lines out of the log (its warnings
+stay), and parses the flags so that a bad `--config.<key>` override is one line
+naming the key and the nearest valid one, instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import logging
+import os
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+QUIET_ENVIRONMENT = {
+    'TRANSFORMERS_NO_ADVISORY_WARNINGS': '1',  # "PyTorch was not found..." without torch
+    'TRANSFORMERS_VERBOSITY': 'error',
+    'TF_CPP_MIN_LOG_LEVEL': '2',               # tensorflow_datasets' TensorFlow, if installed
+}
+
+
+def _keep_record(record: logging.LogRecord) -> bool:
+  """Drops INFO lines that bury the run's own or read like an error: Orbax logs every stage of
+  every save, and JAX reports each backend it probes and does not find (libtpu on a CPU)."""
+  if record.levelno >= logging.WARNING:
+    return True
+  if f'{os.sep}orbax{os.sep}' in record.pathname:
+    return False
+  return not record.getMessage().startswith('Unable to initialize backend')
+
+
+def _config_keys(config) -> list[str]:
+  keys = []
+  for key, value in config.items():
+    if hasattr(value, 'items'):
+      keys += [f'{key}.{sub}' for sub in _config_keys(value)]
+    keys.append(key)
+  return keys
+
+
+def _load_config_file(argv: list[str]):
+  """The config that `--config=FILE[:ARG]` names, before any override; None if there is none."""
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if spec is None:
+    return None
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('_experiment_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def override_problem(argv: list[str], error: Exception) -> str:
+  """One line for a failed flag parse: the first `--config.<key>` the config has not (with its
+  nearest valid key), else the error itself."""
+  try:
+    config = _load_config_file(argv)
+  except Exception as err:  # the config file itself is broken: say so
+    return f'--config: cannot load the config file ({type(err).__name__}: {err})'
+  keys = _config_keys(config) if config is not None else []
+  for arg in argv:
+    if arg.startswith('--config.'):
+      key = arg[len('--config.'):].split('=', 1)[0]
+      parts = key.split('.')
+      if config is not None and parts[0] == 'peft' and len(parts) > 1 and parts[1] not in config.peft:
+        return (f'--config.{key}: this run does not train {parts[1]!r} (config.peft has '
+                f'{", ".join(config.peft)}); name its preset in the config argument, e.g. '
+                f'--config=FILE:{parts[1]}')
+      if keys and key not in keys:
+        nearest = difflib.get_close_matches(key, keys, n=1, cutoff=0.0)
+        return (f'--config.{key}: the config has no key {key!r}' +
+                (f'; the nearest is config.{nearest[0]}' if nearest else ''))
+  return ' '.join(str(error).split())
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  # config_flags lets a missing key's KeyError or AttributeError through, unwrapped
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as err:
+    sys.exit(f'error: {override_problem(argv, err)}')
+
+
+def run(main) -> None:
+  for name, value in QUIET_ENVIRONMENT.items():
+    os.environ.setdefault(name, value)
+  absl_logging.get_absl_handler().addFilter(_keep_record)
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,108 @@
+"""The site protocol: what the Llama calls a PEFT method at each of its named sites.
+
+A method (additive_jax/peft) is an object with these hooks; every default is the
+identity, so a method overrides only the sites it acts at and the model never
+branches on which methods are present.
+
+Per-layer sites (inside the scanned block; `p` is the method's slice of the
+`'peft'` tree for this layer, as returned by `layer_inputs`):
+  project(p, name, x, y)   after each projection y = W x, name in q,k,v,o,gate,up,down
+  mlp_hidden(p, h)         the MLP hidden activation silu(W_gate x) · W_up x
+  attn_delta(p, r, f)      added to the stream after attention: x = r + f + delta
+  mlp_delta(p, r, f)       added to the stream after the MLP: x = r + f + delta
+  prefix_kv(p)             key/value vectors [n, K, H] placed before the keys
+Model-level sites (`tree` is the method's whole subtree):
+  embed(tree, x_BTD)                        the token embeddings (may prepend vectors)
+  final_hidden(tree, h_BTD, taps, context)  the backbone's final hidden state (ladder)
+
+A method set is checked (`check_methods`) and initialized (`init_methods`) here
+too, since the model does both when it is built and when `init_peft` is called.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+
+PyTree = Any
+
+
+class Hooks:
+  """The hooks of one method, each the identity; `aj.peft.Method` builds on it."""
+
+  key: ClassVar[str] = ''              # its key in variables['peft']
+  acts_in_backbone: ClassVar[bool] = True
+  num_prefix_tokens: ClassVar[int] = 0  # key/value slots it adds per layer
+  wants_taps: ClassVar[bool] = False    # needs every layer's output hidden state
+  kv_cache: ClassVar[bool] = True       # can decode one token at a time with a KV cache
+
+  def check(self, config) -> None:
+    """Raises ValueError naming the bad argument if this method cannot act on `config`."""
+
+  def init_leaves(self, rng, config, params, tokenizer=None) -> PyTree:
+    """Creates the trainable leaves; at init the method leaves the logits unchanged."""
+    raise NotImplementedError(f'{type(self).__name__} defines no init_leaves')
+
+  def layer_inputs(self, tree: PyTree, config) -> PyTree | None:
+    """The per-layer part fed to the scanned blocks (leading `layers` axis), or None."""
+    return tree
+
+  def project(self, p, name: str, x, y):
+    return y
+
+  def mlp_hidden(self, p, h):
+    return h
+
+  def attn_delta(self, p, r, f):
+    return None
+
+  def mlp_delta(self, p, r, f):
+    return None
+
+  def prefix_kv(self, p):
+    return None
+
+  def embed(self, tree, x_BTD):
+    return x_BTD
+
+  def final_hidden(self, tree, h_BTD, taps, context):
+    return h_BTD
+
+  def call_string(self) -> str:
+    """The constructor call that rebuilds this method, e.g. `IA3()` (fields at their default
+    left out; a whole number held as a float, as a config entry holds it, written as an int)."""
+    def literal(value):
+      integral = isinstance(value, float) and value.is_integer()
+      return repr(int(value) if integral else value)
+    fields = ', '.join(f'{f.name}={literal(getattr(self, f.name))}'
+                       for f in dataclasses.fields(self) if getattr(self, f.name) != f.default)
+    return f'{type(self).__name__}({fields})'
+
+
+def check_methods(methods, config) -> None:
+  """Refuses, before any compute, a method set with a method twice (each owns one key of
+  `variables['peft']`), a method that cannot act on `config`, or two methods that cannot
+  train together."""
+  keys = [m.key for m in methods]
+  for method in methods:
+    if not isinstance(method, Hooks):
+      raise TypeError(f'peft entries must be aj.peft methods, got {method!r}')
+    if keys.count(method.key) > 1:
+      raise ValueError(f'method {method.key!r} is configured twice; each method owns one '
+                       f"subtree of variables['peft'] (merge the settings into one)")
+    method.check(config)
+  outside = [m for m in methods if not m.acts_in_backbone]
+  inside = [m for m in methods if m.acts_in_backbone]
+  if outside and inside:
+    raise ValueError(
+        f'{outside[0].call_string()} runs the backbone under stop_gradient, so '
+        f'{", ".join(m.call_string() for m in inside)} acting inside the backbone would get no '
+        'gradient; train them in separate runs')
+
+
+def init_methods(methods, rng, config, params, tokenizer=None) -> dict:
+  """`{key: leaves}` of every method at its initial value, each from its own random key."""
+  rngs = jax.random.split(rng, max(len(methods), 1))
+  return {m.key: m.init_leaves(key, config, params, tokenizer) for m, key in zip(methods, rngs)}
