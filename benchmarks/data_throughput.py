@@ -6,7 +6,7 @@ For each mode: the start-up time (TFDS preparation if needed, and the length
 census), then examples/s and real (non-padding) tokens/s over `--batches`
 batches after the first, and the pad fraction. It compares the time to load one
 batch with one SmolLM2-135M CPU train step on 8 x 256 tokens (~11 s on 2 cores,
-forward and backward; DESIGN.md), and writes the table as JSON to
+forward and backward, measured with the trainer at that shape), and writes the table as JSON to
 benchmarks/results/data_throughput.json.
 """
 
@@ -18,12 +18,14 @@ from absl import app, flags
 import numpy as np
 
 import additive_jax as aj
-from additive_jax import data
+from additive_jax.data.config import data_config
+from additive_jax.data.packing import pad_fraction
+from additive_jax.data.pipeline import make_train_iterator
 
 _BATCHES = flags.DEFINE_integer('batches', 200, 'batches timed after the first')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'rows per batch')
 _SEQ_LEN = flags.DEFINE_integer('seq_len', 256, 'positions per row')
-_CPU_STEP_S = 11.0  # SmolLM2-135M forward + backward on 8 x 256 tokens, 2 CPU cores (DESIGN.md)
+_CPU_STEP_S = 11.0  # SmolLM2-135M forward + backward on 8 x 256 tokens, 2 CPU cores
 
 
 def examples_in(batch) -> int:
@@ -32,11 +34,11 @@ def examples_in(batch) -> int:
 
 
 def measure(tokenizer, packing: bool) -> dict:
-  config = data.data_config()
+  config = data_config()
   config.packing = packing
   started = time.perf_counter()
-  iterator, report = data.make_train_iterator(config, tokenizer, batch_size=_BATCH_SIZE.value,
-                                              seq_len=_SEQ_LEN.value, seed=0)
+  iterator, report = make_train_iterator(config, tokenizer, batch_size=_BATCH_SIZE.value,
+                                         seq_len=_SEQ_LEN.value, seed=0)
   next(iterator)  # the first batch waits for the reader thread to start
   startup_s = time.perf_counter() - started
   examples = tokens = 0
@@ -46,7 +48,7 @@ def measure(tokenizer, packing: bool) -> dict:
     batch = next(iterator)
     examples += examples_in(batch)
     tokens += int((batch['segment_ids'] > 0).sum())
-    pad.append(data.pad_fraction(batch))
+    pad.append(pad_fraction(batch))
   elapsed = time.perf_counter() - started
   return {'mode': 'packed' if packing else 'padded', 'startup_s': startup_s,
           'census': str(report), 'examples_per_s': examples / elapsed,

@@ -43,8 +43,7 @@ import tempfile
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train_step_sides  # noqa: E402  (beside this file)
+import train_step_sides  # beside this file, on the path of a script run from here
 
 LORA_ALL = "('q', 'k', 'v', 'o', 'gate', 'up', 'down')"
 # name -> (our method, why HF PEFT has no counterpart or None)

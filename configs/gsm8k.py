@@ -1,8 +1,8 @@
 r"""SmolLM2-135M-Instruct on GSM8K with one method (default LoRA), chat template.
 
-    python -m additive_jax.main --config=configs/gsm8k.py --workdir=/tmp/gsm8k_lora
-    python -m additive_jax.main --config=configs/gsm8k.py:pfeiffer --workdir=/tmp/gsm8k_pfeiffer
-    python -m additive_jax.main --config=configs/gsm8k.py:prefix,runlocal --workdir=/tmp/smoke
+    .venv/bin/python -m additive_jax.main --config=configs/gsm8k.py --workdir=/tmp/gsm8k_lora
+    .venv/bin/python -m additive_jax.main --config=configs/gsm8k.py:pfeiffer --workdir=/tmp/gsm8k_pfeiffer
+    .venv/bin/python -m additive_jax.main --config=configs/gsm8k.py:prefix,runlocal --workdir=/tmp/smoke
 
 The argument names a method preset (pfeiffer, houlsby, parallel, ia3, lora,
 prompt, prefix, ladder; several for a combination) and `runlocal` shrinks the

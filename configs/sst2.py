@@ -1,8 +1,8 @@
 r"""SmolLM2-135M-Instruct on SST-2: one method (default Pfeiffer), accuracy before and after.
 
-    python -m additive_jax.main --config=configs/sst2.py --workdir=/tmp/sst2_pfeiffer
-    python -m additive_jax.main --config=configs/sst2.py:lora --workdir=/tmp/sst2_lora
-    python -m additive_jax.main --config=configs/sst2.py:ia3,runlocal --workdir=/tmp/smoke
+    .venv/bin/python -m additive_jax.main --config=configs/sst2.py --workdir=/tmp/sst2_pfeiffer
+    .venv/bin/python -m additive_jax.main --config=configs/sst2.py:lora --workdir=/tmp/sst2_lora
+    .venv/bin/python -m additive_jax.main --config=configs/sst2.py:ia3,runlocal --workdir=/tmp/smoke
 
 The argument names a method preset (pfeiffer, houlsby, parallel, ia3, lora,
 prompt, prefix, ladder; several for a combination) and `runlocal` shrinks the

@@ -1,8 +1,8 @@
 """Run an experiment config over several variants and tabulate (and plot) their summaries.
 
-    python experiments/sweep.py --config=configs/sst2.py --variants=pfeiffer,houlsby,lora \
+    .venv/bin/python experiments/sweep.py --config=configs/sst2.py --variants=pfeiffer,houlsby,lora \
         --root=/tmp/sst2_sweep --out=experiments/results/sst2_methods
-    python experiments/sweep.py --config=configs/sst2.py --variants=pfeiffer \
+    .venv/bin/python experiments/sweep.py --config=configs/sst2.py --variants=pfeiffer \
         --override=peft.bottleneck.dim=16 --override=peft.bottleneck.dim=64 ...
 
 Each variant is the config's argument (a method preset, or several joined by

@@ -14,10 +14,12 @@ repeat `num_epochs` times (None: forever) → template, tokenize, mask (in a gra
 reader thread) → pack or pad → batch.
 
 `iterator.get_state()` / `set_state(state)` (a small JSON-able dict) resume the
-stream exactly. To save it with the train state, give an Orbax
-`CheckpointManager` the item handler `grain.checkpoint.CheckpointHandler()` and
-save/restore with `grain.checkpoint.CheckpointSave(iterator)` /
-`grain.checkpoint.CheckpointRestore(iterator)` (one JSON file per process).
+stream exactly. Take the state when the step is saved, not when the save is
+written: an asynchronous Orbax save writes later, after the live iterator has
+moved on, so handing it `grain.checkpoint.CheckpointSave(iterator)` would record
+a later position. train/checkpoint.py saves a snapshot of `get_state()` taken at
+`save` through `grain.checkpoint.CheckpointHandler()` (one JSON file per
+process) and restores with `grain.checkpoint.CheckpointRestore(iterator)`.
 
 Multi-host runs should repeat forever and stop at a step count: with packing,
 the shards of a finite number of epochs give different numbers of batches.
