@@ -1,12 +1,17 @@
-"""Shared by the adapter-file tests: random adapter values, logits with and without PEFT, and
-leaf-by-leaf equality."""
+"""Shared by the adapter-file tests: random adapter values, logits with and without PEFT, HF
+PEFT's model holding our values, and leaf-by-leaf equality."""
+
+import copy
+import os
 
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from safetensors.numpy import load_file
 
 from additive_jax.model.llama import Llama
 from additive_jax.peft.count import leaf_shapes
+from additive_jax.peft.files import save_adapter
 
 
 def random_peft(methods, config, seed=0):
@@ -30,6 +35,19 @@ def hf_logits(model, tokens, virtual_tokens=0):
   with torch.no_grad():
     logits = model(input_ids=torch.tensor(tokens)).logits.numpy()
   return logits[:, virtual_tokens:]
+
+
+def peft_model_holding(hf_model, method, tree, config, directory):
+  """HF PEFT's model of `method` on a copy of `hf_model`, holding our leaves `tree`: written by our
+  PEFT export (`save_adapter(..., format='hf_peft')`, where the name mapping lives) into
+  `directory`, read by `PeftModel.from_pretrained`. Every tensor of the file is one of the
+  model's adapter weights, and every adapter weight is in the file."""
+  import peft  # only the files compared with PEFT need it
+  save_adapter(str(directory), (method,), {method.key: tree}, config, format='hf_peft')
+  peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), str(directory)).eval()
+  written = load_file(os.path.join(directory, 'adapter_model.safetensors'))
+  assert set(written) == set(peft.get_peft_model_state_dict(peft_model))
+  return peft_model
 
 
 def assert_same_leaves(got, want):

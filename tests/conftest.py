@@ -37,6 +37,14 @@ LLAMA_3_2_3B_HF = dict(LLAMA_3_2_1B_HF, hidden_size=3072, num_hidden_layers=28,
 LLAMA_3_2_1B = LlamaConfig.from_hf(LLAMA_3_2_1B_HF)
 LLAMA_3_2_3B = LlamaConfig.from_hf(LLAMA_3_2_3B_HF)
 
+# The tiny Llama of the tests. Every size is unique, so that a tensor's shape says what it is:
+# D 48, F 80, N·H 6·8, K·H 2·8 (GQA), V 101, L 3; F = 80 and H = 8 appear nowhere else, not even
+# in a ladder side network of reduction 2 (R 24, F/r 40, H/r 4). It is the model
+# `save_tiny_hf_llama` writes by default, as transformers configures it (`tiny_hf_llama`'s config
+# equals it). A test that needs other sizes derives them with `TINY.replace(...)`.
+TINY = LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=6,
+                   num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5)
+
 
 def relative_error(ours, ref) -> float:
   """max|ours − ref| / max|ref|, the project's measure of agreement with a reference."""
@@ -80,7 +88,7 @@ def save_tiny_hf_llama(directory, seed=0, **overrides):
 @pytest.fixture(scope='session')
 def tiny_hf_llama(tmp_path_factory):
   """(HF model, our config, our params) of one random Llama of `save_tiny_hf_llama`'s defaults:
-  3 layers, 6 query heads, 2 KV heads, head dim 8, vocabulary 101.
+  our config is `TINY`.
 
   Many test files share it, so none may change it: the params are read-only arrays, and the
   torch model is run under `torch.no_grad` and deep-copied before PEFT wraps it."""
@@ -89,6 +97,7 @@ def tiny_hf_llama(tmp_path_factory):
   directory = tmp_path_factory.mktemp('tiny_llama')
   hf_model = save_tiny_hf_llama(directory)
   config, params = load_hf_directory(str(directory))
+  assert config == TINY, config  # the two descriptions of the tiny model agree
   for leaf in jax.tree.leaves(params):
     leaf.flags.writeable = False
   return hf_model, config, params

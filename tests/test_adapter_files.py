@@ -10,13 +10,11 @@ import numpy as np
 import pytest
 
 import additive_jax as aj
-from additive_jax.model.config import LlamaConfig
 from additive_jax.model.llama import Llama
 from additive_jax.peft.files import AdapterFileError, detect_format, load_adapter, save_adapter
 from adapter_files_helpers import assert_same_leaves, random_peft
+from conftest import TINY as CONFIG
 
-CONFIG = LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=6,
-                     num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5)
 # every method at least once; the combination holds the backbone methods together
 SINGLE = [aj.peft.Bottleneck(5, 'pfeiffer', 'gelu'),
           aj.peft.Bottleneck(placement='parallel', scale=4.0, reduction_factor=6.0),

@@ -19,13 +19,11 @@ import pytest
 from safetensors.numpy import load_file
 
 import additive_jax as aj
-from additive_jax.model.config import LlamaConfig
 from additive_jax.model.llama import Llama
 from additive_jax.peft.files import AdapterFileError, load_adapter, save_adapter
 from adapter_files_helpers import random_peft
+from conftest import TINY as CONFIG
 
-CONFIG = LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=6,
-                     num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5)
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # our placements, AdapterHub's fields for them, and a width that is no divisor of 48 (houlsby)
 PLACEMENTS = {

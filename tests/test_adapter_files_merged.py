@@ -17,14 +17,12 @@ from additive_jax.model.convert import config_to_hf
 from additive_jax.model.llama import Llama
 from additive_jax.peft.files import AdapterFileError, save_merged
 from adapter_files_helpers import random_peft
-from conftest import relative_error
+from conftest import TINY, relative_error
 
 # tied embeddings, attention and MLP biases, llama3 rope: every field config_to_hf writes
-CONFIG = LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=6,
-                     num_kv_heads=2, head_dim=8, rope_theta=50000.0,
-                     rope_scaling=RopeScaling('llama3', 8.0, 1.0, 4.0, 64), rms_norm_eps=1e-5,
-                     tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
-                     max_position_embeddings=256)
+CONFIG = TINY.replace(rope_theta=50000.0, rope_scaling=RopeScaling('llama3', 8.0, 1.0, 4.0, 64),
+                      tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
+                      max_position_embeddings=256)
 METHODS = (aj.peft.IA3(), aj.peft.LoRA(4, 8, ('q', 'k', 'v', 'o', 'gate', 'up', 'down')))
 
 

@@ -18,17 +18,16 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from additive_jax.export import abstract_train_state
-from additive_jax.model.config import LlamaConfig
+from additive_jax.train.restore import abstract_train_state
 from additive_jax.peft.bottleneck import Bottleneck
 from additive_jax.peft.ia3 import IA3
 from additive_jax.peft.lora import LoRA
 from additive_jax.train.checkpoint import CheckpointError, Checkpoints
 from additive_jax.train.config import default_config, entries_of
 from additive_jax.train.mesh import make_mesh, replicated
+from conftest import TINY
 
-BASE = LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=6,
-                   num_kv_heads=2, head_dim=8)
+BASE = TINY.replace(num_layers=2)  # the shapes asserted below are [L = 2, D, dim], e.g. (2, 48, 8)
 METHODS = (Bottleneck(dim=8), LoRA(rank=2, alpha=4, targets=('q', 'v')))
 
 

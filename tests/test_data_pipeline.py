@@ -15,9 +15,9 @@ from additive_jax.data.config import data_config
 from additive_jax.data.packing import pad_fraction
 from additive_jax.data.pipeline import make_eval_batches, make_train_iterator
 from additive_jax.data.encode import fit
-from additive_jax.model.config import LlamaConfig
 from additive_jax.model.llama import Llama
 from additive_jax.train.loss import token_cross_entropy
+from conftest import TINY
 from data_helpers import examples_of
 
 SST2_TEST_ROWS = 872
@@ -172,11 +172,9 @@ def test_pad_fraction():
 
 
 def tiny_llama():
-  """A random Llama over SmolLM2's vocabulary, its weights 3x the init scale so that attention,
-  and so a leak across segments, changes the loss by ~1%."""
-  config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=48, num_layers=2,
-                       num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=1000.0)
-  model = Llama(config)
+  """A random TINY Llama over SmolLM2's vocabulary, its weights 3x the init scale so that
+  attention, and so a leak across segments, changes the loss by ~2%."""
+  model = Llama(TINY.replace(vocab_size=49152))
   variables = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
   return model, jax.tree.map(lambda x: 3 * x, variables)
 

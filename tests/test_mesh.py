@@ -48,6 +48,7 @@ def test_rules_shard_base_weights_and_replicate_indivisible_axes():
 
 
 def test_place_puts_each_shard_where_the_rules_say():
+  # not TINY: every size even (TINY's vocabulary is 101), so that the (2, 2, 2) mesh shards all
   config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                        num_heads=4, num_kv_heads=2, head_dim=8)
   mesh = make_mesh((2, 2, 2))

@@ -5,11 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from additive_jax.model.config import LlamaConfig
 from additive_jax.model.llama import KVCache, Llama
+from conftest import TINY as CONFIG
 
-CONFIG = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                     num_kv_heads=2, head_dim=8, rope_theta=1000.0)
+V = CONFIG.vocab_size
 
 
 @pytest.fixture(scope='module')
@@ -23,7 +22,7 @@ def forward(variables, tokens, **kwargs):
 
 def test_packed_segments_equal_each_segment_alone(variables):
   rng = np.random.RandomState(0)
-  first, second = rng.randint(0, 61, 7), rng.randint(0, 61, 5)
+  first, second = rng.randint(0, V, 7), rng.randint(0, V, 5)
   packed = np.concatenate([first, second, [0, 0]])[None]
   segments = np.array([[1] * 7 + [2] * 5 + [0, 0]])
   positions = np.array([list(range(7)) + list(range(5)) + [0, 1]])
@@ -38,14 +37,14 @@ def test_packed_segments_equal_each_segment_alone(variables):
 def test_segments_change_the_answer_when_ignored(variables):
   """The packing test above must be able to fail: without segment ids the second segment differs."""
   rng = np.random.RandomState(0)
-  first, second = rng.randint(0, 61, 7), rng.randint(0, 61, 5)
+  first, second = rng.randint(0, V, 7), rng.randint(0, V, 5)
   packed = np.concatenate([first, second])[None]
   alone_second = forward(variables, second[None])
   assert np.abs(forward(variables, packed)[0, 7:] - alone_second[0]).max() > 1e-3
 
 
 def test_kv_cache_decoding_equals_full_forward(variables):
-  tokens = np.random.RandomState(1).randint(0, 61, (2, 9))
+  tokens = np.random.RandomState(1).randint(0, V, (2, 9))
   full = forward(variables, tokens)
   model = Llama(CONFIG)
   cache = KVCache.create(CONFIG, 2, 12)
@@ -61,7 +60,7 @@ def test_kv_cache_decoding_equals_full_forward(variables):
 
 def test_left_padding_with_positions_equals_unpadded(variables):
   """Generation left-pads prompts and counts positions over real tokens only."""
-  tokens = np.random.RandomState(2).randint(0, 61, (1, 6))
+  tokens = np.random.RandomState(2).randint(0, V, (1, 6))
   padded = np.concatenate([[[0, 0, 0]], tokens], axis=1)
   mask = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
   positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
@@ -71,7 +70,7 @@ def test_left_padding_with_positions_equals_unpadded(variables):
 
 
 def test_jit_and_eager_agree(variables):
-  tokens = jnp.asarray(np.random.RandomState(3).randint(0, 61, (2, 8)))
+  tokens = jnp.asarray(np.random.RandomState(3).randint(0, V, (2, 8)))
   model = Llama(CONFIG)
   eager = model.apply(variables, tokens)
   jitted = jax.jit(model.apply)(variables, tokens)
@@ -80,16 +79,16 @@ def test_jit_and_eager_agree(variables):
 
 
 def test_causal_future_tokens_do_not_change_the_past(variables):
-  tokens = np.random.RandomState(4).randint(0, 61, (1, 8))
+  tokens = np.random.RandomState(4).randint(0, V, (1, 8))
   changed = tokens.copy()
-  changed[0, 4:] = (changed[0, 4:] + 7) % 61
+  changed[0, 4:] = (changed[0, 4:] + 7) % V
   a, b = forward(variables, tokens), forward(variables, changed)
   np.testing.assert_array_equal(a[:, :4], b[:, :4])
   assert np.abs(a[:, 4:] - b[:, 4:]).max() > 1e-3
 
 
 def test_remat_policies_give_identical_logits(variables):
-  tokens = jnp.asarray(np.random.RandomState(5).randint(0, 61, (2, 8)))
+  tokens = jnp.asarray(np.random.RandomState(5).randint(0, V, (2, 8)))
   base = Llama(CONFIG).apply(variables, tokens)
   for policy in ('full', 'dots'):
     out = Llama(CONFIG.replace(remat=policy)).apply(variables, tokens)

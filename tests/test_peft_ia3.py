@@ -13,6 +13,7 @@ from additive_jax.model.hf_checkpoint import load_hf_directory
 from additive_jax.model.llama import Llama
 from additive_jax.peft.count import count_leaves
 from additive_jax.peft.ia3 import IA3
+from adapter_files_helpers import peft_model_holding
 from conftest import LLAMA_3_2_1B, LLAMA_3_2_3B, relative_error, save_tiny_hf_llama
 
 
@@ -42,21 +43,6 @@ def random_ia3(config, seed=0):
   return jax.tree.map(lambda x: rng.uniform(0.5, 1.5, x.shape).astype(np.float32), shapes)
 
 
-def hf_peft_state_dict(tree, config):
-  """Our leaves under HF PEFT's names (adapter_model.safetensors): the export mapping.
-
-  l_k[l] -> `...layers.{l}.self_attn.k_proj.ia3_l` [K·H, 1] (scales the output channels),
-  l_v[l] -> `...v_proj.ia3_l` [K·H, 1], l_ff[l] -> `...mlp.down_proj.ia3_l` [1, F] (the input).
-  """
-  state = {}
-  for layer in range(config.num_layers):
-    prefix = f'base_model.model.model.layers.{layer}.'
-    state[prefix + 'self_attn.k_proj.ia3_l'] = np.asarray(tree['l_k'][layer])[:, None]
-    state[prefix + 'self_attn.v_proj.ia3_l'] = np.asarray(tree['l_v'][layer])[:, None]
-    state[prefix + 'mlp.down_proj.ia3_l'] = np.asarray(tree['l_ff'][layer])[None, :]
-  return {k: torch.tensor(v) for k, v in state.items()}
-
-
 def test_identity_at_init(tiny, tokens):
   _, config, params = tiny
   base = np.asarray(Llama(config).apply({'params': params}, jnp.asarray(tokens)))
@@ -65,16 +51,17 @@ def test_identity_at_init(tiny, tokens):
   np.testing.assert_array_equal(np.asarray(model.apply(variables, jnp.asarray(tokens))), base)
 
 
-def test_logits_match_hf_peft(tiny, tokens):
+def test_logits_match_hf_peft(tiny, tokens, tmp_path):
   hf_model, config, params = tiny
   tree = random_ia3(config)
   model = Llama(config, peft=(IA3(),))
   ours = np.asarray(model.apply({'params': params, 'peft': {'ia3': tree}}, jnp.asarray(tokens)))
 
-  peft_model = peft.get_peft_model(copy.deepcopy(hf_model), peft.IA3Config(task_type='CAUSAL_LM'))
-  state = hf_peft_state_dict(tree, config)
-  assert set(state) == set(peft.get_peft_model_state_dict(peft_model))  # every vector is mapped
-  assert not peft.set_peft_model_state_dict(peft_model, state).unexpected_keys
+  peft_model = peft_model_holding(hf_model, IA3(), tree, config, tmp_path)
+  # every vector of PEFT's own (IA)³ for Llama (its default targets) is mapped
+  default = peft.get_peft_model(copy.deepcopy(hf_model), peft.IA3Config(task_type='CAUSAL_LM'))
+  names = lambda model: set(peft.get_peft_model_state_dict(model))
+  assert names(peft_model) == names(default)
   with torch.no_grad():
     ref = peft_model(input_ids=torch.tensor(tokens)).logits.numpy()
     base = hf_model(input_ids=torch.tensor(tokens)).logits.numpy()

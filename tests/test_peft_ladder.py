@@ -14,12 +14,11 @@ from additive_jax.model.llama import KVCache, Llama
 from additive_jax.model.rope import rotary_tables
 from additive_jax.peft.base import Method
 from additive_jax.peft.ladder import LadderSide, keep_indices
-from conftest import LLAMA_3_2_3B
+from conftest import LLAMA_3_2_3B, TINY
 
-# Sizes chosen so that every backbone-internal size is unique: F = 80 and H = 8 appear nowhere
-# else (side: R = 24, F/r = 40, H/r = 4; B = 2, T = 5, L = 3, N = 6, K = 2, V = 101).
-CONFIG = LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=6,
-                     num_kv_heads=2, head_dim=8, rope_theta=1000.0)
+# TINY's backbone-internal sizes are unique: F = 80 and H = 8 appear nowhere else (side: R = 24,
+# F/r = 40, H/r = 4; here B = 2, T = 5).
+CONFIG = TINY
 LADDER = LadderSide(reduction=2)
 
 
@@ -123,6 +122,7 @@ def test_pruning_keeps_the_largest_l1_channels():
 
   D = 8, F = 12, H = 8, reduction 4: keep 2 hidden channels, 3 MLP units per layer, head dims 2.
   """
+  # its own sizes, not TINY's: the hand-made weights below are laid out for them
   cfg = LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=12, num_layers=2, num_heads=2,
                     num_kv_heads=1, head_dim=8)
   layers = jax.tree.map(lambda x: jnp.full(x.shape, 1e-3), layer_shapes(cfg))
@@ -179,10 +179,10 @@ def test_refuses_methods_inside_the_backbone():
     Llama(CONFIG, peft=(LADDER, HiddenScale()))
 
 
-def test_kv_cache_is_refused(params, tokens):
+def test_a_cache_without_the_side_networks_state_is_refused(params, tokens):
   model = Llama(CONFIG, peft=(LADDER,))
   variables = model.init_peft(jax.random.key(0), params)
-  with pytest.raises(NotImplementedError, match='KV cache'):
+  with pytest.raises(ValueError, match='LadderSide decodes with its own cache of the side network'):
     model.apply(variables, tokens, cache=KVCache.create(CONFIG, 2, 8))
 
 

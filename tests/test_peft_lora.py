@@ -1,6 +1,5 @@
 """LoRA against HF PEFT's LoraConfig on the same tiny random Llama (GQA: 6 heads, 2 KV heads)."""
 
-import copy
 import math
 
 import jax
@@ -12,7 +11,8 @@ import torch
 
 from additive_jax.model.llama import Llama
 from additive_jax.peft.count import count_leaves
-from additive_jax.peft.lora import LoRA, TARGETS
+from additive_jax.peft.lora import LoRA
+from adapter_files_helpers import peft_model_holding
 from conftest import LLAMA_3_2_1B, relative_error
 
 ALL = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
@@ -31,23 +31,6 @@ def random_lora(method, config, seed=0):
   return jax.tree.map(lambda x: (0.1 * rng.randn(*x.shape)).astype(np.float32), shapes)
 
 
-def hf_peft_state_dict(tree, config):
-  """Our leaves under HF PEFT's names (adapter_model.safetensors): the export mapping.
-
-  a[l] [I, r] -> `...layers.{l}.<module>.<t>_proj.lora_A.weight` = aᵀ [r, I];
-  b[l] [r, O] -> `...lora_B.weight` = bᵀ [O, r], module self_attn (q, k, v, o) or mlp.
-  The flattened widths follow torch's layout: q's O is N·H with the head index outer.
-  """
-  state = {}
-  for target, leaves in tree.items():
-    module = '.'.join(TARGETS[target][1:])  # ('layers', 'self_attn', 'q_proj') -> self_attn.q_proj
-    for layer in range(config.num_layers):
-      prefix = f'base_model.model.model.layers.{layer}.{module}.'
-      state[prefix + 'lora_A.weight'] = np.asarray(leaves['a'][layer]).T
-      state[prefix + 'lora_B.weight'] = np.asarray(leaves['b'][layer]).T
-  return {k: torch.tensor(np.ascontiguousarray(v)) for k, v in state.items()}
-
-
 @pytest.mark.parametrize('targets', [('q', 'v'), ALL, ('o',), ('down',)], ids='-'.join)
 def test_identity_at_init(tiny_hf_llama, tokens, targets):
   _, config, params = tiny_hf_llama
@@ -58,18 +41,16 @@ def test_identity_at_init(tiny_hf_llama, tokens, targets):
 
 
 @pytest.mark.parametrize('method', [LoRA(4, 6, ALL), LoRA(2, 16)], ids=['all-r4-a6', 'qv-r2-a16'])
-def test_logits_match_hf_peft(tiny_hf_llama, tokens, method):
+def test_logits_match_hf_peft(tiny_hf_llama, tokens, tmp_path, method):
   hf_model, config, params = tiny_hf_llama
   tree = random_lora(method, config)
   model = Llama(config, peft=(method,))
   ours = np.asarray(model.apply({'params': params, 'peft': {'lora': tree}}, jnp.asarray(tokens)))
 
-  settings = peft.LoraConfig(task_type='CAUSAL_LM', r=method.rank, lora_alpha=method.alpha,
-                             lora_dropout=0.0, target_modules=[f'{t}_proj' for t in method.targets])
-  peft_model = peft.get_peft_model(copy.deepcopy(hf_model), settings).eval()
-  state = hf_peft_state_dict(tree, config)
-  assert set(state) == set(peft.get_peft_model_state_dict(peft_model))  # every matrix is mapped
-  assert not peft.set_peft_model_state_dict(peft_model, state).unexpected_keys
+  peft_model = peft_model_holding(hf_model, method, tree, config, tmp_path)  # every matrix mapped
+  settings = peft_model.peft_config['default']
+  assert (settings.r, settings.lora_alpha) == (method.rank, method.alpha)
+  assert settings.target_modules == {f'{t}_proj' for t in method.targets}
   with torch.no_grad():
     ref = peft_model(input_ids=torch.tensor(tokens)).logits.numpy()
     base = hf_model(input_ids=torch.tensor(tokens)).logits.numpy()

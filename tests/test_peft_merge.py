@@ -115,30 +115,41 @@ def test_unmerge_restores_lora(tiny_hf_llama, trees):
     assert np.all(np.abs(r - w) <= U * (np.abs(m) + np.abs(r))), path
 
 
+def unmerge_error_bounds(params, merged, restored):
+  """{leaf: (max|R − W|, its bound)} for a combined unmerge (see the test below)."""
+  flat = [traverse_util.flatten_dict(t) for t in (params, merged, restored)]
+  bounds = {}
+  for path in flat[0]:
+    w, m, r = (np.asarray(leaves[path]) for leaves in flat)
+    bounds[path] = np.abs(r - w).max(), 4 * U * (np.abs(w).max() + 2 * np.abs(m).max())
+  return bounds
+
+
 @pytest.mark.parametrize('keys', [('ia3', 'lora'), ('lora', 'bottleneck', 'ia3')], ids='+'.join)
-def test_unmerge_undoes_each_fold_in_reverse(tiny_hf_llama, trees, keys):
-  """Combined, unmerge is exactly the single-method unmerges undone in the reverse of the
-  merge sequence: the l_ff fold first, then the projection folds.
+def test_combined_unmerge_restores_the_base_to_fp32_rounding(tiny_hf_llama, trees, keys):
+  """Combined, unmerge gives back every base weight to within a few fp32 roundings: the folds
+  are undone in the reverse of the merge sequence (the l_ff fold first, then the projection
+  folds), or Δ would be left in the weights divided or multiplied by l.
 
   Bound: on k, v (l ⊙ W + Δ) chaining the two steps above gives
   |R − W| ≤ u(|W| + (2+u)|R| + |W'|/l); on down_proj (l ⊙ (W + Δ)), |R − W| ≤ u(|R| + 4|W'|/l)
   to first order. With l ≥ 0.5 here, 4u(max|W| + 2 max|W'|) per leaf covers both.
   """
   model, variables = model_and_variables(tiny_hf_llama, trees, keys)
-  config = tiny_hf_llama[1]
+  params = variables['params']
   merged = merge(model, variables)[1]['params']
-  mergeable = [METHODS[k] for k in keys if METHODS[k].mergeable]
-  expected = merged
-  for method in mergeable:
-    expected = method.unmerge(trees[method.key], expected, config, stage='mlp_hidden')
-  for method in reversed(mergeable):
-    expected = method.unmerge(trees[method.key], expected, config, stage='project')
   restored = unmerge(model, merged, variables['peft'])
-  jax.tree.map(np.testing.assert_array_equal, restored, expected)
-  leaves = zip(*(jax.tree.leaves(t) for t in (variables['params'], merged, restored)))
-  for w, m, r in leaves:
-    w, m, r = np.asarray(w), np.asarray(m), np.asarray(r)
-    assert np.abs(r - w).max() <= 4 * U * (np.abs(w).max() + 2 * np.abs(m).max())
+  assert changed_leaves(params, restored) <= changed_leaves(params, merged)  # the rest bit-exact
+  for path, (error, bound) in unmerge_error_bounds(params, merged, restored).items():
+    assert error <= bound, path
+  # The bound can fail: unmerging as if the methods had been merged in the other order leaves
+  # Δ·(1 − 1/l) in k and v, orders of magnitude above it.
+  other_order = model.clone(peft=model.peft[::-1])
+  wrong = unmerge(other_order, merged, variables['peft'])
+  errors = unmerge_error_bounds(params, merged, wrong)
+  for name in ('k_proj', 'v_proj'):
+    error, bound = errors['layers', 'self_attn', name, 'kernel']
+    assert error > 100 * bound, name
 
 
 def test_merge_leaves_its_input_alone(tiny_hf_llama, trees):

@@ -10,31 +10,27 @@ import peft
 import pytest
 import torch
 import transformers
+from safetensors.numpy import load_file
 
 from additive_jax.model.llama import KVCache, Llama
+from additive_jax.peft.files import save_adapter
 from additive_jax.peft.prefix import PrefixTuning, vocab_ids
 from additive_jax.peft.registry import parse_method
+from adapter_files_helpers import peft_model_holding
 from conftest import LLAMA_3_2_3B, LLAMA_3_2_3B_HF, relative_error
 
 NUM_TOKENS, PROJECTION = 5, 16
 
 
-def to_peft_layout(tree_LPKH, config):
-  """Our per-layer k/v -> PEFT's flat [n, L·2·K·H]: layer l's key is block 2l, its value 2l + 1."""
-  kv_L2PKH = np.stack([np.asarray(tree_LPKH['k_LPKH']), np.asarray(tree_LPKH['v_LPKH'])], axis=1)
-  n = kv_L2PKH.shape[2]
-  return torch.tensor(kv_L2PKH.transpose(2, 0, 1, 3, 4).reshape(n, -1))
-
-
-def peft_model_for(hf_model, method, tree, config):
-  """HF PEFT's prefix tuning holding our values (the name mapping foreshadows export)."""
-  settings = dict(task_type='CAUSAL_LM', num_virtual_tokens=method.num_tokens)
-  if method.projection_dim is not None:
-    settings.update(prefix_projection=True, encoder_hidden_size=method.projection_dim)
-  peft_model = peft.get_peft_model(copy.deepcopy(hf_model), peft.PrefixTuningConfig(**settings))
-  if method.projection_dim is None:
-    peft.set_peft_model_state_dict(peft_model, {'prompt_embeddings': to_peft_layout(tree, config)})
-    return peft_model
+def projected_peft_model(hf_model, method, tree, config):
+  """HF PEFT's prefix tuning with its reparameterization MLP (`prefix_projection`) holding our
+  values. No file holds this form (our export folds the MLP, as PEFT's save does), so the
+  layout of PEFT's prompt encoder is written out here; a plain prefix goes through our export
+  (`peft_model_holding`)."""
+  settings = peft.PrefixTuningConfig(task_type='CAUSAL_LM', num_virtual_tokens=method.num_tokens,
+                                     prefix_projection=True,
+                                     encoder_hidden_size=method.projection_dim)
+  peft_model = peft.get_peft_model(copy.deepcopy(hf_model), settings)
   t = {k: np.asarray(v) for k, v in tree.items()}
   n, k, h, r = method.num_tokens, config.num_kv_heads, config.head_dim, method.projection_dim
   out_weight = np.stack([t['out_k_LRKH'], t['out_v_LRKH']], axis=1)         # [L, 2, R, K, H]
@@ -54,7 +50,7 @@ def hf_logits(model, tokens, mask):
 
 
 @pytest.mark.parametrize('projection_dim', [None, PROJECTION])
-def test_logits_match_hf_peft_with_padding(tiny_hf_llama, projection_dim):
+def test_logits_match_hf_peft_with_padding(tiny_hf_llama, tmp_path, projection_dim):
   hf_model, config, params = tiny_hf_llama
   method = PrefixTuning(NUM_TOKENS, projection_dim)
   model = Llama(config, peft=(method,))
@@ -64,16 +60,20 @@ def test_logits_match_hf_peft_with_padding(tiny_hf_llama, projection_dim):
   mask[1, :3] = 0   # left padding
   mask[2, 6:] = 0   # right padding
   got = np.asarray(model.apply(variables, jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
-  ref = hf_logits(peft_model_for(hf_model, method, variables['peft']['prefix'], config), tokens, mask)
+  tree = variables['peft']['prefix']
+  peft_model = (projected_peft_model(hf_model, method, tree, config) if projection_dim else
+                peft_model_holding(hf_model, method, tree, config, tmp_path))
+  ref = hf_logits(peft_model, tokens, mask)
   valid = mask.astype(bool)
   assert relative_error(got[valid], ref[valid]) <= 1e-5
   base = np.asarray(Llama(config).apply({'params': params}, jnp.asarray(tokens)))
   assert np.abs(got - base).max() > 1e-2  # the prefix changes the answer: the parity is not vacuous
 
 
-def test_fold_equals_projection_and_peft_export(tiny_hf_llama):
-  """Folding evaluates the reparameterization once: same logits, L·n·2·K·H leaves, and the
-  flat prefix PEFT itself saves for a `prefix_projection` adapter ('prompt_embeddings')."""
+def test_fold_equals_projection_and_peft_export(tiny_hf_llama, tmp_path):
+  """Folding evaluates the reparameterization once: same logits, L·n·2·K·H leaves, and our
+  export writes the flat prefix PEFT itself saves for a `prefix_projection` adapter
+  ('prompt_embeddings')."""
   hf_model, config, params = tiny_hf_llama
   method = PrefixTuning(NUM_TOKENS, PROJECTION)
   variables = Llama(config, peft=(method,)).init_peft(jax.random.key(2), params)
@@ -85,10 +85,11 @@ def test_fold_equals_projection_and_peft_export(tiny_hf_llama):
   plain = Llama(config, peft=(folded_method,)).apply(
       {'params': params, 'peft': {'prefix': folded}}, tokens)
   assert relative_error(np.asarray(plain), np.asarray(projected)) <= 1e-6
-  peft_model = peft_model_for(hf_model, method, variables['peft']['prefix'], config)
+  peft_model = projected_peft_model(hf_model, method, variables['peft']['prefix'], config)
   saved = peft.get_peft_model_state_dict(peft_model)['prompt_embeddings'].numpy()
-  np.testing.assert_allclose(to_peft_layout(folded, config).numpy(), saved, rtol=0,
-                             atol=1e-6 * np.abs(saved).max())
+  save_adapter(str(tmp_path), (method,), variables['peft'], config, format='hf_peft')
+  exported = load_file(tmp_path / 'adapter_model.safetensors')['prompt_embeddings']
+  np.testing.assert_allclose(exported, saved, rtol=0, atol=1e-6 * np.abs(saved).max())
 
 
 def test_prefix_equal_to_a_real_prompts_cache_reproduces_that_prompt(tiny_hf_llama):
@@ -158,7 +159,8 @@ def test_count_with_projection_matches_hf_peft(tiny_hf_llama):
   hf_model, config, params = tiny_hf_llama
   method = PrefixTuning(NUM_TOKENS, PROJECTION)
   leaves = sum(x.size for x in jax.tree.leaves(method.init_leaves(jax.random.key(0), config, params)))
-  peft_model = peft_model_for(hf_model, method, method.init_leaves(jax.random.key(0), config, params), config)
+  peft_model = projected_peft_model(hf_model, method,
+                                    method.init_leaves(jax.random.key(0), config, params), config)
   assert method.num_params(config) == leaves == peft_model.get_nb_trainable_parameters()[0]
 
 

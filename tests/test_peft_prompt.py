@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from additive_jax.model.llama import Llama
 from additive_jax.peft.prompt import PromptTuning
+from adapter_files_helpers import peft_model_holding
 from conftest import relative_error
 
 NUM_TOKENS = 4
@@ -36,25 +37,23 @@ def ours(config, variables, tokens, mask=None, method=None):
   return np.asarray(model.apply(variables, jnp.asarray(tokens), **kwargs))
 
 
-def peft_logits(hf_model, prompt_PD, tokens, mask):
-  """HF PEFT prompt tuning with our prompt copied into its state dict ('prompt_embeddings')."""
-  peft_model = peft.get_peft_model(copy.deepcopy(hf_model), peft.PromptTuningConfig(
-      task_type='CAUSAL_LM', num_virtual_tokens=prompt_PD.shape[0]))
-  peft.set_peft_model_state_dict(peft_model, {'prompt_embeddings': torch.tensor(np.asarray(prompt_PD))})
+def peft_logits(peft_model, tokens, mask):
   with torch.no_grad():
     out = peft_model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits
-  return out.numpy()[:, prompt_PD.shape[0]:]  # PEFT returns the virtual positions too
+  return out.numpy()[:, NUM_TOKENS:]  # PEFT returns the virtual positions too
 
 
-def test_logits_match_hf_peft_with_padding(tiny_hf_llama):
+def test_logits_match_hf_peft_with_padding(tiny_hf_llama, tmp_path):
   hf_model, config, params = tiny_hf_llama
-  variables = Llama(config, peft=(PromptTuning(NUM_TOKENS),)).init_peft(jax.random.key(0), params)
+  method = PromptTuning(NUM_TOKENS)
+  variables = Llama(config, peft=(method,)).init_peft(jax.random.key(0), params)
   tokens = np.random.RandomState(1).randint(0, 101, (3, 9))
   mask = np.ones_like(tokens)
   mask[1, :3] = 0   # left padding
   mask[2, 6:] = 0   # right padding
   got = ours(config, variables, tokens, mask)
-  ref = peft_logits(hf_model, variables['peft']['prompt']['prompt_PD'], tokens, mask)
+  peft_model = peft_model_holding(hf_model, method, variables['peft']['prompt'], config, tmp_path)
+  ref = peft_logits(peft_model, tokens, mask)
   assert got.shape == (3, 9, 101)
   valid = mask.astype(bool)
   assert relative_error(got[valid], ref[valid]) <= 1e-5

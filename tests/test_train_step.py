@@ -1,4 +1,4 @@
-"""The train step: every method, every pair and the design's example of three train, only
+"""The train step: every method, every pair and the README's example of three train, only
 variables['peft'] moves, and no gradient is ever computed for a frozen weight."""
 
 import functools
@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from additive_jax.model.config import LlamaConfig
 from additive_jax.model.llama import Llama
 from additive_jax.peft.bottleneck import Bottleneck
 from additive_jax.peft.ia3 import IA3
@@ -21,10 +20,10 @@ from additive_jax.peft.prefix import PrefixTuning
 from additive_jax.peft.prompt import PromptTuning
 from additive_jax.train.optimizer import make_optimizer, method_settings
 from additive_jax.train.step import TrainState, batch_loss, train_step
+from conftest import TINY
 
 # Every size unique, so a tensor's shape says what it is: D 48, F 80, N·H 6·8, K·H 2·8, V 101, L 3.
-CONFIG = LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=6,
-                     num_kv_heads=2, head_dim=8, rope_theta=1000.0, max_position_embeddings=64)
+CONFIG = TINY
 ALL_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 SINGLES = {
     'pfeiffer': Bottleneck(dim=4),
@@ -39,8 +38,8 @@ SINGLES = {
 }
 # Every pair of methods that can train together (LST refuses a partner inside the backbone).
 PAIRS = [(a, b) for a, b in itertools.combinations(['pfeiffer', 'ia3', 'lora', 'prompt', 'prefix'], 2)]
-# The combination DESIGN.md gives as its example: an adapter, (IA)³ and a prefix in one run.
-DESIGN_TRIPLE = ('houlsby', 'ia3', 'prefix_projection')
+# The combination the README gives as its example: an adapter, (IA)³ and a prefix in one run.
+README_TRIPLE = ('houlsby', 'ia3', 'prefix_projection')
 
 
 @pytest.fixture(scope='module')
@@ -99,8 +98,8 @@ def test_every_method_trains_and_only_its_leaves_move(params, batch, name):
   assert_trains([SINGLES[name]], params, batch)
 
 
-@pytest.mark.parametrize('names', PAIRS + [DESIGN_TRIPLE], ids='+'.join)
-def test_every_pair_of_methods_and_the_design_triple_trains(params, batch, names):
+@pytest.mark.parametrize('names', PAIRS + [README_TRIPLE], ids='+'.join)
+def test_every_pair_of_methods_and_the_readme_triple_trains(params, batch, names):
   assert_trains([SINGLES[name] for name in names], params, batch)
 
 

@@ -1,69 +1,164 @@
-"""Greedy decoding with a KV cache.
+"""Decoding with a preallocated KV cache: greedy or sampled, until EOS, a stop string or a budget.
 
-Prompts are left-padded to a common length so that every row writes its next
-token into the same cache slot; positions count real tokens only (as
-transformers' `generate` does), so a padded row decodes exactly as it would alone.
+    texts = generate(model, variables, tokenizer, ['Review: a fine film\\nSentiment:'],
+                     max_new_tokens=32, chat=False, sampling=Sampling(temperature=0.7, top_p=0.9))
+
+The prompts are tokenized (through the tokenizer's chat template when `chat`)
+and left-padded to a common length, so that every row writes its next token
+into the same cache slot; positions count real tokens only (as transformers'
+`generate` does), so a padded row decodes exactly as it would alone. One jitted
+prefill reads the prompts (vectors a method prepends enter here, once), then
+one jitted decode step per token. Every method decodes this way: a prefix's
+slots come before the cache's, the ladder's side network keeps a cache of its
+own (`Llama.init_cache`).
+
+With `adapter_ids` (one per prompt), `variables['peft']` is a stack of adapters
+(`aj.peft.stack`) and every row runs its own, in the same calls
+(`peft.stack.apply_mixed`).
+
+A row stops at an EOS token, at the first `stop` string in its text (which is
+cut there and not returned) or after `max_new_tokens`. `on_text(row, text)`
+receives each row's text as it grows (a stop string's possible beginning held
+back until it is known not to be one), for streaming.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from additive_jax.model.llama import KVCache, Llama
+from additive_jax.eval.sampling import Sampling, next_tokens
+from additive_jax.model.llama import Llama
 from additive_jax.peft.merge import inference_form
+from additive_jax.peft.stack import apply_mixed
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens'))
-def _greedy(model: Llama, variables, tokens_BT, mask_BT, max_new_tokens: int, eos_id: int):
-  batch, length = tokens_BT.shape
-  cache = KVCache.create(model.config, batch, length + max_new_tokens, model.config.dtype)
+def _forward(model, variables, adapter_ids, tokens, **kwargs):
+  if adapter_ids is None:
+    return model.apply(variables, tokens, **kwargs)
+  return apply_mixed(model, variables, adapter_ids, tokens, **kwargs)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'sampling'))
+def _prefill(model: Llama, sampling: Sampling, variables, adapter_ids, tokens_BT, mask_BT, cache,
+             key):
   positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
-  logits_BTV, cache = model.apply(variables, tokens_BT, attention_mask=mask_BT,
-                                  positions=positions_BT, cache=cache)
-  next_B = jnp.argmax(logits_BTV[:, -1], axis=-1).astype(jnp.int32)
-  next_position_B = positions_BT[:, -1] + 1
-
-  def step(carry, _):
-    cache, token_B, position_B, done_B = carry
-    logits, cache = model.apply(variables, token_B[:, None], attention_mask=jnp.ones((batch, 1), bool),
-                                positions=position_B[:, None], cache=cache)
-    new_B = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-    done_B = done_B | (token_B == eos_id)
-    new_B = jnp.where(done_B, eos_id, new_B)
-    return (cache, new_B, position_B + 1, done_B), token_B
-
-  init = (cache, next_B, next_position_B, jnp.zeros((batch,), bool))
-  _, out_NB = jax.lax.scan(step, init, None, length=max_new_tokens)
-  return out_NB.T
+  logits_BTV, cache = _forward(model, variables, adapter_ids, tokens_BT, attention_mask=mask_BT,
+                               positions=positions_BT, cache=cache)
+  key, draw = jax.random.split(key)
+  return next_tokens(logits_BTV[:, -1], draw, sampling), positions_BT[:, -1] + 1, cache, key
 
 
-def generate(model: Llama, variables, tokenizer, prompts: list[str], max_new_tokens: int = 32,
-             chat: bool = True) -> list[str]:
-  """Greedy completions of `prompts` (chat-formatted by the tokenizer's template if `chat`)."""
+@functools.partial(jax.jit, static_argnames=('model', 'sampling'), donate_argnames='cache')
+def _decode_step(model: Llama, sampling: Sampling, variables, adapter_ids, token_B, position_B,
+                 cache, key):
+  logits_B1V, cache = _forward(model, variables, adapter_ids, token_B[:, None],
+                               attention_mask=jnp.ones_like(token_B, bool)[:, None],
+                               positions=position_B[:, None], cache=cache)
+  key, draw = jax.random.split(key)
+  return next_tokens(logits_B1V[:, -1], draw, sampling), position_B + 1, cache, key
+
+
+def check_length(model: Llama, prompt_tokens: int, max_new_tokens: int) -> None:
+  """Refuses a prompt and budget the model's positions cannot hold."""
+  extra = model.num_virtual_tokens + sum(m.num_prefix_tokens for m in model.peft)
+  needed = prompt_tokens + max_new_tokens + extra
+  if needed > model.config.max_position_embeddings:
+    raise ValueError(f'a prompt of {prompt_tokens} tokens and {max_new_tokens} new ones'
+                     + (f' (+ {extra} prompt vectors and prefix slots)' if extra else '') +
+                     f' need {needed} positions; the model has '
+                     f'max_position_embeddings={model.config.max_position_embeddings}')
+
+
+def generate_ids(model: Llama, variables, prompt_ids: Sequence[list[int]], *, max_new_tokens: int,
+                 eos_ids: Sequence[int] = (), sampling: Sampling = Sampling(), adapter_ids=None,
+                 pad_id: int = 0, on_tokens: Callable | None = None) -> list[list[int]]:
+  """The new tokens of each prompt (EOS not included), stopping a row at an EOS or when
+  `on_tokens(row, tokens)` returns True, all rows after `max_new_tokens`."""
+  if not prompt_ids or any(len(ids) == 0 for ids in prompt_ids):
+    raise ValueError('every prompt needs at least one token')
+  if adapter_ids is not None and len(adapter_ids) != len(prompt_ids):
+    raise ValueError(f'{len(adapter_ids)} adapter ids for {len(prompt_ids)} prompts')
+  length = max(map(len, prompt_ids))
+  check_length(model, length, max_new_tokens)
   model, variables = inference_form(model, variables)
+  tokens = np.full((len(prompt_ids), length), pad_id, np.int32)
+  mask = np.zeros((len(prompt_ids), length), bool)
+  for row, ids in enumerate(prompt_ids):
+    tokens[row, length - len(ids):], mask[row, length - len(ids):] = ids, True
+  ids_B = None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32)
+  cache = model.init_cache(len(prompt_ids), length + max_new_tokens)
+  key = jax.random.key(sampling.seed)
+  token_B, position_B, cache, key = _prefill(model, sampling, variables, ids_B, tokens, mask,
+                                             cache, key)
+  out = [[] for _ in prompt_ids]
+  done = np.zeros(len(prompt_ids), bool)
+  eos = set(eos_ids)
+  for step in range(max_new_tokens):
+    new = np.asarray(token_B)
+    for row in np.flatnonzero(~done):
+      if int(new[row]) in eos:
+        done[row] = True
+        continue
+      out[row].append(int(new[row]))
+      if on_tokens is not None and on_tokens(row, out[row]):
+        done[row] = True
+    if done.all() or step == max_new_tokens - 1:
+      break
+    token_B, position_B, cache, key = _decode_step(model, sampling, variables, ids_B, token_B,
+                                                   position_B, cache, key)
+  return out
+
+
+class _StopStrings:
+  """Each row's text as it grows: cut at the first stop string, streamed without any tail
+  that could still become one."""
+
+  def __init__(self, tokenizer, rows: int, stop: Sequence[str], on_text: Callable | None):
+    self.tokenizer, self.stop, self.on_text = tokenizer, [s for s in stop if s], on_text
+    self.texts, self.sent = [''] * rows, [0] * rows
+    self.hold = max((len(s) - 1 for s in self.stop), default=0)
+
+  def __call__(self, row: int, tokens: list[int]) -> bool:
+    text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+    found = [text.index(s) for s in self.stop if s in text]
+    if found:
+      text = text[:min(found)]
+    self.texts[row] = text
+    ready = len(text) if found else max(len(text) - self.hold, self.sent[row])
+    if self.on_text is not None and ready > self.sent[row]:
+      self.on_text(row, text[self.sent[row]:ready])
+    self.sent[row] = max(self.sent[row], ready)
+    return bool(found)
+
+  def finish(self) -> list[str]:
+    if self.on_text is not None:
+      for row, text in enumerate(self.texts):
+        if len(text) > self.sent[row]:
+          self.on_text(row, text[self.sent[row]:])
+    return self.texts
+
+
+def prompt_token_ids(tokenizer, prompts: Sequence[str], chat: bool) -> list[list[int]]:
+  """The prompts' ids: as the user turn of the chat template (with the assistant's header
+  after it) when `chat`, else the text as it is (no special tokens added)."""
   if chat:
-    texts = [tokenizer.apply_chat_template([{'role': 'user', 'content': p}], tokenize=False,
-                                           add_generation_prompt=True) for p in prompts]
-  else:
-    texts = list(prompts)
-  ids = [tokenizer(t, add_special_tokens=False)['input_ids'] for t in texts]
-  length = max(map(len, ids))
+    prompts = [tokenizer.apply_chat_template([{'role': 'user', 'content': p}], tokenize=False,
+                                             add_generation_prompt=True) for p in prompts]
+  return [tokenizer(p, add_special_tokens=False)['input_ids'] for p in prompts]
+
+
+def generate(model: Llama, variables, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
+             chat: bool = True, sampling: Sampling = Sampling(), stop: Sequence[str] = (),
+             adapter_ids=None, on_text: Callable | None = None) -> list[str]:
+  """Completions of `prompts` (see the module docstring)."""
+  streams = _StopStrings(tokenizer, len(prompts), stop, on_text)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-  tokens = np.full((len(ids), length), pad, np.int32)
-  mask = np.zeros((len(ids), length), np.int32)
-  for row, seq in enumerate(ids):
-    tokens[row, length - len(seq):] = seq
-    mask[row, length - len(seq):] = 1
-  out = np.asarray(_greedy(model, variables, jnp.asarray(tokens), jnp.asarray(mask),
-                           max_new_tokens, tokenizer.eos_token_id))
-  results = []
-  for row in out:
-    row = list(row)
-    if tokenizer.eos_token_id in row:
-      row = row[:row.index(tokenizer.eos_token_id)]
-    results.append(tokenizer.decode(row, skip_special_tokens=True))
-  return results
+  generate_ids(model, variables, prompt_token_ids(tokenizer, prompts, chat),
+               max_new_tokens=max_new_tokens, eos_ids=[tokenizer.eos_token_id], sampling=sampling,
+               adapter_ids=adapter_ids, pad_id=pad, on_tokens=streams)
+  return streams.finish()

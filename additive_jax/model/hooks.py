@@ -12,8 +12,13 @@ Per-layer sites (inside the scanned block; `p` is the method's slice of the
   mlp_delta(p, r, f)       added to the stream after the MLP: x = r + f + delta
   prefix_kv(p)             key/value vectors [n, K, H] placed before the keys
 Model-level sites (`tree` is the method's whole subtree):
-  embed(tree, x_BTD)                        the token embeddings (may prepend vectors)
-  final_hidden(tree, h_BTD, taps, context)  the backbone's final hidden state (ladder)
+  embed(tree, x_BTD)          the token embeddings, position by position
+  prepend(tree)               vectors [P, D] placed before the tokens (a soft prompt): at
+                              positions 0…P−1, once per sequence (with a KV cache, in the
+                              prefill only)
+  final_hidden(tree, h_BTD, taps, context, cache) -> (h_BTD, cache)
+                              the backbone's final hidden state (ladder); `cache` is the
+                              method's own decoding state from `init_cache`, or None
 
 A method set is checked (`check_methods`) and initialized (`init_methods`) here
 too, since the model does both when it is built and when `init_peft` is called.
@@ -34,9 +39,9 @@ class Hooks:
 
   key: ClassVar[str] = ''              # its key in variables['peft']
   acts_in_backbone: ClassVar[bool] = True
-  num_prefix_tokens: ClassVar[int] = 0  # key/value slots it adds per layer
-  wants_taps: ClassVar[bool] = False    # needs every layer's output hidden state
-  kv_cache: ClassVar[bool] = True       # can decode one token at a time with a KV cache
+  num_prefix_tokens: ClassVar[int] = 0   # key/value slots it adds per layer
+  num_virtual_tokens: ClassVar[int] = 0  # vectors it prepends to the tokens
+  wants_taps: ClassVar[bool] = False     # needs every layer's output hidden state
 
   def check(self, config) -> None:
     """Raises ValueError naming the bad argument if this method cannot act on `config`."""
@@ -67,8 +72,16 @@ class Hooks:
   def embed(self, tree, x_BTD):
     return x_BTD
 
-  def final_hidden(self, tree, h_BTD, taps, context):
-    return h_BTD
+  def prepend(self, tree):
+    return None
+
+  def final_hidden(self, tree, h_BTD, taps, context, cache=None):
+    return h_BTD, cache
+
+  def init_cache(self, config, batch: int, max_len: int, dtype) -> PyTree | None:
+    """The method's own decoding state beside the model's KV cache (the ladder's side
+    network keeps its keys and values), or None; every leaf [L, B, ...], batch second."""
+    return None
 
   def call_string(self) -> str:
     """The constructor call that rebuilds this method, e.g. `IA3()` (fields at their default

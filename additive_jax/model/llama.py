@@ -57,18 +57,24 @@ class KVCache:
   """Keys and values of every layer, for decoding one step at a time.
 
   `valid` marks filled, non-padding slots; `end` is the number of slots written
-  (the same for the whole batch; left-pad prompts to align them).
+  (the same for the whole batch; left-pad prompts to align them). `methods` holds
+  the decoding state of methods that keep their own (`Hooks.init_cache`); `fresh`
+  (static) is True until the first call fills the cache, the prefill, which is
+  when vectors a method prepends enter. `Llama.init_cache` makes one for a model.
   """
   k_LBSKH: jax.Array
   v_LBSKH: jax.Array
   valid_BS: jax.Array
   end: jax.Array
+  methods: dict = flax.struct.field(default_factory=dict)
+  fresh: bool = flax.struct.field(pytree_node=False, default=True)
 
   @classmethod
-  def create(cls, config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+  def create(cls, config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32,
+             methods: dict | None = None) -> KVCache:
     shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-               jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+               jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32), methods or {})
 
 
 @flax.struct.dataclass
@@ -220,6 +226,20 @@ class Llama(nn.Module):
     """`{'params': params, 'peft': {key: leaves}}`, every method at its initial value."""
     return {'params': params, 'peft': init_methods(self.peft, rng, self.config, params, tokenizer)}
 
+  @property
+  def num_virtual_tokens(self) -> int:
+    """Vectors the methods prepend to every sequence (they take cache slots too)."""
+    return sum(m.num_virtual_tokens for m in self.peft)
+
+  def init_cache(self, batch: int, max_tokens: int, dtype=None) -> KVCache:
+    """An empty cache for `max_tokens` tokens a row (prompt and generated), plus the slots of
+    any prepended vectors, with the methods' own decoding state."""
+    cfg, dtype = self.config, dtype or self.config.dtype
+    length = max_tokens + self.num_virtual_tokens
+    states = {m.key: m.init_cache(cfg, batch, length, dtype) for m in self.peft}
+    return KVCache.create(cfg, batch, length, dtype,
+                          {key: state for key, state in states.items() if state is not None})
+
   @nn.compact
   def __call__(self, tokens_BT, attention_mask=None, positions=None, segment_ids=None,
                cache: KVCache | None = None):
@@ -232,12 +252,15 @@ class Llama(nn.Module):
     x_BTD = nn.with_logical_constraint(embedder(tokens_BT), ACTIVATION_AXES)
     for method in methods:
       x_BTD = method.embed(trees[method.key], x_BTD)
+    virtual = sum(m.num_virtual_tokens for m in methods)
+    # prepended vectors enter once per sequence: without a cache, or in the prefill
+    prepended = virtual if cache is None or cache.fresh else 0
+    if prepended:
+      vectors_PD = jnp.concatenate([m.prepend(trees[m.key]) for m in methods
+                                    if m.num_virtual_tokens]).astype(x_BTD.dtype)
+      x_BTD = jnp.concatenate([jnp.broadcast_to(vectors_PD, (batch,) + vectors_PD.shape), x_BTD],
+                              axis=1)
     embedded_BTD = x_BTD
-    virtual = x_BTD.shape[1] - length   # vectors the methods prepended (a soft prompt)
-    no_cache = [m.call_string() for m in methods if not m.kv_cache]
-    if cache is not None and no_cache:
-      raise NotImplementedError(f'{", ".join(no_cache)} cannot decode with a KV cache yet: score '
-                                'or generate without a cache (full forward passes)')
     prefix = sum(m.num_prefix_tokens for m in methods)
     if cache is None and prefix + virtual + length > cfg.max_position_embeddings:
       raise ValueError(f'{length} tokens + {virtual} prompt vectors + {prefix} prefix slots need '
@@ -247,15 +270,17 @@ class Llama(nn.Module):
     if attention_mask is None:
       attention_mask = jnp.ones((batch, length), bool)
     attention_mask = jnp.concatenate(
-        [jnp.ones((batch, virtual), bool), attention_mask.astype(bool)], axis=1)
-    start = 0 if cache is None else cache.end
-    if positions is None:
-      positions = start + jnp.arange(length + virtual, dtype=jnp.int32)[None].repeat(batch, 0)
-    elif virtual:
-      positions = jnp.concatenate([jnp.arange(virtual, dtype=jnp.int32)[None].repeat(batch, 0),
-                                   positions + virtual], axis=1)
+        [jnp.ones((batch, prepended), bool), attention_mask.astype(bool)], axis=1)
+    if positions is None:  # a cache's slots count the prepended vectors already
+      start = 0 if cache is None else cache.end
+      positions = start + jnp.arange(length + prepended, dtype=jnp.int32)[None].repeat(batch, 0)
+    else:  # positions of the tokens; the prepended vectors take 0…P−1 before them
+      positions = positions + virtual
+      if prepended:
+        positions = jnp.concatenate(
+            [jnp.arange(prepended, dtype=jnp.int32)[None].repeat(batch, 0), positions], axis=1)
     positions = positions + prefix
-    ctx, cache = self._context(positions, attention_mask, segment_ids, cache, virtual, prefix)
+    ctx, cache = self._context(positions, attention_mask, segment_ids, cache, prepended, prefix)
 
     block = Block
     if cfg.remat != 'none':
@@ -270,9 +295,12 @@ class Llama(nn.Module):
         x_BTD, layer_inputs, kv, ctx)
     taps = (embedded_BTD, taps_LBTD) if wants_taps else None  # the embeddings, each layer's output
     x_BTD = _rms_norm(cfg, 'norm')(x_BTD)
+    states = {} if cache is None else dict(cache.methods)
     for method in methods:
-      x_BTD = method.final_hidden(trees[method.key], x_BTD, taps, ctx)
-    x_BTD = x_BTD[:, virtual:]
+      x_BTD, state = method.final_hidden(trees[method.key], x_BTD, taps, ctx, states.get(method.key))
+      if state is not None:
+        states[method.key] = state
+    x_BTD = x_BTD[:, prepended:]
     if cfg.tie_word_embeddings:
       logits_BTV = embedder.attend(x_BTD)
     else:
@@ -282,7 +310,8 @@ class Llama(nn.Module):
     logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32), LOGITS_AXES)
     if cache is None:
       return logits_BTV
-    return logits_BTV, cache.replace(k_LBSKH=kv[0], v_LBSKH=kv[1], end=cache.end + length + virtual)
+    return logits_BTV, cache.replace(k_LBSKH=kv[0], v_LBSKH=kv[1], end=cache.end + length + prepended,
+                                     methods=states, fresh=False)
 
   def _peft_trees(self) -> dict[str, Any]:
     if not self.peft:

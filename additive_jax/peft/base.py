@@ -13,7 +13,7 @@ A method is one frozen dataclass in one file. Besides the hooks the model calls
   file_fields         its settings under the names adapter libraries use, for our adapter file
   mergeable, merge, unmerge, fold   whether and how it folds into the base weights, and its
                       inference form
-  kv_cache            whether it decodes one token at a time with a KV cache
+  stack_with, widen   how adapters of it trained apart share one stack (aj.peft.stack)
 
 Defining a subclass registers it (by constructor name and by key), so a method
 written anywhere — a test file, a user's module — trains through the config,
@@ -85,6 +85,20 @@ class Method(Hooks):
     """(method, tree) for inference: a training-time reparameterization evaluated once (prefix
     tuning's MLP), the same logits for less work per call. Most methods have none."""
     return self, tree
+
+  def stack_with(self, others, config) -> Method:
+    """The method that holds this one and `others` (its class) in one stack of adapters:
+    itself, when all are equal. A method whose width may differ between adapters (LoRA's
+    rank, a bottleneck's dim) returns the widest, and `widen` pads its leaves with zeros."""
+    different = [m for m in others if m != self]
+    if different:
+      raise ValueError(f'{self.call_string()} and {different[0].call_string()} cannot share a '
+                       'stack of adapters: their leaves compute different functions')
+    return self
+
+  def widen(self, tree, wide: Method, config):
+    """`tree` as leaves of `wide` (from `stack_with`) that compute the same function."""
+    return tree
 
   def merge(self, tree, params, config, stage=None):
     """Params with this method folded in (only for `mergeable` methods); `stage` ('project',

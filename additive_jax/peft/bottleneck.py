@@ -135,6 +135,24 @@ class Bottleneck(Method):
             'non_linearity': self.activation, 'adapter_placement': FILE_PLACEMENTS[self.placement],
             'scaling': self.scale, 'num_layers': config.num_layers}
 
+  def stack_with(self, others, config) -> Bottleneck:
+    """The same placement, activation and scale at the largest bottleneck dim."""
+    other = next((m for m in others if (m.placement, m.activation, m.scale) !=
+                  (self.placement, self.activation, self.scale)), None)
+    if other is not None:
+      raise ValueError(f'{self.call_string()} and {other.call_string()} cannot share a stack: '
+                       'their placement, activation or scale differ')
+    dim = max(m.bottleneck_dim(config) for m in (self, *others))
+    return dataclasses.replace(self, dim=dim, reduction_factor=None)
+
+  def widen(self, tree, wide: Bottleneck, config):
+    """The extra units zero in and out: act(0) = 0 and their rows of W_up are zero, exactly."""
+    pad = wide.bottleneck_dim(config) - self.bottleneck_dim(config)
+    return {site: {'down': jnp.pad(p['down'], ((0, 0), (0, 0), (0, pad))),
+                   'down_bias': jnp.pad(p['down_bias'], ((0, 0), (0, pad))),
+                   'up': jnp.pad(p['up'], ((0, 0), (0, pad), (0, 0))),
+                   'up_bias': p['up_bias']} for site, p in tree.items()}
+
   def adapter(self, p, h_BTD):
     """s · A(h) for one layer's leaves `p` (down [D,R], down_bias [R], up [R,D], up_bias [D])."""
     dtype = h_BTD.dtype  # the model's compute dtype; the leaves stay fp32 in storage

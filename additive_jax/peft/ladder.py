@@ -73,7 +73,6 @@ class LadderSide(Method):
   key: ClassVar[str] = 'ladder'
   presets: ClassVar[dict] = {'ladder': {'reduction': 8}}
   optimizer_defaults: ClassVar[dict] = {'learning_rate': 3e-3}
-  kv_cache: ClassVar[bool] = False  # the side network keeps no cache of its own yet
   acts_in_backbone: ClassVar[bool] = False
   wants_taps: ClassVar[bool] = True
 
@@ -128,7 +127,16 @@ class LadderSide(Method):
   def layer_inputs(self, tree, config):
     return None  # nothing of the ladder runs inside the backbone's blocks
 
-  def final_hidden(self, tree, h_BTD, taps, context):
+  def init_cache(self, config, batch: int, max_len: int, dtype):
+    """The side blocks' own keys and values (head dim H/r), slot for slot with the model's."""
+    side = self.side_config(config)
+    shape = (config.num_layers, batch, max_len, side.num_kv_heads, side.head_dim)
+    return {'k_LBSKH': jnp.zeros(shape, dtype), 'v_LBSKH': jnp.zeros(shape, dtype)}
+
+  def final_hidden(self, tree, h_BTD, taps, context, cache=None):
+    if context.cache_end is not None and cache is None:
+      raise ValueError('LadderSide decodes with its own cache of the side network: make the '
+                       'cache with model.init_cache(batch, max_tokens)')
     embedded_BTD, taps_LBTD = jax.lax.stop_gradient(taps)
     h_BTD = jax.lax.stop_gradient(h_BTD)
     side = self.side_config(context.config)
@@ -138,18 +146,20 @@ class LadderSide(Method):
     dtype = h_BTD.dtype
 
     def layer(s_BTR, xs):
-      block_params, tap_BTD, down_DR, gate = xs
+      block_params, tap_BTD, down_DR, gate, kv = xs
       mu = jax.nn.sigmoid(gate / GATE_TEMPERATURE).astype(dtype)
       u_BTR = mu * jnp.einsum('btd,dr->btr', tap_BTD, down_DR.astype(dtype)) + (1 - mu) * s_BTR
-      s_BTR, _ = block.apply({'params': block_params}, u_BTR, {}, None, side_context)
-      return s_BTR, None
+      s_BTR, (kv, _) = block.apply({'params': block_params}, u_BTR, {}, kv, side_context)
+      return s_BTR, kv
 
+    kv = None if cache is None else (cache['k_LBSKH'], cache['v_LBSKH'])
     s_BTR = jnp.einsum('btd,dr->btr', embedded_BTD, tree['embed_down_DR'].astype(dtype))
-    s_BTR, _ = jax.lax.scan(layer, s_BTR, (tree['blocks'], taps_LBTD, tree['down_LDR'],
-                                           tree['gate_L']))
+    s_BTR, kv = jax.lax.scan(layer, s_BTR, (tree['blocks'], taps_LBTD, tree['down_LDR'],
+                                            tree['gate_L'], kv))
     s_BTR = nn.RMSNorm(epsilon=side.rms_norm_eps, dtype=dtype).apply(
         {'params': {'scale': tree['norm_R']}}, s_BTR)
-    return h_BTD + jnp.einsum('btr,rd->btd', s_BTR, tree['up_RD'].astype(dtype))
+    out_BTD = h_BTD + jnp.einsum('btr,rd->btd', s_BTR, tree['up_RD'].astype(dtype))
+    return out_BTD, None if kv is None else {'k_LBSKH': kv[0], 'v_LBSKH': kv[1]}
 
 
 @functools.lru_cache(maxsize=8)

@@ -108,6 +108,23 @@ class LoRA(Method):
     delta_BTO = jnp.einsum('btr,ro->bto', z_BTR, p[name]['b'].astype(dtype))
     return y + (delta_BTO * jnp.asarray(self.scaling, dtype)).reshape(y.shape)
 
+  def stack_with(self, others, config) -> LoRA:
+    """LoRA(rank=R, alpha=R, same targets), R the largest rank: each adapter's α/r goes into
+    its B when widened, so the stack's scaling is 1."""
+    other = next((m for m in others if m.targets != self.targets), None)
+    if other is not None:
+      raise ValueError(f'LoRA adapters on {self.targets} and {other.targets} cannot share a '
+                       'stack: their targets differ')
+    rank = max(m.rank for m in (self, *others))
+    return LoRA(rank=rank, alpha=rank, targets=self.targets)
+
+  def widen(self, tree, wide: LoRA, config):
+    """A zero-padded to [L, I, R] and (α/r)·B to [L, R, O]: the same B·A, exactly."""
+    pad = wide.rank - self.rank
+    return {t: {'a': jnp.pad(tree[t]['a'], ((0, 0), (0, 0), (0, pad))),
+                'b': jnp.pad(tree[t]['b'] * jnp.float32(self.scaling), ((0, 0), (0, pad), (0, 0)))}
+            for t in self.targets}
+
   def delta(self, tree, target: str, kernel_shape) -> jax.Array:
     """(α/r)·A·B for every layer, fp32, in the kernel's layout ([L, D, N, H] for q, ...).
 

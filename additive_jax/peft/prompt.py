@@ -52,7 +52,6 @@ class PromptTuning(Method):
   presets: ClassVar[dict] = {'prompt': {'num_tokens': 20}}
   # orders of magnitude above the others' (Lester et al. use 0.3 with Adafactor)
   optimizer_defaults: ClassVar[dict] = {'learning_rate': 3e-2}
-  kv_cache: ClassVar[bool] = False  # every call would prepend the vectors, each decode step too
 
   def __post_init__(self):
     require_positive_int('PromptTuning', 'num_tokens', self.num_tokens)
@@ -90,10 +89,12 @@ class PromptTuning(Method):
   def layer_inputs(self, tree, config):
     return None  # nothing per layer: the prompt acts at the embeddings only
 
-  def embed(self, tree, x_BTD):
-    prompt_PD = tree['prompt_PD'].astype(x_BTD.dtype)
-    prompt_BPD = jnp.broadcast_to(prompt_PD, (x_BTD.shape[0],) + prompt_PD.shape)
-    return jnp.concatenate([prompt_BPD, x_BTD], axis=1)
+  @property
+  def num_virtual_tokens(self) -> int:
+    return self.num_tokens
+
+  def prepend(self, tree):
+    return tree['prompt_PD']
 
 
 def text_token_ids(text: str, tokenizer, num_tokens: int) -> list[int]:

@@ -17,14 +17,11 @@ import numpy as np
 import safetensors.numpy
 
 import additive_jax as aj
-from additive_jax.model.config import LlamaConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 from adapter_files_helpers import random_peft  # noqa: E402
-from conftest import relative_error  # noqa: E402
+from conftest import TINY as CONFIG, relative_error  # noqa: E402
 
-CONFIG = LlamaConfig(vocab_size=101, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=6,
-                     num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5)
 OURS = {'seq_bn': aj.peft.Bottleneck(6, 'pfeiffer', 'gelu'),
         'double_seq_bn': aj.peft.Bottleneck(5, 'houlsby', 'silu'),
         'par_bn': aj.peft.Bottleneck(12, 'parallel', 'relu', scale=4.0)}
