@@ -27,13 +27,14 @@ QUIET_ENVIRONMENT = {
 
 
 def _keep_record(record: logging.LogRecord) -> bool:
-  """Drops INFO lines that bury the run's own or read like an error: Orbax logs every stage of
-  every save, and JAX reports each backend it probes and does not find (libtpu on a CPU)."""
+  """Drops lines that bury the run's own or read like an error and are not: Orbax logs every
+  stage of every save at INFO and warns that a checkpoint opened read-only (as export and
+  generate open a run's) is read-only; JAX reports each backend it probes and does not find
+  (libtpu on a CPU)."""
+  orbax = f'{os.sep}orbax{os.sep}' in record.pathname
   if record.levelno >= logging.WARNING:
-    return True
-  if f'{os.sep}orbax{os.sep}' in record.pathname:
-    return False
-  return not record.getMessage().startswith('Unable to initialize backend')
+    return not (orbax and record.getMessage().startswith('Given directory is read only'))
+  return not orbax and not record.getMessage().startswith('Unable to initialize backend')
 
 
 def _config_keys(config) -> list[str]:

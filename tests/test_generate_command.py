@@ -90,8 +90,8 @@ def test_bad_input_is_one_line_and_writes_nothing(workdir, tiny_with_tokenizer, 
   result = run_generate(f'--workdir={workdir}', '--prompt=x', '--temperature=1', '--top_p=1.5')
   assert result.stderr.strip() == 'error: top_p must lie in (0, 1] (1: no cut), got 1.5'
   other_base = tmp_path / 'other_base'
-  save_tiny_hf_llama(other_base, vocab_size=4096, hidden_size=64, num_hidden_layers=2)
+  save_tiny_hf_llama(other_base, vocab_size=4096, hidden_size=60, num_hidden_layers=2)
   result = run_generate(f'--model={other_base}', f'--adapter={export_run(workdir, "aj")}',
                         '--prompt=x')
   assert result.returncode != 0 and result.stderr.count('\n') == 1
-  assert 'does not fit this model' in result.stderr and 'hidden_size=48' in result.stderr
+  assert 'does not fit this model' in result.stderr and 'hidden_size=48 (this model: 60)' in result.stderr
