@@ -2,6 +2,7 @@
 scored as transformers scores them, and greedy decoding of plain (not chat) prompts equal to
 repeated argmax of full forward passes."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -62,3 +63,22 @@ def test_plain_prompts_decode_as_repeated_argmax_of_full_forward_passes(tiny_wit
       out.append(token)
     assert answer == tokenizer.decode(out, skip_special_tokens=True), prompt
     assert out  # a random model's greedy tokens: something was generated
+
+
+def test_a_mixed_batch_scores_each_prompt_with_its_own_adapter(tiny_hf_llama):
+  _, config, params = tiny_hf_llama
+  adapters = []
+  for seed, rank in ((0, 2), (1, 4)):
+    method = aj.peft.LoRA(rank=rank, alpha=4, targets=('q', 'v', 'down'))
+    peft = Llama(config, peft=(method,)).init_peft(jax.random.key(seed), params)['peft']
+    rng = np.random.RandomState(seed)
+    adapters.append(((method,), jax.tree.map(lambda x: x + 0.3 * rng.randn(*x.shape), peft)))
+  methods, stacked = aj.peft.stack(adapters, config)
+  for choices in ([[4], [50]], [[4, 6], [4, 20, 30]]):  # one-token and multi-token paths
+    ids = [1, 0, 1]
+    mixed = choice_logprobs(Llama(config, peft=methods), {'params': params, 'peft': stacked},
+                            PROMPTS, choices, pad_id=0, adapter_ids=ids)
+    alone = [choice_logprobs(Llama(config, peft=m), {'params': params, 'peft': p}, PROMPTS,
+                             choices, pad_id=0) for m, p in adapters]
+    assert relative_error(alone[0], alone[1]) > 1e-2
+    assert relative_error(mixed, np.stack([alone[a][row] for row, a in enumerate(ids)])) < 1e-5
