@@ -34,29 +34,31 @@ import numpy as np
 from additive_jax.eval.sampling import Sampling, next_tokens
 from additive_jax.model.llama import Llama
 from additive_jax.peft.merge import inference_form
-from additive_jax.peft.stack import apply_mixed
+from additive_jax.peft.stack import apply_per_row, rows_of
 
 
-def _forward(model, variables, adapter_ids, tokens, **kwargs):
-  if adapter_ids is None:
+def _forward(model, variables, per_row: bool, tokens, **kwargs):
+  """`model.apply`, or with `per_row` each row's own adapter leaves (`rows_of`)."""
+  if not per_row:
     return model.apply(variables, tokens, **kwargs)
-  return apply_mixed(model, variables, adapter_ids, tokens, **kwargs)
+  return apply_per_row(model, variables['params'], variables['peft'], tokens, **kwargs)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'sampling'))
-def _prefill(model: Llama, sampling: Sampling, variables, adapter_ids, tokens_BT, mask_BT, cache,
+@functools.partial(jax.jit, static_argnames=('model', 'sampling', 'per_row'))
+def _prefill(model: Llama, sampling: Sampling, per_row: bool, variables, tokens_BT, mask_BT, cache,
              key):
   positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
-  logits_BTV, cache = _forward(model, variables, adapter_ids, tokens_BT, attention_mask=mask_BT,
+  logits_BTV, cache = _forward(model, variables, per_row, tokens_BT, attention_mask=mask_BT,
                                positions=positions_BT, cache=cache)
   key, draw = jax.random.split(key)
   return next_tokens(logits_BTV[:, -1], draw, sampling), positions_BT[:, -1] + 1, cache, key
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'sampling'), donate_argnames='cache')
-def _decode_step(model: Llama, sampling: Sampling, variables, adapter_ids, token_B, position_B,
+@functools.partial(jax.jit, static_argnames=('model', 'sampling', 'per_row'),
+                   donate_argnames='cache')
+def _decode_step(model: Llama, sampling: Sampling, per_row: bool, variables, token_B, position_B,
                  cache, key):
-  logits_B1V, cache = _forward(model, variables, adapter_ids, token_B[:, None],
+  logits_B1V, cache = _forward(model, variables, per_row, token_B[:, None],
                                attention_mask=jnp.ones_like(token_B, bool)[:, None],
                                positions=position_B[:, None], cache=cache)
   key, draw = jax.random.split(key)
@@ -90,10 +92,13 @@ def generate_ids(model: Llama, variables, prompt_ids: Sequence[list[int]], *, ma
   mask = np.zeros((len(prompt_ids), length), bool)
   for row, ids in enumerate(prompt_ids):
     tokens[row, length - len(ids):], mask[row, length - len(ids):] = ids, True
-  ids_B = None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32)
+  per_row = adapter_ids is not None
+  if per_row:  # each row's adapter leaves, gathered once for every step
+    variables = {'params': variables['params'],
+                 'peft': jax.jit(rows_of)(variables['peft'], jnp.asarray(adapter_ids, jnp.int32))}
   cache = model.init_cache(len(prompt_ids), length + max_new_tokens)
   key = jax.random.key(sampling.seed)
-  token_B, position_B, cache, key = _prefill(model, sampling, variables, ids_B, tokens, mask,
+  token_B, position_B, cache, key = _prefill(model, sampling, per_row, variables, tokens, mask,
                                              cache, key)
   out = [[] for _ in prompt_ids]
   done = np.zeros(len(prompt_ids), bool)
@@ -109,7 +114,7 @@ def generate_ids(model: Llama, variables, prompt_ids: Sequence[list[int]], *, ma
         done[row] = True
     if done.all() or step == max_new_tokens - 1:
       break
-    token_B, position_B, cache, key = _decode_step(model, sampling, variables, ids_B, token_B,
+    token_B, position_B, cache, key = _decode_step(model, sampling, per_row, variables, token_B,
                                                    position_B, cache, key)
   return out
 

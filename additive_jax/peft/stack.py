@@ -13,10 +13,11 @@ widths may differ and are zero-padded to the largest, which is exact (LoRA's
 `Method.stack_with` and `Method.widen`.
 
 `apply_mixed` computes the whole batch in one call: each row's leaves are
-gathered from the stack by its adapter id and the model is vmapped over the
-rows, so the frozen weights are read once for the batch while every row runs
-its own adapter; no loop and no sub-batch per adapter. It takes and returns a
-`KVCache` the same way, for decoding.
+gathered from the stack by its adapter id (`rows_of`) and the model is vmapped
+over the rows (`apply_per_row`), so the frozen weights are read once for the
+batch while every row runs its own adapter; no loop and no sub-batch per
+adapter. It takes and returns a `KVCache` the same way; a decoder gathers the
+rows' leaves once and calls `apply_per_row` at every step.
 """
 
 from __future__ import annotations
@@ -72,12 +73,22 @@ def _one_row(cache: KVCache, expand) -> KVCache:
                        methods=jax.tree.map(lambda x: add(x, 1), cache.methods))
 
 
+def rows_of(stacked_peft, adapter_ids_B):
+  """Each row's leaves, [B, ...], gathered from the stack [A, ...] by its adapter id."""
+  return jax.tree.map(lambda stacked: stacked[adapter_ids_B], stacked_peft)
+
+
 def apply_mixed(model, variables, adapter_ids_B, tokens_BT, attention_mask=None, positions=None,
                 cache: KVCache | None = None):
   """`model.apply` where row b runs adapter `adapter_ids_B[b]` of the stack in
   `variables['peft']`; returns logits [B, T, V] (and the cache, given one)."""
-  params = variables['params']
-  peft_B = jax.tree.map(lambda stacked: stacked[adapter_ids_B], variables['peft'])
+  return apply_per_row(model, variables['params'], rows_of(variables['peft'], adapter_ids_B),
+                       tokens_BT, attention_mask, positions, cache)
+
+
+def apply_per_row(model, params, peft_B, tokens_BT, attention_mask=None, positions=None,
+                  cache: KVCache | None = None):
+  """`model.apply` where row b runs the leaves `peft_B[..][b]` (from `rows_of`)."""
   inputs = {'attention_mask': attention_mask, 'positions': positions}
   given = {name: value for name, value in inputs.items() if value is not None}
 
