@@ -1,0 +1,249 @@
+"""The processes of benchmarks/decode.py: our decoder and transformers' `generate`, each its own.
+
+`Side(name, setup)` spawns a fresh interpreter running `serve`, which builds the
+side (`OursDecoder` or `TheirsDecoder`), warms it up (one whole decode, which
+compiles ours) and answers `decode(variant)` calls over a pipe. An idle side
+blocks on the pipe, so it takes no CPU while another side is timed.
+
+A decode is timed from the outside of the public call, by a callback that each
+new token reaches as soon as the host has it: ours through `generate_ids`'
+`on_tokens`, theirs through a `generate` streamer. Prefill: from the call to
+the first new token (host set-up included: padding, the methods' inference
+form, the cache); then one timestamp per token, so each later interval is one
+decode step as the caller sees it (dispatch, compute and the host reading the
+token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import time
+import traceback
+
+import numpy as np
+
+LORA_ALL = "LoRA(rank=16, alpha=32, targets=('q', 'k', 'v', 'o', 'gate', 'up', 'down'))"
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One thing our side decodes: a method (None: the bare base), how it is applied, the batch."""
+  method: str | None = None  # a constructor call, as `parse_method` reads it
+  merged: bool = False       # folded into the base weights (`aj.peft.merge`)
+  batch: int = 1
+  stacked: int = 0           # adapters of `method` stacked (`aj.peft.stack`), row b runs adapter b
+  bf16_weights: bool = False  # the base stored in bf16 (half the bytes read), computed in fp32
+
+
+VARIANTS = {
+    'base': Variant(),
+    'base_bf16_weights': Variant(bf16_weights=True),
+    'pfeiffer': Variant('Bottleneck(dim=64)'),
+    'houlsby': Variant("Bottleneck(dim=64, placement='houlsby')"),
+    'parallel': Variant("Bottleneck(dim=64, placement='parallel', scale=4.0)"),
+    'ia3': Variant('IA3()'),
+    'ia3_merged': Variant('IA3()', merged=True),
+    'lora': Variant(LORA_ALL),
+    'lora_merged': Variant(LORA_ALL, merged=True),
+    'prompt': Variant('PromptTuning(num_tokens=20)'),
+    'prefix': Variant('PrefixTuning(num_tokens=20)'),
+    'ladder': Variant('LadderSide(reduction=8)'),
+    'lora_x8_one': Variant(LORA_ALL, batch=8),
+    'lora_x8_stacked': Variant(LORA_ALL, batch=8, stacked=8),
+}
+
+
+def prompt_ids(vocab_size: int, batch: int, length: int) -> list[list[int]]:
+  """Seeded random prompts, the same on both sides (speed does not depend on the words);
+  row 0 is the batch-1 prompt."""
+  rng = np.random.default_rng(0)
+  return rng.integers(0, vocab_size, (batch, length)).tolist()
+
+
+def timing(started: float, stamps: list[float]) -> dict:
+  """The prefill (call to first token) and every decode step's interval, in seconds."""
+  return {'prefill_s': round(stamps[0] - started, 6),
+          'step_s': [round(s, 6) for s in np.diff(stamps).tolist()]}  # µs: far below the noise
+
+
+class OursDecoder:
+  """additive_jax's `generate_ids`, greedy, on every variant asked for, all in this process."""
+
+  def __init__(self, hf_dir, variants, prompt_tokens, new_tokens):
+    import jax
+
+    import additive_jax as aj
+
+    self.jax, self.aj, self.new_tokens = jax, aj, new_tokens
+    self.config, host_params = aj.load_model(hf_dir)
+    # on the device once: a numpy tree would be copied into every jitted call
+    self.params = jax.device_put(host_params)
+    self.built, warmup_s, tokens = {}, {}, {}
+    for name in variants:
+      self.built[name] = self.build(VARIANTS[name], prompt_tokens)
+      started = time.perf_counter()
+      tokens[name] = self.decode(name)['tokens']  # compiles the prefill and the decode step
+      warmup_s[name] = time.perf_counter() - started
+    self.report = {
+        'platform': jax.default_backend(), 'device': jax.devices()[0].device_kind,
+        'base_params': sum(x.size for x in jax.tree.leaves(self.params)),
+        'base_bytes': sum(x.nbytes for x in jax.tree.leaves(self.params)),
+        'warmup_s': warmup_s, 'first_row_tokens': tokens,
+        'versions': {'jax': jax.__version__, 'additive_jax': aj.__version__}}
+
+  def random_peft(self, model, seed: int) -> dict:
+    """The methods' initial values, each moved by N(0, 0.02²): no zero B or up-projection,
+    no all-ones scaling, so no method reduces to the identity and nothing is optimized away."""
+    jax, jnp = self.jax, self.jax.numpy
+    peft = model.init_peft(jax.random.key(seed), self.params)['peft']
+    leaves, treedef = jax.tree.flatten(peft)
+    keys = jax.random.split(jax.random.key(seed + 1000), len(leaves))
+    moved = [x + 0.02 * jax.random.normal(k, x.shape, x.dtype)
+             if jnp.issubdtype(x.dtype, jnp.floating) else x for x, k in zip(leaves, keys)]
+    return jax.tree.unflatten(treedef, moved)
+
+  def build(self, variant: Variant, prompt_tokens: int) -> tuple:
+    """(model, variables, adapter ids or None, prompts) for one variant."""
+    aj, config = self.aj, self.config
+    from additive_jax.peft.registry import parse_method
+
+    prompts = prompt_ids(config.vocab_size, variant.batch, prompt_tokens)
+    if variant.bf16_weights:
+      bf16 = self.jax.numpy.bfloat16
+      return (aj.Llama(config.replace(param_dtype=bf16)),
+              {'params': self.jax.tree.map(lambda x: x.astype(bf16), self.params)}, None, prompts)
+    if variant.method is None:
+      return aj.Llama(config), {'params': self.params}, None, prompts
+    model = aj.Llama(config, peft=(parse_method(variant.method),))
+    if variant.stacked:  # different adapters (seeds), one per row
+      adapters = [(model.peft, self.random_peft(model, seed)) for seed in range(variant.stacked)]
+      methods, stacked = aj.peft.stack(adapters, config)
+      adapter_ids = [row % variant.stacked for row in range(variant.batch)]
+      return aj.Llama(config, peft=methods), {'params': self.params, 'peft': stacked}, \
+          adapter_ids, prompts
+    variables = {'params': self.params, 'peft': self.random_peft(model, 0)}
+    if variant.merged:
+      model, variables = aj.peft.merge(model, variables)
+    return model, variables, None, prompts
+
+  def decode(self, name: str) -> dict:
+    from additive_jax.eval.generate import generate_ids
+
+    model, variables, adapter_ids, prompts = self.built[name]
+    stamps = []
+
+    def on_tokens(row, tokens):  # called row by row each step: row 0 comes first
+      if row == 0:
+        stamps.append(time.perf_counter())
+      return False  # never stop a row early
+
+    started = time.perf_counter()
+    out = generate_ids(model, variables, prompts, max_new_tokens=self.new_tokens, eos_ids=(),
+                       adapter_ids=adapter_ids, on_tokens=on_tokens)
+    return {**timing(started, stamps), 'tokens': out[0]}
+
+
+class TheirsDecoder:
+  """transformers' `LlamaForCausalLM.generate`: greedy, its KV cache, eager torch."""
+
+  def __init__(self, hf_dir, prompt_tokens, new_tokens, threads):
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)  # as many as JAX's CPU client uses
+    self.torch, self.new_tokens = torch, new_tokens
+    self.model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    # from_pretrained leaves the weights in the checkpoint's file mapping; this VM pages out
+    # file pages left untouched for a minute (DAMON `pageout`), which a side idle between its
+    # rounds would pay for by re-reading them. Ours holds its weights in anonymous memory, so
+    # theirs gets a copy there too (tied weights stay one Parameter).
+    with torch.no_grad():
+      for tensor in list(self.model.parameters()) + list(self.model.buffers()):
+        tensor.data = tensor.data.clone()
+    prompt = prompt_ids(self.model.config.vocab_size, 1, prompt_tokens)
+    self.prompt = torch.tensor(prompt, dtype=torch.long)
+    started = time.perf_counter()
+    tokens = self.decode('theirs')['tokens']
+    self.report = {
+        'warmup_s': {'theirs': time.perf_counter() - started},
+        'first_row_tokens': {'theirs': tokens}, 'torch_threads': torch.get_num_threads(),
+        'attention': self.model.config._attn_implementation,
+        'versions': {'torch': str(torch.__version__),  # str: torch's is a class of its own
+                     'transformers': transformers.__version__}}
+
+  def decode(self, name: str) -> dict:
+    del name  # one variant: the base
+    stamps = []
+
+    class Stamps:  # generate's streamer: put() gets the prompt, then each new token
+      def put(self, value):
+        stamps.append(time.perf_counter())
+
+      def end(self):
+        pass
+
+    started = time.perf_counter()
+    out = self.model.generate(
+        input_ids=self.prompt, attention_mask=self.torch.ones_like(self.prompt), do_sample=False,
+        max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens, use_cache=True,
+        pad_token_id=0, streamer=Stamps())
+    return {**timing(started, stamps[1:]), 'tokens': out[0, self.prompt.shape[1]:].tolist()}
+
+
+def serve(conn, side: str, setup: dict) -> None:
+  """Process entry: build `side` from `setup`, send its report, then answer `(method, args)`
+  calls until 'finish'. A failure is sent back as a traceback."""
+  try:
+    worker = (OursDecoder if side == 'ours' else TheirsDecoder)(**setup)
+    conn.send(('ok', worker.report))
+    while True:
+      name, args = conn.recv()
+      if name == 'finish':
+        conn.send(('ok', None))
+        return
+      conn.send(('ok', getattr(worker, name)(*args)))
+  except Exception:  # the orchestrator re-raises it with the side named
+    conn.send(('error', traceback.format_exc()))
+
+
+class Side:
+  """One side's process and the pipe to it; `start` returns at once, `wait_ready` takes the
+  report (so that several sides warm up at the same time)."""
+
+  def __init__(self, label: str, kind: str, setup: dict):
+    context = multiprocessing.get_context('spawn')  # a fresh interpreter: no memory shared
+    self.label = label
+    self.conn, child_conn = context.Pipe()
+    self.process = context.Process(target=serve, args=(child_conn, kind, setup))
+    self.process.start()
+    child_conn.close()
+    self.report = None
+
+  def wait_ready(self) -> dict:
+    self.report = self.answer()
+    return self.report
+
+  def call(self, method: str, *args):
+    self.conn.send((method, args))
+    return self.answer()
+
+  def answer(self):
+    try:
+      status, value = self.conn.recv()
+    except EOFError:
+      self.process.join()
+      raise RuntimeError(f'{self.label} exited (code {self.process.exitcode})') from None
+    if status == 'error':
+      raise RuntimeError(f'{self.label} failed:\n{value}')
+    return value
+
+  def close(self):
+    if self.process.is_alive():
+      try:
+        self.conn.send(('finish', ()))
+      except (BrokenPipeError, OSError):
+        pass
+    self.process.join(timeout=60)
+    if self.process.is_alive():
+      self.process.kill()
