@@ -10,7 +10,10 @@ run to a smoke test. Each question is the user turn and its worked answer
 (ending `#### <number>`) the assistant turn of SmolLM2's chat template; rows of
 512 tokens hold one or two packed examples. On 2 CPU cores a step takes about
 20 s, so full runs belong on an accelerator; `runlocal` is the CPU smoke run.
-Evaluation is the loss on the test split (exact match needs generation).
+Scored by exact match of the number after `####` (greedy generation, at most
+256 new tokens): a fixed 200-question subset of the test split at every eval,
+which keeps the best checkpoint, and the whole 1,319 before and after; the
+plain template is `--config.data.template=plain`.
 """
 
 from additive_jax.train.config import default_config, parse_arg, with_methods
@@ -19,7 +22,7 @@ from additive_jax.train.config import default_config, parse_arg, with_methods
 def get_config(arg=None):
   args = parse_arg(arg, runlocal=False)
   c = with_methods(default_config(), *(args['methods'] or ('lora',)))
-  c.data.source = 'gsm8k'
+  c.data.source.name = 'gsm8k'  # the built-in declaration (additive_jax/data/builtins.py)
   c.data.split = 'train'
   c.data.eval_split = 'test'
   c.data.template = 'chat'
@@ -29,8 +32,14 @@ def get_config(arg=None):
   c.eval_every = 200
   c.eval_batches = 8
   c.checkpoint_every = 200
+  # exact match of the number after '####': a fixed 200-question subset at every eval (the best
+  # checkpoint kept by it), the whole test set before and after
+  c.eval_metric, c.eval_metric_limit = 'exact_match', 200
+  c.test_metric, c.test_split = 'exact_match', 'test'
+  c.max_new_tokens = 256
   if args['runlocal']:
     c.batch_size, c.seq_len, c.num_steps = 2, 256, 3
     c.log_every, c.eval_every, c.eval_batches, c.checkpoint_every = 1, 3, 1, 3
+    c.eval_metric_limit, c.test_limit, c.max_new_tokens = 2, 2, 16
   c.lock()
   return c

@@ -20,7 +20,7 @@ from additive_jax.train.config import default_config, parse_arg, with_methods
 def get_config(arg=None):
   args = parse_arg(arg, runlocal=False)
   c = with_methods(default_config(), *(args['methods'] or ('pfeiffer',)))
-  c.data.source = 'sst2'
+  c.data.source.name = 'sst2'  # the built-in declaration (additive_jax/data/builtins.py)
   c.data.split = 'train'
   c.data.eval_split = 'dev'
   c.batch_size = 8
@@ -30,10 +30,10 @@ def get_config(arg=None):
   c.eval_every = 30
   c.eval_batches = 4
   c.checkpoint_every = 30
-  c.accuracy_split = 'test'
+  c.test_metric, c.test_split = 'accuracy', 'test'
   if args['runlocal']:
     c.batch_size, c.seq_len, c.num_steps = 2, 64, 4
     c.log_every, c.eval_every, c.eval_batches, c.checkpoint_every = 1, 2, 1, 2
-    c.accuracy_limit = 16
+    c.test_limit = 16
   c.lock()
   return c

@@ -37,6 +37,6 @@ def run_main(workdir, *overrides, log=None):
 def in_process_config(model, data_dir, methods):
   """A run of `methods` (aj.peft objects) in this process: 8 devices, one row each."""
   config = sst2_config()
-  config.model, config.data.data_dir, config.accuracy_split = model, data_dir, ''
+  config.model, config.data.data_dir, config.test_metric = model, data_dir, ''
   config.batch_size, config.peft = 8, entries_of(methods)
   return config

@@ -1,5 +1,6 @@
 """Shared by the data-pipeline tests (and the processes they start): the examples a stream
-yields, and the Tiny Shakespeare config the multi-process test reads."""
+yields, a (prompt, response) pair as segments, and the Tiny Shakespeare config the
+multi-process test reads."""
 
 from additive_jax.data.config import data_config
 
@@ -15,8 +16,13 @@ def examples_of(*batches):
   return found
 
 
+def pair(prompt_ids, response_ids):
+  """The segments of a (prompt, response) example: the response is the target."""
+  return [(prompt_ids, False), (response_ids, True)]
+
+
 def shakespeare_test_config():
   config = data_config()
-  config.source, config.split, config.eval_split = 'tinyshakespeare', 'test', 'test'
+  config.source.name, config.split, config.eval_split = 'tinyshakespeare', 'test', 'test'
   config.packing, config.num_epochs = False, 1
   return config

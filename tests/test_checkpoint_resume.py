@@ -55,7 +55,7 @@ main.cli.run(main.main)
 @pytest.fixture(scope='module')
 def overrides(tiny_with_tokenizer, small_sst2):
   return (f'--config.model={tiny_with_tokenizer}', f'--config.data.data_dir={small_sst2}',
-          '--config.accuracy_split=', f'--config.num_steps={STEPS}')
+          '--config.test_metric=', f'--config.num_steps={STEPS}')
 
 
 @pytest.fixture(scope='module')

@@ -14,6 +14,7 @@ from additive_jax.data.config import data_config
 from additive_jax.data.pipeline import make_eval_batches
 from additive_jax.data import packing, tfds_builders
 from additive_jax.data.encode import example_arrays
+from data_helpers import pair
 
 EOS = 2  # <|im_end|>, also SmolLM2's padding token: masks never look at ids
 
@@ -33,7 +34,7 @@ GREMIO = [55, 38511, 8772, 42, 198, 49, 4065, 28, 1643, 392, 42, 392, 523, 325, 
 
 def eval_rows(tokenizer, source, split, seq_len, template='plain'):
   config = data_config()
-  config.source, config.eval_split, config.template = source, split, template
+  config.source.name, config.eval_split, config.template = source, split, template
   batches, _ = make_eval_batches(config, tokenizer, batch_size=1, seq_len=seq_len)
   return batches
 
@@ -110,9 +111,9 @@ def test_tiny_shakespeare_row_is_all_response(smollm2_tokenizer):
 
 
 def test_packed_rows_restart_positions_per_segment():
-  line2 = example_arrays(SST2_LINE2_PROMPT, [POSITIVE, EOS])   # 17 positions
-  line3 = example_arrays(SST2_LINE3_PROMPT, [NEGATIVE, EOS])   # 15
-  gremio = example_arrays([], GREMIO + [EOS])                   # 16
+  line2 = example_arrays(pair(SST2_LINE2_PROMPT, [POSITIVE, EOS]))   # 17 positions
+  line3 = example_arrays(pair(SST2_LINE3_PROMPT, [NEGATIVE, EOS]))   # 15
+  gremio = example_arrays(pair([], GREMIO + [EOS]))                   # 16
   stream = grain.MapDataset.source([line2, line3, gremio]).to_iter_dataset()
   # first fit into 2 rows of 40: line2 + line3 fill 32 of row 0; gremio does not fit there
   first, second = list(packing.pack(stream, seq_len=40, rows=2))

@@ -18,7 +18,7 @@ from additive_jax.data.encode import fit
 from additive_jax.model.llama import Llama
 from additive_jax.train.loss import token_cross_entropy
 from conftest import TINY
-from data_helpers import examples_of
+from data_helpers import examples_of, pair
 
 SST2_TEST_ROWS = 872
 
@@ -118,10 +118,10 @@ def test_batch_size_must_split_over_the_processes(smollm2_tokenizer):
 
 
 def test_fit_truncates_the_prompt_from_the_left_then_the_response():
-  assert fit([1, 2, 3], [4, 5], 5, 'truncate') == ([1, 2, 3], [4, 5])
-  assert fit([1, 2, 3], [4, 5, 6], 5, 'truncate') == ([2, 3], [4, 5, 6])
-  assert fit([1, 2, 3], [4, 5, 6, 7, 8, 9], 5, 'truncate') == ([], [4, 5, 6, 7, 8])
-  assert fit([1, 2, 3], [4, 5, 6], 5, 'drop') is None
+  assert fit(pair([1, 2, 3], [4, 5]), 5, 'truncate') == pair([1, 2, 3], [4, 5])
+  assert fit(pair([1, 2, 3], [4, 5, 6]), 5, 'truncate') == pair([2, 3], [4, 5, 6])
+  assert fit(pair([1, 2, 3], [4, 5, 6, 7, 8, 9]), 5, 'truncate') == pair([], [4, 5, 6, 7, 8])
+  assert fit(pair([1, 2, 3], [4, 5, 6]), 5, 'drop') is None
 
 
 def write_sst2(directory, test_rows):

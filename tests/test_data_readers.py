@@ -8,6 +8,8 @@ import pytest
 from additive_jax.data import readers, sources
 from conftest import SHARED_DATA
 
+SST2, GSM8K, TINY_SHAKESPEARE = map(sources.source_spec, ('sst2', 'gsm8k', 'tinyshakespeare'))
+
 
 def write(directory, relative, content):
   path = os.path.join(directory, relative)
@@ -23,29 +25,29 @@ def split_rows(spec, directory, split='test'):
 
 def test_sst2_rows_strip_the_sentence_and_map_the_label(tmp_path):
   write(tmp_path, 'sst2/test.tsv', "sentence\tlabel\nit 's fine \t1\nbleak \t0\n")
-  assert split_rows(sources.SST2, tmp_path) == [
+  assert split_rows(SST2, tmp_path) == [
       (2, "Review: it 's fine\nSentiment:", ' positive'),
       (3, 'Review: bleak\nSentiment:', ' negative')]
 
 
 def test_gsm8k_rows_keep_the_answer_lines(tmp_path):
   write(tmp_path, 'gsm8k/test.jsonl', '{"question": "1+1?", "answer": "1+1=2\\n#### 2"}\n')
-  assert split_rows(sources.GSM8K, tmp_path) == [(1, 'Question: 1+1?\nAnswer:', ' 1+1=2\n#### 2')]
+  assert split_rows(GSM8K, tmp_path) == [(1, 'Question: 1+1?\nAnswer:', ' 1+1=2\n#### 2')]
 
 
 def test_text_paragraphs_and_the_held_out_portion(tmp_path):
   lines = ['A:', 'one', '', 'B:', 'two', 'three', '', '', 'C:', 'four', 'D:']  # 11 lines
   path = write(tmp_path, 'text.txt', '\n'.join(lines) + '\n')
-  assert list(readers.read_text(path)) == [
+  assert list(readers.read_paragraphs(path)) == [
       (1, {'text': 'A:\none'}), (4, {'text': 'B:\ntwo\nthree'}), (9, {'text': 'C:\nfour\nD:'})]
   # 11 lines: the first 90% is round(9.9) = 10 lines, the rest is line 11 alone
-  assert list(readers.read_text(path, (0.0, 0.9))) == [
+  assert list(readers.read_paragraphs(path, (0.0, 0.9))) == [
       (1, {'text': 'A:\none'}), (4, {'text': 'B:\ntwo\nthree'}), (9, {'text': 'C:\nfour'})]
-  assert list(readers.read_text(path, (0.9, 1.0))) == [(11, {'text': 'D:'})]
+  assert list(readers.read_paragraphs(path, (0.9, 1.0))) == [(11, {'text': 'D:'})]
 
 
 def test_tiny_shakespeare_splits_hold_out_the_last_tenth_of_the_lines():
-  spec = sources.TINY_SHAKESPEARE
+  spec = TINY_SHAKESPEARE
   train = split_rows(spec, SHARED_DATA, 'train')
   test = split_rows(spec, SHARED_DATA, 'test')
   # input.txt has 40,000 lines; line 36,000 is in the middle of a speech
@@ -59,22 +61,22 @@ def test_tiny_shakespeare_splits_hold_out_the_last_tenth_of_the_lines():
 
 @pytest.mark.parametrize('relative, content, spec, message', [
     ('gsm8k/test.jsonl', '{"question": "q", "answer": "a"}\n{"question": "q" "answer": "a"}\n',
-     sources.GSM8K, r'test.jsonl:2: malformed JSON'),
+     GSM8K, r'test.jsonl:2: malformed JSON'),
     ('gsm8k/test.jsonl', '{"question": "q", "answer": "a"}\n{"question": "q"}\n',
-     sources.GSM8K, r'test.jsonl:2: missing field answer'),
+     GSM8K, r'test.jsonl:2: missing field answer'),
     ('gsm8k/test.jsonl', '{"question": "q", "answer": "a"}\n\n{"question": "q", "answer": "a"}\n',
-     sources.GSM8K, r'test.jsonl:2: blank line'),
-    ('gsm8k/test.jsonl', '["q", "a"]\n', sources.GSM8K, r'test.jsonl:1: expected a JSON object'),
-    ('sst2/test.tsv', 'sentence\tlabel\ngood \t1\nodd \t2\n', sources.SST2,
+     GSM8K, r'test.jsonl:2: blank line'),
+    ('gsm8k/test.jsonl', '["q", "a"]\n', GSM8K, r'test.jsonl:1: expected a JSON object'),
+    ('sst2/test.tsv', 'sentence\tlabel\ngood \t1\nodd \t2\n', SST2,
      r"test.tsv:3: label '2' is not one of '0', '1'"),
-    ('sst2/test.tsv', 'sentence\nsome words \n', sources.SST2, r'test.tsv:2: missing field label'),
-    ('sst2/test.tsv', 'sentence\tlabel\ngood \t1\nno tab here\n', sources.SST2,
+    ('sst2/test.tsv', 'sentence\nsome words \n', SST2, r'test.tsv:2: missing field label'),
+    ('sst2/test.tsv', 'sentence\tlabel\ngood \t1\nno tab here\n', SST2,
      r'test.tsv:3: 1 tab-separated fields, the header has 2'),
-    ('sst2/test.tsv', b'sentence\tlabel\ngood \t1\nbad \xff byte \t0\n', sources.SST2,
+    ('sst2/test.tsv', b'sentence\tlabel\ngood \t1\nbad \xff byte \t0\n', SST2,
      r'test.tsv:3: not UTF-8 \(byte 0xff at column 5\)'),
-    ('sst2/test.tsv', '', sources.SST2, r'test.tsv: empty file'),
-    ('sst2/test.tsv', 'sentence\tlabel\n', sources.SST2, r"test.tsv: no rows in split 'test'"),
-    ('tinyshakespeare/input.txt', '\n\n', sources.TINY_SHAKESPEARE, r'input.txt: empty file'),
+    ('sst2/test.tsv', '', SST2, r'test.tsv: empty file'),
+    ('sst2/test.tsv', 'sentence\tlabel\n', SST2, r"test.tsv: no rows in split 'test'"),
+    ('tinyshakespeare/input.txt', '\n\n', TINY_SHAKESPEARE, r'input.txt: empty file'),
 ])
 def test_bad_input_names_the_file_and_line(tmp_path, relative, content, spec, message):
   write(tmp_path, relative, content)
@@ -86,7 +88,7 @@ def test_unknown_source_and_split_are_named():
   with pytest.raises(ValueError, match=r"unknown data source 'imdb' \(known: sst2, gsm8k"):
     sources.source_spec('imdb')
   with pytest.raises(ValueError, match=r"gsm8k has no split 'dev' \(splits: train, test\)"):
-    sources.GSM8K.path('/data', 'dev')
+    GSM8K.path('/data', 'dev')
 
 
 @pytest.mark.parametrize('value', ['null', '["a", "b"]', '{"x": 1}', 'true'])

@@ -12,7 +12,7 @@ def test_sweep_runs_each_variant_with_each_override_once(tmp_path, tiny_with_tok
   out = tmp_path / 'results' / 'sweep'
   command = [sys.executable, 'experiments/sweep.py', '--config=configs/sst2.py', '--variants=ia3',
              '--extra=runlocal', f'--set=model={tiny_with_tokenizer}', '--set=num_steps=2',
-             '--set=accuracy_limit=4', '--override=seed=1',
+             '--set=test_limit=4', '--override=seed=1',
              f'--root={tmp_path / "runs"}', f'--out={out}']
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
   result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

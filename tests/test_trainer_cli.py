@@ -97,8 +97,8 @@ def test_a_bad_config_key_is_one_line_naming_the_nearest(tmp_path, override, mes
     ({'remat': 'some'}, ValueError, r'config.remat must be one of none, full, dots'),
     ({'data.template': 'chatml'}, ValueError, r'config.data.template must be one of plain, chat'),
     ({'data.over_long': 'skip'}, ValueError, r'config.data.over_long must be one of truncate, drop'),
-    ({'data.source': 'gsm8k', 'data.eval_split': 'test'}, ValueError,
-     r"config.accuracy_split='test': accuracy needs a classification source"),
+    ({'data.source.name': 'gsm8k', 'data.eval_split': 'test'}, ValueError,
+     r"config.test_metric='accuracy' needs a classification source"),
 ])
 def test_bad_configs_are_refused_before_any_compute(changes, error, message):
   config = sst2_config()
@@ -152,7 +152,7 @@ def test_two_process_cli_run_writes_logs_once(tmp_path, tiny_with_tokenizer):
   port = free_port()
   logs = [open(tmp_path / f'process{i}.log', 'w+', encoding='utf-8') for i in range(2)]
   workers = [run_main(tmp_path, f'--config.model={tiny_with_tokenizer}', '--config.distributed=True',
-                      '--config.accuracy_split=', f'--coordinator_address=localhost:{port}',
+                      '--config.test_metric=', f'--coordinator_address=localhost:{port}',
                       '--num_processes=2', f'--process_id={i}', log=logs[i]) for i in range(2)]
   for worker, log in zip(workers, logs):
     worker.wait(timeout=300)

@@ -1,8 +1,13 @@
-"""Data: files → prompt/response → template → tokens, targets, loss mask → packed batches.
+"""Data: declared files → rows → examples (pairs or conversations) → token segments, targets,
+loss mask → packed batches.
 
-Readers and source specs (`readers`, `sources`), TFDS builders that prepare each
-source offline as ArrayRecord (`tfds_builders`), templates and tokenization
+`config.data.source` declares a data set (`config.source_config`; the built-ins in
+`builtins`), resolved and checked into a `spec.SourceSpec` by `declarations`.
+Readers of the file formats (`readers`), a split's rows checked and rendered by
+their templates (`render`, `sources`; conversations in `chat`), one TFDS builder
+that prepares any declared source offline as ArrayRecord (`tfds_builders`), the
+tokenizer's template and tokenization into target/non-target segments
 (`templates`), the over-long policy and masks (`encode`), packing and padding
-(`packing`), and the grain pipeline (`pipeline`). `data_config()` lists the
-keys of `config.data` and where the data and cache folders are.
+(`packing`), and the grain pipeline (`pipeline`). `data_config()` lists the keys
+of `config.data` and where the data and cache folders are.
 """

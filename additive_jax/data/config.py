@@ -4,10 +4,18 @@ The batch size, sequence length and shuffle seed are not here: the trainer owns
 them (the model and the step need them too) and passes them to
 `make_train_iterator`.
 
+`config.data.source` declares the data set (`source_config()`): its files, their
+format, the templates that turn a row into a prompt and a response (or the field
+that holds a chat conversation), label words, a held-out split. A built-in
+source is named by `name` and fills every key left unset (data/builtins.py);
+`data/declarations.py` checks a declaration and resolves it.
+
 The data folder (the source files) is, in this order: `config.data.data_dir`
 when set, else `$ADDITIVE_JAX_DATA`, else `../shared/data` beside the working
-directory. The cache folder (the embedded model, prepared TFDS data under
-`tfds/`) is `$ADDITIVE_JAX_CACHE`, default `~/.cache/additive_jax`.
+directory. A relative file of a declaration is relative to it; an absolute path
+or a URL (`gs://...`) is taken as it is. The cache folder (the embedded model,
+prepared TFDS data under `tfds/`) is `$ADDITIVE_JAX_CACHE`, default
+`~/.cache/additive_jax`.
 """
 
 from __future__ import annotations
@@ -15,9 +23,18 @@ from __future__ import annotations
 import os
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 DATA_ENV = 'ADDITIVE_JAX_DATA'
 CACHE_ENV = 'ADDITIVE_JAX_CACHE'
+# The split keys of `source.files`: a locked config gains no key from the command line, so
+# every split a declaration may name from there exists up front.
+SPLIT_KEYS = ('train', 'dev', 'test')
+
+
+def is_url(path: str) -> bool:
+  """Whether `path` names a file system by scheme (gs://, s3://): taken as it is, never joined."""
+  return '://' in path
 
 
 def data_dir(configured: str | None = None) -> str:
@@ -25,22 +42,43 @@ def data_dir(configured: str | None = None) -> str:
   ../shared/data beside the working directory."""
   if configured:
     return configured
-  return os.path.abspath(os.environ.get(DATA_ENV) or os.path.join(os.pardir, 'shared', 'data'))
+  folder = os.environ.get(DATA_ENV) or os.path.join(os.pardir, 'shared', 'data')
+  return folder if is_url(folder) else os.path.abspath(folder)
 
 
 def cache_dir() -> str:
   return os.environ.get(CACHE_ENV) or os.path.expanduser('~/.cache/additive_jax')
 
 
+def source_config(name: str = 'sst2') -> ml_collections.ConfigDict:
+  """A source declaration: `name` and typed placeholders. A key left unset (None, or an empty
+  `labels`) takes the value of the built-in source `name`, if there is one."""
+  s = ml_collections.ConfigDict()
+  s.name = name                      # a built-in (sst2, gsm8k, tinyshakespeare), or your own
+  s.format = placeholder(str)        # jsonl | json | tsv | csv | text | paragraphs | parquet
+  # the file of each split: relative to the data folder, absolute, or a URL (gs://...)
+  s.files = ml_collections.ConfigDict({key: placeholder(str) for key in SPLIT_KEYS})
+  s.columns = placeholder(tuple)     # tsv/csv without a header line: the column names, in order
+  # templates over the row's fields: str.format ('{field}'), or Jinja2 when they hold {{ or {%
+  s.prompt = placeholder(str)
+  s.response = placeholder(str)
+  s.labels = ml_collections.ConfigDict()  # {field: {value: label word}}: classification
+  s.messages = placeholder(str)      # the field of a chat conversation [{role, content}, ...]
+  # a split cut from the end of the train file: held_out.fraction of its rows
+  s.held_out = ml_collections.ConfigDict({'split': placeholder(str),
+                                          'fraction': placeholder(float)})
+  return s
+
+
 def data_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.source = 'sst2'          # 'sst2' | 'gsm8k' | 'tinyshakespeare' (data/sources.py)
+  config.source = source_config()  # the data set's declaration (see source_config)
   config.split = 'train'          # the split make_train_iterator reads
   config.eval_split = 'dev'       # the split make_eval_batches reads (SST-2 dev/test; else test)
   config.template = 'plain'       # 'plain': prompt + response + EOS | 'chat': the tokenizer's
   config.packing = True           # pack examples into rows (segment_ids) | pad one per row
-  config.over_long = 'truncate'   # 'truncate' the prompt from the left | 'drop' | 'error'
-  config.num_epochs = ml_collections.config_dict.placeholder(int)  # None: repeat forever
+  config.over_long = 'truncate'   # 'truncate' the context from the left | 'drop' | 'error'
+  config.num_epochs = placeholder(int)  # None: repeat forever
   # the source files; unset: $ADDITIVE_JAX_DATA, else ../shared/data beside the working directory
-  config.data_dir = ml_collections.config_dict.placeholder(str)
+  config.data_dir = placeholder(str)
   return config

@@ -1,17 +1,20 @@
-"""Token ids to a training example: shifted targets, the loss mask, the over-long policy.
+"""Token-id segments to a training example: shifted targets, the loss mask, the over-long policy.
 
-For an example whose ids are x_0..x_n (prompt, then response ending in EOS):
+An example's segments (data/templates.py) concatenate to ids x_0..x_n, each id
+marked target or not (a response, an assistant turn, its EOS):
 
     tokens    = x_0 .. x_{n-1}
     targets   = x_1 .. x_n                       (the next token)
-    loss_mask = 1.0 where the target is a response token (the final EOS included),
-                0.0 where it is a prompt token
+    loss_mask = 1.0 where the target x_{i+1} is a target id, 0.0 elsewhere
 
 so an example of n + 1 ids fills n positions, and a row of `seq_len` positions
-holds at most `seq_len + 1` ids. Longer examples follow the over-long policy:
+holds at most `seq_len + 1` ids. An example always ends with a target segment
+(the response, the last assistant turn). Longer examples follow the over-long
+policy:
 
-* `truncate`: drop prompt tokens from the left, keeping the response whole; a
-  response that alone is still too long keeps its first `seq_len + 1` ids
+* `truncate`: drop ids from the left of what comes before the last target
+  segment (the prompt; the start of a conversation), keeping that segment whole;
+  a last segment that alone is still too long keeps its first `seq_len + 1` ids
   (language modelling, where the prompt is empty; its EOS is then lost).
 * `drop`: leave the example out (counted).
 * `error`: stop, naming the file and line of the first one.
@@ -23,12 +26,13 @@ starts, so the counts can be reported and `error` fails at once.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Sequence
 
 import grain
 import numpy as np
 
-from additive_jax.data.templates import PairEncoder
+from additive_jax.data.templates import SegmentEncoder, Segments
 
 OVER_LONG_POLICIES = ('truncate', 'drop', 'error')
 _CENSUS_CHUNK = 1024  # records tokenized per call (the backend encodes a batch in parallel)
@@ -40,44 +44,56 @@ def check_policy(policy: str) -> None:
                      f'{", ".join(OVER_LONG_POLICIES)})')
 
 
-def fit(prompt_ids: list[int], response_ids: list[int], max_ids: int,
-        policy: str) -> tuple[list[int], list[int]] | None:
-  """The ids cut to at most `max_ids` under `policy`; None when the example is dropped.
+def length(segments: Segments) -> int:
+  return sum(len(ids) for ids, _ in segments)
+
+
+def fit(segments: Segments, max_ids: int, policy: str) -> Segments | None:
+  """The segments cut to at most `max_ids` ids under `policy`; None when the example is dropped.
 
   The census has already stopped the run under `error`, so any other policy
-  than `drop` truncates here.
+  than `drop` truncates here. Every segment stays, possibly emptied.
   """
-  if len(prompt_ids) + len(response_ids) <= max_ids:
-    return prompt_ids, response_ids
+  if length(segments) <= max_ids:
+    return segments
   if policy == 'drop':
     return None
-  keep_prompt = max(max_ids - len(response_ids), 0)
-  return prompt_ids[len(prompt_ids) - keep_prompt:], response_ids[:max_ids]
+  *context, (last, is_target) = segments
+  last = last[:max_ids]
+  budget, kept = max_ids - len(last), []
+  for ids, target in reversed(context):  # from the right: the left end goes first
+    take = min(budget, len(ids))
+    kept.append((ids[len(ids) - take:], target))
+    budget -= take
+  return kept[::-1] + [(last, is_target)]
 
 
-def example_arrays(prompt_ids: list[int], response_ids: list[int]) -> dict[str, np.ndarray]:
+def example_arrays(segments: Segments) -> dict[str, np.ndarray]:
   """tokens, targets (int32) and loss_mask (float32), each of length len(ids) - 1."""
-  ids = np.asarray(prompt_ids + response_ids, np.int32)
-  loss_mask = np.zeros(len(ids) - 1, np.float32)
-  loss_mask[max(len(prompt_ids) - 1, 0):] = 1.0  # targets ids[len(prompt):] are the response
-  return {'tokens': ids[:-1], 'targets': ids[1:], 'loss_mask': loss_mask}
+  ids = np.asarray([i for piece, _ in segments for i in piece], np.int32)
+  is_target = np.repeat(np.asarray([target for _, target in segments], np.float32),
+                        [len(piece) for piece, _ in segments])
+  return {'tokens': ids[:-1], 'targets': ids[1:], 'loss_mask': is_target[1:]}
 
 
-def _texts(record) -> tuple[str, str]:
-  return record['prompt'].decode('utf-8'), record['response'].decode('utf-8')
+def example_of(record) -> dict:
+  """A TFDS record's example: its pair of texts, or its conversation."""
+  if 'messages' in record:
+    return {'messages': json.loads(record['messages'])}
+  return {'prompt': record['prompt'].decode('utf-8'),
+          'response': record['response'].decode('utf-8')}
 
 
 class EncodeRecord(grain.transforms.Map):
   """A TFDS record → `example_arrays`, or None when the over-long policy drops it."""
 
-  def __init__(self, encoder: PairEncoder, max_ids: int, policy: str):
+  def __init__(self, encoder: SegmentEncoder, max_ids: int, policy: str):
     self.encoder, self.max_ids, self.policy = encoder, max_ids, policy
 
   def map(self, record):
-    prompt, response = _texts(record)
-    [(prompt_ids, response_ids)] = self.encoder([prompt], [response])
-    fitted = fit(prompt_ids, response_ids, self.max_ids, self.policy)
-    return None if fitted is None else example_arrays(*fitted)
+    [segments] = self.encoder([example_of(record)])
+    fitted = fit(segments, self.max_ids, self.policy)
+    return None if fitted is None else example_arrays(fitted)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +109,7 @@ class LengthReport:
             f'{self.max_ids} tokens = seq_len + 1)')
 
 
-def length_census(source, indices: Sequence[int], encoder: PairEncoder, max_ids: int,
+def length_census(source, indices: Sequence[int], encoder: SegmentEncoder, max_ids: int,
                   policy: str, path: str) -> LengthReport:
   """Encodes the records at `indices` once and counts what the policy does; `error` raises here.
 
@@ -104,16 +120,15 @@ def length_census(source, indices: Sequence[int], encoder: PairEncoder, max_ids:
   kept = 0
   for start in range(0, len(indices), _CENSUS_CHUNK):
     chunk = source.__getitems__(indices[start:start + _CENSUS_CHUNK])
-    encoded = encoder(*zip(*map(_texts, chunk)))
-    for record, (prompt_ids, response_ids) in zip(chunk, encoded):
-      length = len(prompt_ids) + len(response_ids)
-      if length <= max_ids:
+    for record, segments in zip(chunk, encoder([example_of(record) for record in chunk])):
+      ids = length(segments)
+      if ids <= max_ids:
         kept += 1
       else:
-        over_long.append((int(record['line']), length))
+        over_long.append((int(record['line']), ids))
   if over_long and policy == 'error':
-    line, length = over_long[0]
-    raise ValueError(f'{path}:{line}: example of {length} tokens is longer than seq_len + 1 = '
+    line, ids = over_long[0]
+    raise ValueError(f'{path}:{line}: example of {ids} tokens is longer than seq_len + 1 = '
                      f'{max_ids} ({len(over_long)} such examples; over_long policy '
                      "'truncate' or 'drop' accepts them)")
   truncated = len(over_long) if policy == 'truncate' else 0

@@ -39,7 +39,7 @@ import ml_collections
 from additive_jax.data import packing, tfds_builders
 from additive_jax.data.encode import EncodeRecord, LengthReport, check_policy, length_census
 from additive_jax.data.sources import source_spec
-from additive_jax.data.templates import PairEncoder
+from additive_jax.data.templates import SegmentEncoder, check_template
 
 
 # One reader thread prepares examples while the train step runs. Reading a record
@@ -58,15 +58,17 @@ def _shard(data_config, split: str, tokenizer, seq_len: int, process_index: int,
            process_count: int, cache_dir: str | None):
   """This process's records, the split's size, the shard's census (logged), the record encoder."""
   check_policy(data_config.over_long)  # before a first preparation of the data, not after
-  encoder = PairEncoder(tokenizer, data_config.template)
-  source = tfds_builders.data_source(data_config.source, split, data_config.data_dir, cache_dir)
+  spec = source_spec(data_config.source)
+  check_template(spec, data_config.template)
+  encoder = SegmentEncoder(tokenizer, data_config.template)
+  source = tfds_builders.data_source(spec, split, data_config.data_dir, cache_dir)
   shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count)
   shard_slice = slice(shard.shard_index, None, shard.shard_count)
   records = grain.MapDataset.source(source)[shard_slice]
-  path = source_spec(data_config.source).path(data_config.data_dir, split)
+  path = spec.path(data_config.data_dir, split)
   report = length_census(source, range(len(source))[shard_slice], encoder, seq_len + 1,
                          data_config.over_long, path)
-  logging.info('%s %s, process %d of %d: %s', data_config.source, split, process_index,
+  logging.info('%s %s, process %d of %d: %s', spec.name, split, process_index,
                process_count, report)
   return records, len(source), report, EncodeRecord(encoder, seq_len + 1, data_config.over_long)
 

@@ -1,23 +1,49 @@
-"""Readers for the local file formats: JSONL, TSV with a header, plain text.
+"""Readers of the file formats a source may declare.
+
+    for line, row in read_rows('tsv', path, columns=('label', 'text'), portion=(0.0, 0.9)): ...
+
+| format | a row is | fields |
+|---|---|---|
+| `jsonl` | one JSON object per line | the object's keys |
+| `json` | one object of a JSON array (the whole file) | the object's keys |
+| `tsv` | a line, split at tabs; no quoting (SST-2 has bare quotes) | the header line's names, or `columns` |
+| `csv` | a record of comma-separated values, quoting as Python's `csv` | the header record's names, or `columns` |
+| `text` | a non-blank line (blank lines are skipped) | `text` |
+| `paragraphs` | a run of non-blank lines, joined by newlines | `text` |
+| `parquet` | a row of the table (pyarrow reads it) | the table's columns |
 
 Each reader yields `(line, row)`: the 1-based number of the line where the row
-starts, and a dict of strings. Bad input fails with a `ValueError` that names
-the file and the line: an empty file, bytes that are not UTF-8, malformed JSON,
-a line that is not a JSON object, a TSV row whose field count differs from the
-header's. Nothing is skipped: a blank line in JSONL or TSV is an error too.
+starts (for Parquet, the row's number) and a dict; numbers become text, other
+values (a list of chat messages, ...) stay as they are. Files are read through
+`etils.epath`, so a `gs://` path works. Bad input fails with a `ValueError` that
+names the file and the line: a missing or empty file, bytes that are not UTF-8,
+malformed JSON, a value that is not a JSON object, a row whose field count
+differs from the header's, a blank line in JSONL, JSON, TSV or CSV.
 
-`portion=(start, stop)` keeps that fraction of the file's data lines (after the
-TSV header), before they are parsed; it is how Tiny Shakespeare, which has no
-split, holds out its last 10% of lines.
+`portion=(start, stop)` keeps that fraction of the file's rows, for a split held
+out of a file; for `paragraphs` it is a fraction of the lines (a paragraph may
+be cut in two), how Tiny Shakespeare holds out its last 10% of lines.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import itertools
 import json
-from typing import Iterator
+from typing import Iterator, Sequence
 
-Rows = Iterator[tuple[int, dict[str, str]]]
+from etils import epath
+
+Rows = Iterator[tuple[int, dict]]
+COLUMN_FORMATS = ('tsv', 'csv')  # the formats a declaration may give column names
+
+
+def read_bytes(path: str) -> bytes:
+  file = epath.Path(path)
+  if not file.exists():
+    raise FileNotFoundError(f'{path}: no such data file')
+  return file.read_bytes()
 
 
 def numbered_lines(path: str) -> list[tuple[int, str]]:
@@ -26,8 +52,7 @@ def numbered_lines(path: str) -> list[tuple[int, str]]:
   Decoded line by line, not as a whole, so that a byte which is not UTF-8 is
   reported with its line.
   """
-  with open(path, 'rb') as f:
-    data = f.read()
+  data = read_bytes(path)
   if not data.strip():
     raise ValueError(f'{path}: empty file')
   lines = []
@@ -40,9 +65,9 @@ def numbered_lines(path: str) -> list[tuple[int, str]]:
   return lines
 
 
-def _portion(lines: list, portion: tuple[float, float]) -> list:
-  start, stop = (round(fraction * len(lines)) for fraction in portion)
-  return lines[start:stop]
+def _portion(items: list, portion: tuple[float, float]) -> list:
+  start, stop = (round(fraction * len(items)) for fraction in portion)
+  return items[start:stop]
 
 
 def _not_blank(path: str, number: int, text: str) -> None:
@@ -50,40 +75,121 @@ def _not_blank(path: str, number: int, text: str) -> None:
     raise ValueError(f'{path}:{number}: blank line')
 
 
-def read_jsonl(path: str, portion: tuple[float, float] = (0.0, 1.0)) -> Rows:
-  """One JSON object per line; numbers become strings, other non-text values stay as they are
-  (the source spec refuses one in a field it reads)."""
-  for number, text in _portion(numbered_lines(path), portion):
-    _not_blank(path, number, text)
-    try:
-      row = json.loads(text)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{path}:{number}: malformed JSON: {e.msg} (column {e.colno})') from None
-    if not isinstance(row, dict):
-      raise ValueError(f'{path}:{number}: expected a JSON object, got {type(row).__name__}')
-    yield number, {key: _number_as_text(value) for key, value in row.items()}
-
-
 def _number_as_text(value):
   is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
   return str(value) if is_number else value
 
 
-def read_tsv(path: str, portion: tuple[float, float] = (0.0, 1.0)) -> Rows:
-  """Tab-separated fields named by the first line; no quoting (SST-2 has bare quotes)."""
-  (_, header_text), *lines = numbered_lines(path)
-  header = header_text.split('\t')
-  for number, text in _portion(lines, portion):
+def _object(path: str, number: int, value) -> dict:
+  if not isinstance(value, dict):
+    raise ValueError(f'{path}:{number}: expected a JSON object, got {type(value).__name__}')
+  return {key: _number_as_text(item) for key, item in value.items()}
+
+
+def read_jsonl(path: str, columns: Sequence[str] = ()) -> Rows:
+  """One JSON object per line."""
+  del columns  # the objects name their fields
+  for number, text in numbered_lines(path):
     _not_blank(path, number, text)
-    fields = text.split('\t')
+    try:
+      value = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}:{number}: malformed JSON: {e.msg} (column {e.colno})') from None
+    yield number, _object(path, number, value)
+
+
+def read_json(path: str, columns: Sequence[str] = ()) -> Rows:
+  """A JSON array of objects; each row is numbered by the line where its object starts."""
+  del columns
+  text = '\n'.join(line for _, line in numbered_lines(path))  # UTF-8 checked line by line
+  decoder = json.JSONDecoder()
+  position, line, counted = 0, 1, 0  # line is the number of the line at `counted`
+
+  def line_at(at: int) -> int:
+    nonlocal line, counted
+    line, counted = line + text.count('\n', counted, at), at
+    return line
+
+  def skip_space(at: int) -> int:
+    while at < len(text) and text[at] in ' \t\r\n':
+      at += 1
+    return at
+
+  def expect(found: bool, message: str, at: int) -> None:
+    if not found:
+      raise ValueError(f'{path}:{line_at(at)}: malformed JSON: {message}')
+
+  position = skip_space(0)
+  expect(text[position] == '[', 'expected a JSON array of objects', position)
+  position = skip_space(position + 1)
+  while text[position:position + 1] != ']':
+    try:
+      value, end = decoder.raw_decode(text, position)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})') from None
+    number = line_at(position)
+    yield number, _object(path, number, value)
+    position = skip_space(end)
+    if text[position:position + 1] == ',':
+      position = skip_space(position + 1)
+      expect(text[position:position + 1] not in (']', ''), "a value after ','", position)
+    else:
+      expect(text[position:position + 1] == ']', "',' or ']' after an array element", position)
+  expect(skip_space(position + 1) == len(text), 'text after the array', position + 1)
+
+
+def _table(path: str, records: list[tuple[int, list[str]]], columns: Sequence[str],
+           separator: str) -> Rows:
+  """Rows of (line, fields) records named by `columns`, else by the first record (a header)."""
+  if columns:
+    header, described = list(columns), f'the declared columns are {len(columns)}'
+  else:
+    (_, header), *records = records
+    described = f'the header has {len(header)}'
+  for number, fields in records:
     if len(fields) != len(header):
-      raise ValueError(f'{path}:{number}: {len(fields)} tab-separated fields, the header '
-                       f'has {len(header)} ({", ".join(header)})')
+      raise ValueError(f'{path}:{number}: {len(fields)} {separator}-separated fields, '
+                       f'{described} ({", ".join(header)})')
     yield number, dict(zip(header, fields))
 
 
-def read_text(path: str, portion: tuple[float, float] = (0.0, 1.0)) -> Rows:
-  """Paragraphs (runs of non-blank lines) as rows `{'text': ...}`, lines joined by newlines."""
+def read_tsv(path: str, columns: Sequence[str] = ()) -> Rows:
+  """Tab-separated fields, named by the first line or by `columns`; no quoting."""
+  records = []
+  for number, text in numbered_lines(path):
+    if records or columns:  # a header line may be anything
+      _not_blank(path, number, text)
+    records.append((number, text.split('\t')))
+  return _table(path, records, columns, 'tab')
+
+
+def read_csv(path: str, columns: Sequence[str] = ()) -> Rows:
+  """Comma-separated values (quoted fields may hold commas, quotes and newlines)."""
+  lines = numbered_lines(path)
+  reader = csv.reader(text + '\n' for _, text in lines)
+  records, ended = [], 0
+  try:
+    for fields in reader:
+      start, ended = ended + 1, reader.line_num
+      if not fields:
+        raise ValueError(f'{path}:{start}: blank line')
+      records.append((start, fields))
+  except csv.Error as e:
+    raise ValueError(f'{path}:{reader.line_num}: malformed CSV: {e}') from None
+  return _table(path, records, columns, 'comma')
+
+
+def read_text(path: str, columns: Sequence[str] = ()) -> Rows:
+  """Each non-blank line a row `{'text': ...}`."""
+  del columns
+  for number, text in numbered_lines(path):
+    if text.strip():
+      yield number, {'text': text}
+
+
+def read_paragraphs(path: str, portion: tuple[float, float] = (0.0, 1.0)) -> Rows:
+  """Paragraphs (runs of non-blank lines) of the `portion` of the lines, as rows `{'text': ...}`
+  with the lines joined by newlines."""
   lines = _portion(numbered_lines(path), portion)
   for is_text, paragraph in itertools.groupby(lines, key=lambda line: bool(line[1].strip())):
     if is_text:
@@ -91,4 +197,28 @@ def read_text(path: str, portion: tuple[float, float] = (0.0, 1.0)) -> Rows:
       yield paragraph[0][0], {'text': '\n'.join(text for _, text in paragraph)}
 
 
-READERS = {'jsonl': read_jsonl, 'tsv': read_tsv, 'text': read_text}
+def read_parquet(path: str, columns: Sequence[str] = ()) -> Rows:
+  """The table's rows, numbered from 1."""
+  del columns
+  import pyarrow  # only a Parquet source needs it, and the package does not require it
+  import pyarrow.parquet
+  try:
+    table = pyarrow.parquet.read_table(io.BytesIO(read_bytes(path)))
+  except pyarrow.ArrowException as e:
+    raise ValueError(f'{path}: not a Parquet file: {e}') from None
+  for number, row in enumerate(table.to_pylist(), 1):
+    yield number, {key: _number_as_text(value) for key, value in row.items()}
+
+
+# The formats whose rows a reader yields from the whole file; `paragraphs` is cut by lines.
+READERS = {'jsonl': read_jsonl, 'json': read_json, 'tsv': read_tsv, 'csv': read_csv,
+           'text': read_text, 'parquet': read_parquet}
+FORMATS = ('jsonl', 'json', 'tsv', 'csv', 'text', 'paragraphs', 'parquet')
+
+
+def read_rows(file_format: str, path: str, columns: Sequence[str] = (),
+              portion: tuple[float, float] = (0.0, 1.0)) -> list[tuple[int, dict]]:
+  """The `portion` of the file's rows, read as `file_format` (one of FORMATS)."""
+  if file_format == 'paragraphs':
+    return list(read_paragraphs(path, portion))
+  return _portion(list(READERS[file_format](path, columns)), portion)

@@ -1,18 +1,22 @@
-"""Templates: (prompt, response) text pairs to (prompt ids, response ids).
+"""Templates: an example's text to token-id segments, each marked target or not.
 
-* `plain`: the prompt, then the response, then EOS. The prompt is tokenized
-  with the tokenizer's special tokens (a BOS where the tokenizer adds one), the
-  response without.
-* `chat`: the tokenizer's own chat template with the prompt as the user turn
-  and the response as the assistant turn. The prompt part is the rendering of
-  the user turn with the generation prompt (what a model is given at inference);
-  the response part is the rest of the full rendering, cut after its last EOS
+An example is a (prompt, response) pair `{'prompt': str, 'response': str}`, or
+a conversation `{'messages': [{role, content}, ...]}`. Its segments are
+`[(ids, is_target), ...]`; the loss is on the target ids only.
+
+* `plain` (pairs only): the prompt, then the response, then EOS. The prompt is
+  tokenized with the tokenizer's special tokens (a BOS where the tokenizer adds
+  one), the response without: segments `[(prompt, False), (response, True)]`.
+* `chat`: the tokenizer's own chat template (data/chat.py). A pair is the
+  conversation user = prompt, assistant = response: the prompt part is the
+  rendering of the user turn with the generation prompt (what a model is given
+  at inference), the response part the assistant turn through its EOS
   (SmolLM2's `<|im_end|>`; the newline the template writes after it is not a
-  target).
+  target). A conversation gives a target segment per assistant turn.
 
-Both halves are tokenized separately so that the boundary between what is
-masked and what is learned is exact; the response always ends with the
-tokenizer's EOS id, appended when the rendering has none.
+Each segment is tokenized separately, so that the boundary between what is
+masked and what is learned is exact; every target segment ends with the
+tokenizer's EOS id, cut after its last one, or appended when it has none.
 
 The fast tokenizer's Rust backend does the tokenizing: it encodes a batch in
 parallel, and it is safe to share between grain's reader threads, whereas the
@@ -22,13 +26,25 @@ fails ("Already borrowed") while another thread is encoding.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
+
+from additive_jax.data.chat import conversation_segments
 
 TEMPLATES = ('plain', 'chat')
+Segments = list[tuple[list[int], bool]]  # (token ids, whether they are targets), in order
 
 
-class PairEncoder:
-  """`encoder(prompts, responses)` → [(prompt_ids, response_ids)], the response ending in EOS."""
+def check_template(spec, template: str) -> None:
+  """A conversation source (`spec.messages`) needs the chat template: refused by config key,
+  before any data is read."""
+  if spec.messages and template != 'chat':
+    raise ValueError(f'config.data.template={template!r}: the rows of {spec.name} are '
+                     f'conversations (config.data.source.messages={spec.messages!r}), rendered '
+                     "by the tokenizer's chat template: set config.data.template='chat'")
+
+
+class SegmentEncoder:
+  """`encoder(examples)` → the `Segments` of each example (see the module docstring)."""
 
   def __init__(self, tokenizer, template: str):
     if template not in TEMPLATES:
@@ -41,33 +57,49 @@ class PairEncoder:
     self.template = template
     self.eos_id = tokenizer.eos_token_id
 
-  def texts(self, prompt: str, response: str) -> tuple[str, str]:
-    """The prompt and response texts the template renders."""
+  def texts(self, example: Mapping) -> list[tuple[str, bool]]:
+    """The (text, is_target) segments the template renders for one example."""
+    if 'messages' in example:
+      if self.template != 'chat':
+        raise ValueError("a conversation is rendered by the tokenizer's chat template: "
+                         f"template {self.template!r} cannot (config.data.template='chat')")
+      return conversation_segments(self.tokenizer, example['messages'])
     if self.template == 'plain':
-      return prompt, response
-    user = [{'role': 'user', 'content': prompt}]
-    prompt_text = self.tokenizer.apply_chat_template(user, tokenize=False,
-                                                     add_generation_prompt=True)
-    full_text = self.tokenizer.apply_chat_template(
-        user + [{'role': 'assistant', 'content': response}], tokenize=False)
-    if not full_text.startswith(prompt_text):
-      raise ValueError('the chat template does not render the assistant turn after the '
-                       f'generation prompt: {prompt_text!r} is not a prefix of {full_text!r}')
-    return prompt_text, full_text[len(prompt_text):]
+      return [(example['prompt'], False), (example['response'], True)]
+    return conversation_segments(self.tokenizer, [
+        {'role': 'user', 'content': example['prompt']},
+        {'role': 'assistant', 'content': example['response']}])
 
   def _end_with_eos(self, ids: list[int]) -> list[int]:
     if self.eos_id in ids:
       return ids[:len(ids) - ids[::-1].index(self.eos_id)]
     return ids + [self.eos_id]
 
+  def __call__(self, examples: Sequence[Mapping]) -> list[Segments]:
+    texts = [self.texts(example) for example in examples]
+    backend = self.tokenizer.backend_tokenizer
+    # With the plain template the prompt is the start of the text: the tokenizer's special
+    # tokens (a BOS) go there. A chat rendering writes its own.
+    firsts = backend.encode_batch([segments[0][0] for segments in texts],
+                                  add_special_tokens=self.template == 'plain')
+    rests = iter(backend.encode_batch([text for segments in texts for text, _ in segments[1:]],
+                                      add_special_tokens=False))
+    encoded = []
+    for segments, first in zip(texts, firsts):
+      ids = [first.ids] + [next(rests).ids for _ in segments[1:]]
+      encoded.append([(self._end_with_eos(piece) if is_target else piece, is_target)
+                      for piece, (_, is_target) in zip(ids, segments)])
+    return encoded
+
+
+class PairEncoder:
+  """`encoder(prompts, responses)` → [(prompt_ids, response_ids)], the response ending in EOS."""
+
+  def __init__(self, tokenizer, template: str):
+    self.segments = SegmentEncoder(tokenizer, template)
+    self.eos_id = self.segments.eos_id
+
   def __call__(self, prompts: Sequence[str],
                responses: Sequence[str]) -> list[tuple[list[int], list[int]]]:
-    prompt_texts, response_texts = zip(*map(self.texts, prompts, responses))
-    backend = self.tokenizer.backend_tokenizer
-    # With the plain template the prompt is the start of the text: the tokenizer's
-    # special tokens (a BOS) go there. A chat rendering writes its own.
-    prompt_encodings = backend.encode_batch(list(prompt_texts),
-                                            add_special_tokens=self.template == 'plain')
-    response_encodings = backend.encode_batch(list(response_texts), add_special_tokens=False)
-    return [(p.ids, self._end_with_eos(r.ids)) for p, r in zip(prompt_encodings,
-                                                              response_encodings)]
+    examples = [{'prompt': p, 'response': r} for p, r in zip(prompts, responses)]
+    return [(prompt, response) for (prompt, _), (response, _) in self.segments(examples)]

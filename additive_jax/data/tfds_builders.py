@@ -1,100 +1,119 @@
-"""TFDS builders that prepare each source from its local files, and random access to them.
+"""One TFDS builder, parameterized by a source declaration, and random access to its splits.
 
-One `tfds.core.GeneratorBasedBuilder` per source (SST-2, GSM8K, Tiny
-Shakespeare) writes every split as ArrayRecord files of `{prompt, response,
-line}` text records, in file order (`line` points back into the source file for
-error messages). Nothing is downloaded: the generators read the files of
-`source_dir`. TensorFlow is not needed, neither to prepare (TFDS serializes with
-its own copy of the `tf.train.Example` protos) nor to read
+`DeclaredSource` (a `tfds.core.GeneratorBasedBuilder`) writes every split of a
+spec as ArrayRecord files of text records, in file order: `{prompt, response,
+line}` for a pair source, `{messages, line}` (the conversation as JSON) for a
+conversation source; `line` points back into the source file for error messages.
+Templates are applied here, the tokenizer's template and tokenization are not
+(they belong to the run). Nothing is downloaded: the generator reads the
+declared files. TensorFlow is not needed, neither to prepare (TFDS serializes
+with its own copy of the `tf.train.Example` protos) nor to read
 (`builder.as_data_source`, which is what `tfds.data_source` returns, decodes
 with numpy).
 
-Prepared data lives under `<cache>/<source>-<fingerprint>/`, where the
-fingerprint hashes the source files, the spec and the builder version: a changed
-file or template gets a fresh folder, never a stale one. TFDS writes into an
-`incomplete.*` folder and renames it into place as its last step, so a killed
-preparation leaves nothing that looks valid and the next run prepares again.
+Prepared data lives under `<cache>/<name>-<fingerprint>/<name>/<version>/`, where
+the fingerprint hashes the builder version, the resolved spec (every key of the
+declaration) and the split files' bytes: a changed file, template or label word
+gets a fresh folder, never a stale one. TFDS writes into an `incomplete.*` folder
+and renames it into place as its last step, so a killed preparation leaves
+nothing that looks valid and the next run prepares again.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
+import types
 
+from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
 from additive_jax.data import sources
-from additive_jax.data.config import cache_dir as additive_jax_cache_dir
+from additive_jax.data.config import cache_dir as additive_jax_cache_dir, data_dir
+from additive_jax.data.readers import read_bytes
 
-_VERSION = '1.0.0'
+_VERSION = '1.1.0'
 
 
-class LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Prepares `SPEC`'s splits from the files in `source_dir`."""
+class DeclaredSource(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Prepares the splits of `spec` from its files, relative to `source_dir`.
+
+  TFDS names a builder's folder by its class, so each source name gets a subclass
+  (`builder_class`); registration is skipped, as TFDS's own catalog has datasets
+  named gsm8k and tiny_shakespeare (which download).
+  """
 
   VERSION = tfds.core.Version(_VERSION)
-  RELEASE_NOTES = {_VERSION: 'prompt/response records prepared from the local files'}
-  SPEC: sources.SourceSpec
+  RELEASE_NOTES = {'1.0.0': 'prompt/response records prepared from the local files',
+                   _VERSION: 'any declared source; conversations as {messages, line}'}
 
-  def __init__(self, *, source_dir: str, **kwargs):
-    self.source_dir = source_dir
+  def __init__(self, *, spec: sources.SourceSpec, source_dir: str | None, **kwargs):
+    self.spec, self.source_dir = spec, source_dir
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
+    if self.spec.messages:
+      features = {'messages': tfds.features.Text(), 'line': np.int64}
+    else:
+      features = {'prompt': tfds.features.Text(), 'response': tfds.features.Text(),
+                  'line': np.int64}
+    kind = 'conversations' if self.spec.messages else 'prompt/response pairs'
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=f'{self.SPEC.name} as prompt/response pairs, read from {self.source_dir}',
-        features=tfds.features.FeaturesDict({
-            'prompt': tfds.features.Text(), 'response': tfds.features.Text(), 'line': np.int64}),
-        disable_shuffling=True)  # record i is the i-th row of the file
+        builder=self, description=f'{self.spec.name} as {kind}, read from its declared files',
+        features=tfds.features.FeaturesDict(features),
+        disable_shuffling=True)  # record i is the i-th row of the split
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing is downloaded
-    return {split: self._generate_examples(split) for split in self.SPEC.splits}
+    return {split: self._generate_examples(split) for split in self.spec.splits}
 
   def _generate_examples(self, split):
-    for line, prompt, response in sources.read_split(self.SPEC, self.source_dir, split):
-      yield line, {'prompt': prompt, 'response': response, 'line': line}
+    for row in sources.read_rows(self.spec, self.source_dir, split):
+      if self.spec.messages:
+        yield row.line, {'messages': json.dumps(list(row.messages), ensure_ascii=False),
+                         'line': row.line}
+      else:
+        yield row.line, {'prompt': row.prompt, 'response': row.response, 'line': row.line}
 
 
-# Registration is skipped: TFDS's own catalog has datasets named gsm8k and
-# tiny_shakespeare (which download), and these builders are always built directly.
-class Sst2(LocalFilesBuilder, skip_registration=True):
-  SPEC = sources.SST2
-
-
-class Gsm8k(LocalFilesBuilder, skip_registration=True):
-  SPEC = sources.GSM8K
-
-
-class TinyShakespeare(LocalFilesBuilder, skip_registration=True):
-  SPEC = sources.TINY_SHAKESPEARE
-
-
-BUILDERS = {cls.SPEC.name: cls for cls in (Sst2, Gsm8k, TinyShakespeare)}
+@functools.cache
+def builder_class(name: str) -> type[DeclaredSource]:
+  """The builder of the source `name` (TFDS's folder name is the class's `name`)."""
+  return types.new_class(f'DeclaredSource_{name}', (DeclaredSource,),
+                         {'skip_registration': True},
+                         lambda namespace: namespace.update(name=name, __module__=__name__))
 
 
 def default_cache_dir() -> str:
   return os.path.join(additive_jax_cache_dir(), 'tfds')
 
 
-def fingerprint(spec: sources.SourceSpec, source_dir: str) -> str:
+def fingerprint(spec: sources.SourceSpec, source_dir: str | None) -> str:
   """16 hex digits of SHA-256 over the builder version, the spec and the split files' bytes."""
   digest = hashlib.sha256(f'{_VERSION} {spec!r}'.encode())
-  for path in sorted({spec.path(source_dir, split) for split in spec.splits}):
-    with open(path, 'rb') as f:
-      digest.update(f.read())
+  files = {}  # path -> the first split read from it (a held-out split shares the train file)
+  for split in spec.splits:
+    files.setdefault(spec.path(source_dir, split), split)
+  for path in sorted(files):
+    if not epath.Path(path).exists():
+      raise FileNotFoundError(
+          f'{path}: no such data file (split {files[path]!r} of source {spec.name!r}; a relative '
+          f'file of config.data.source.files is in the data folder {data_dir(source_dir)})')
+    digest.update(read_bytes(path))
   return digest.hexdigest()[:16]
 
 
-def prepared_builder(source: str, source_dir: str, cache_dir: str | None = None):
-  """The source's builder, its splits prepared (once) from `source_dir` under `cache_dir`."""
+def prepared_builder(source, source_dir: str | None, cache_dir: str | None = None):
+  """The builder of `source` (a declaration, a built-in's name, or a spec), its splits
+  prepared (once) from `source_dir` under `cache_dir`."""
   spec = sources.source_spec(source)
   prepared_dir = os.path.join(cache_dir or default_cache_dir(),
                               f'{spec.name}-{fingerprint(spec, source_dir)}')
-  builder = BUILDERS[spec.name](source_dir=source_dir, data_dir=prepared_dir,
-                                file_format='array_record')
+  builder = builder_class(spec.name)(spec=spec, source_dir=source_dir, data_dir=prepared_dir,
+                                     file_format='array_record')
   try:
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
@@ -106,7 +125,8 @@ def prepared_builder(source: str, source_dir: str, cache_dir: str | None = None)
   return builder
 
 
-def data_source(source: str, split: str, source_dir: str, cache_dir: str | None = None):
-  """Random access to a split's records `{'prompt': bytes, 'response': bytes, 'line': int}`."""
-  sources.source_spec(source).path(source_dir, split)  # an unknown split fails here, clearly
-  return prepared_builder(source, source_dir, cache_dir).as_data_source(split=split)
+def data_source(source, split: str, source_dir: str | None, cache_dir: str | None = None):
+  """Random access to a split's records (bytes texts and an int line), see the docstring."""
+  spec = sources.source_spec(source)
+  spec.path(source_dir, split)  # an unknown split fails here, clearly
+  return prepared_builder(spec, source_dir, cache_dir).as_data_source(split=split)

@@ -13,18 +13,20 @@ import numpy as np
 from additive_jax.data.sources import read_split, source_spec
 from additive_jax.data.templates import PairEncoder
 from additive_jax.eval.classify import choice_logprobs
+from additive_jax.eval.subsets import subset
 
 
 def classification_accuracy(model, variables, tokenizer, data_config, split: str, limit: int = 0,
                             progress: bool = False) -> tuple[float, int]:
-  """(accuracy, rows scored) on `split` of `data_config.source` (its first `limit` rows if > 0)."""
+  """(accuracy, rows scored) on `split` of `data_config.source` (a fixed subset of `limit` rows
+  if > 0, eval/subsets.py)."""
   spec = source_spec(data_config.source)
   if len(spec.labels) != 1:
     raise ValueError(f'accuracy needs a classification source with one label field; '
                      f'{spec.name!r} has {len(spec.labels)}')
   words = list(next(iter(spec.labels.values())).values())
   rows = list(read_split(spec, data_config.data_dir, split))
-  rows = rows[:limit] if limit else rows
+  rows = [rows[i] for i in subset(len(rows), limit)]
   encoder = PairEncoder(tokenizer, data_config.template)
   prompt_ids = [ids for ids, _ in encoder([prompt for _, prompt, _ in rows], [words[0]] * len(rows))]
   choice_ids = [response[:-1] for _, response in encoder([rows[0][1]] * len(words), words)]

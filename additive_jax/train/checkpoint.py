@@ -193,7 +193,8 @@ def abstract_like(tree):
 # What a resumed run may change: how it is watched, kept and laid out, not what it computes
 # (the mesh may differ: restore places the state on the new one).
 RESUMABLE_CHANGES = ('log_every', 'eval_every', 'eval_batches', 'checkpoint_every',
-                     'keep_checkpoints', 'keep_best', 'accuracy_split', 'accuracy_limit', 'mesh',
+                     'keep_checkpoints', 'keep_best', 'test_metric', 'test_split', 'test_limit',
+                     'max_new_tokens', 'mesh',
                      'rules', 'distributed', 'remat', 'data.data_dir')
 
 

@@ -50,8 +50,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 100
   c.keep_checkpoints = 2             # the latest N ...
   c.keep_best = 1                    # ... and the best N by eval loss
-  c.accuracy_split = ''              # a classification split scored before and after ('' : none)
-  c.accuracy_limit = 0               # score only its first N rows (0: all)
+  # the task metric scored before and after training: accuracy | exact_match | perplexity ('': none)
+  c.test_metric = ''
+  c.test_split = ''                  # ... on this split
+  c.test_limit = 0                   # ... a fixed-seed subset of this many rows (0: all)
+  # scored with the eval loss every eval_every on data.eval_split, the best checkpoint kept by it
+  # ('': by the eval loss)
+  c.eval_metric = ''
+  c.eval_metric_limit = 0            # a fixed-seed subset of this many rows (0: all)
+  c.answer_regex = ''                # exact_match: the answer's regex ('': GSM8K's number after ####)
+  c.max_new_tokens = 256             # exact_match: the generation budget
   c.mesh = (-1, 1, 1)                # (data, fsdp, tensor); -1 takes the remaining devices
   c.rules = RULES
   c.distributed = False              # jax.distributed.initialize() first (multi-host)

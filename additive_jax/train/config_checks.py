@@ -8,23 +8,26 @@ are then about the data or the hardware, not about a typo.
 from __future__ import annotations
 
 import math
-import os
 
+from etils import epath
 import ml_collections
 from jax.sharding import Mesh
 
 from additive_jax.data.encode import OVER_LONG_POLICIES
 from additive_jax.data.sources import source_spec
-from additive_jax.data.templates import TEMPLATES
+from additive_jax.data.templates import TEMPLATES, check_template
 from additive_jax.model.config import DTYPES, REMAT_POLICIES
+from additive_jax.eval.exact_match import Extractor
+from additive_jax.eval.metrics import check_metric
 from additive_jax.model.hooks import check_methods
 from additive_jax.model.load import load_config
 from additive_jax.peft.registry import class_for_key, method_from_fields
 from additive_jax.train import mesh as mesh_lib
 from additive_jax.train.optimizer import SCHEDULES, method_settings
 
-_POSITIVE = ('batch_size', 'seq_len', 'num_steps', 'accumulation', 'log_every', 'checkpoint_every')
-_NOT_NEGATIVE = ('eval_every', 'eval_batches', 'keep_best', 'accuracy_limit')
+_POSITIVE = ('batch_size', 'seq_len', 'num_steps', 'accumulation', 'log_every', 'checkpoint_every',
+             'max_new_tokens')
+_NOT_NEGATIVE = ('eval_every', 'eval_batches', 'keep_best', 'test_limit', 'eval_metric_limit')
 
 
 def check_config(config: ml_collections.ConfigDict) -> tuple[Mesh, tuple]:
@@ -70,18 +73,31 @@ def _check_data(config) -> None:
   for key, allowed in (('template', TEMPLATES), ('over_long', OVER_LONG_POLICIES)):
     if data[key] not in allowed:
       raise ValueError(f'config.data.{key} must be one of {", ".join(allowed)}, got {data[key]!r}')
-  spec = source_spec(data.source)
-  for key in ('split', 'eval_split'):
-    path = spec.path(data.data_dir, data[key])
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f'config.data.{key}={data[key]!r}: no data file {path}')
-  if config.accuracy_split:
-    if len(spec.labels) != 1:
-      raise ValueError(f'config.accuracy_split={config.accuracy_split!r}: accuracy needs a '
-                       f'classification source, and {spec.name} has no label field')
-    path = spec.path(data.data_dir, config.accuracy_split)
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f'config.accuracy_split={config.accuracy_split!r}: no data file {path}')
+  spec = source_spec(data.source)  # a bad declaration is named by its key
+  check_template(spec, data.template)
+  keys = [('data.split', data.split), ('data.eval_split', data.eval_split)]
+  if config.test_metric:
+    if not config.test_split:
+      raise ValueError(f'config.test_metric={config.test_metric!r} needs config.test_split, the '
+                       'split it is scored on')
+    keys.append(('test_split', config.test_split))
+  for key in ('test_metric', 'eval_metric'):
+    if config[key]:
+      try:
+        check_metric(config[key])
+      except ValueError as err:
+        raise ValueError(f'config.{key}: {err}') from None
+    if config[key] == 'accuracy' and spec.label_field is None:
+      raise ValueError(f'config.{key}=\'accuracy\' needs a classification source (a label map), '
+                       f'and {spec.name} has no label field')
+  try:
+    Extractor(config.answer_regex or None)
+  except ValueError as err:
+    raise ValueError(f'config.answer_regex: {err}') from None
+  for key, split in keys:
+    path = spec.path(data.data_dir, split)
+    if not epath.Path(path).exists():
+      raise FileNotFoundError(f'config.{key}={split!r}: no data file {path}')
 
 
 def methods_of(config) -> tuple:

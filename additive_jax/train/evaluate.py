@@ -1,4 +1,4 @@
-"""What a run measures besides its training loss: eval loss and classification accuracy.
+"""What a run measures besides its training loss: eval loss and its task metric.
 
 The eval batches are built once per run (building them tokenizes the eval split)
 and reused at every evaluation; evaluation reads the trainables as they are,
@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 
 from additive_jax.data.pipeline import make_eval_batches
-from additive_jax.eval.accuracy import classification_accuracy
+from additive_jax.eval.metrics import Settings, score
 from additive_jax.peft.merge import inference_form
 from additive_jax.train.mesh import global_batch
 from additive_jax.train.prepare import Run
@@ -42,12 +42,18 @@ class LossEvaluator:
     return {'eval_loss': loss, 'eval_perplexity': float(np.exp(loss)), 'eval_tokens': tokens}
 
 
-def accuracy(run: Run, state, config: ml_collections.ConfigDict) -> float:
-  """Accuracy on `config.accuracy_split` by the label words' log-likelihood."""
+def metric_settings(config: ml_collections.ConfigDict) -> Settings:
+  return Settings(batch_size=config.batch_size, seq_len=config.seq_len,
+                  max_new_tokens=config.max_new_tokens, answer_regex=config.answer_regex)
+
+
+def task_metric(run: Run, state, config: ml_collections.ConfigDict, metric: str, split: str,
+                limit: int) -> dict[str, float]:
+  """`metric` (accuracy, exact_match, perplexity) of the trainables in `state` on `split`
+  (a fixed subset of `limit` rows; 0: all), the trainables in their inference form."""
   model, variables = inference_form(run.model, {'params': run.params, 'peft': state.peft})
-  value, rows = classification_accuracy(model, variables, run.tokenizer, config.data,
-                                        config.accuracy_split, config.accuracy_limit,
-                                        progress=jax.process_index() == 0)
-  logging.info('accuracy on %s %s (%d rows): %.4f', config.data.source, config.accuracy_split,
-               rows, value)
-  return value
+  result = score(metric, model, variables, run.tokenizer, config.data, split, limit,
+                 metric_settings(config), progress=jax.process_index() == 0)
+  logging.info('%s on %s %s: %.4f (%s)', metric, config.data.source.name, split, result[metric],
+               ', '.join(f'{k} {v:g}' for k, v in result.items() if k != metric))
+  return result

@@ -2,10 +2,12 @@
 
     summary = train_and_evaluate(config, workdir)
 
-A run reports its trainable parameters first, scores the classification
-accuracy before training (when the config names a split), trains
-`config.num_steps` steps with eval loss every `eval_every`, checkpoints every
-`checkpoint_every` (and at the end), and scores the accuracy again. If the
+A run reports its trainable parameters first, scores its test metric
+(`config.test_metric` on `config.test_split`: accuracy, exact match or
+perplexity) before training, trains `config.num_steps` steps with the eval loss
+(and `config.eval_metric`, on a fixed subset) every `eval_every`, checkpoints
+every `checkpoint_every` (and at the end; the best kept by the eval metric, or
+the eval loss), and scores the test metric again. If the
 workdir already holds a checkpoint, the run resumes from the latest: the
 trainable state, the optimizer state and the data iterator's position, so the
 losses that follow are those of a run that never stopped.
@@ -19,6 +21,7 @@ a workdir whose checkpoint has its config (up to `checkpoint.RESUMABLE_CHANGES`)
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -32,7 +35,8 @@ from additive_jax.data.pipeline import make_train_iterator
 from additive_jax.peft.count import count_methods, format_table
 from additive_jax.train.checkpoint import CheckpointError, Checkpoints, abstract_like, config_changes
 from additive_jax.train.config_checks import check_config
-from additive_jax.train.evaluate import LossEvaluator, accuracy
+from additive_jax.eval.metrics import HIGHER_IS_BETTER
+from additive_jax.train.evaluate import LossEvaluator, task_metric
 from additive_jax.train.mesh import global_batch
 from additive_jax.train.metrics import MetricsWriter, logged_value
 from additive_jax.train.optimizer import learning_rates
@@ -66,9 +70,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_iterator, length_report = make_train_iterator(
       config.data, run.tokenizer, batch_size=config.batch_size, seq_len=config.seq_len,
       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
-  say(f'{config.data.source} {config.data.split}: {length_report}')
+  say(f'{config.data.source.name} {config.data.split}: {length_report}')
+  best_by = f'eval_{config.eval_metric}' if config.eval_metric else 'eval_loss'
   checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints,
-                            keep_best=config.keep_best)
+                            keep_best=config.keep_best, best_metric=best_by,
+                            best_mode='max' if HIGHER_IS_BETTER.get(config.eval_metric) else 'min')
   summary = {'trainable_params': trainable,
              'trainable_percent': 100 * trainable / run.model.config.num_base_params}
   state = run.state
@@ -77,13 +83,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = _resume(checkpoints, latest, state, train_iterator, config, workdir)
     say(f'resumed from step {latest}')
   writer = MetricsWriter(workdir, resumed_from=latest)
-  if config.accuracy_split:
-    before = logged_value(workdir, 'accuracy', step=0) if latest is not None else None
+  test = functools.partial(task_metric, run, config=config, metric=config.test_metric,
+                           split=config.test_split, limit=config.test_limit)
+  if config.test_metric:
+    name = config.test_metric
+    before = logged_value(workdir, name, step=0) if latest is not None else None
     if before is None:  # logged at step 0, so a resumed run reports the same "before"
-      before = accuracy(run, run.state, config)  # the initial state, even after a restore
-      writer.write(0, {'accuracy': before})
-    summary['accuracy_before'] = before
-    say(f'accuracy before: {before:.4f}')
+      before = test(run.state)[name]  # the initial state, even after a restore
+      writer.write(0, {name: before})
+    summary[f'{name}_before'] = before
+    say(f'{name} before: {before:.4f}')
 
   train_step = jit_train_step(run.model, run.optimizer, config.accumulation, mesh, config.rules,
                               run.state_shardings, run.param_shardings)
@@ -109,6 +118,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     evaluated = None
     if (config.eval_every and done % config.eval_every == 0) or done == config.num_steps:
       evaluated = evaluate_loss(state)
+      if config.eval_metric:
+        evaluated.update({f'eval_{key}': value for key, value in task_metric(
+            run, state, config, config.eval_metric, config.data.eval_split,
+            config.eval_metric_limit).items()})
       writer.write(done, evaluated)
       summary.update(evaluated)
     if done % config.checkpoint_every == 0 or done == config.num_steps:
@@ -116,10 +129,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if logged is not None:
     summary['final_loss'] = logged['loss']
 
-  if config.accuracy_split:
-    summary['accuracy_after'] = accuracy(run, state, config)
-    writer.write(config.num_steps, {'accuracy': summary['accuracy_after']})
-    say(f'accuracy after: {summary["accuracy_after"]:.4f}')
+  if config.test_metric:
+    name = config.test_metric
+    summary[f'{name}_after'] = test(state)[name]
+    writer.write(config.num_steps, {name: summary[f'{name}_after']})
+    say(f'{name} after: {summary[f"{name}_after"]:.4f}')
   checkpoints.wait()
   checkpoints.close()
   writer.close()

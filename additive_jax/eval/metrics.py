@@ -1,0 +1,87 @@
+"""Task metrics on any declared source: accuracy, exact match, perplexity.
+
+    result = score('exact_match', model, variables, tokenizer, config.data, 'test', limit=200)
+
+  accuracy     the label word the model finds most likely (a label of several tokens scores
+               the sum of its tokens' log-probabilities), after the run's template; needs a
+               source with a label map (eval/accuracy.py)
+  exact_match  greedy generation after the run's template, the answer extracted from it and
+               from the reference response compared (eval/exact_match.py: GSM8K's `####` rule
+               by default, or a regex)
+  perplexity   of the response tokens, token-level and per example (eval/perplexity.py)
+
+`limit` scores a fixed subset (eval/subsets.py: `limit` rows drawn by a fixed seed,
+the same at every evaluation of a run and across runs; perplexity, which reads
+the split's batches of one example a row, takes its first `limit` rows instead;
+0: every row). Each result is a dict whose first entry is the metric itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from additive_jax.data.pipeline import make_eval_batches
+from additive_jax.data.sources import read_split, source_spec
+from additive_jax.eval.accuracy import classification_accuracy
+from additive_jax.eval.exact_match import Extractor, exact_match
+from additive_jax.eval.generate import generate
+from additive_jax.eval.perplexity import perplexity
+from additive_jax.eval.subsets import subset
+from additive_jax.peft.merge import inference_form
+
+METRICS = ('accuracy', 'exact_match', 'perplexity')
+# whether a higher value is better, for keeping the best checkpoint
+HIGHER_IS_BETTER = {'accuracy': True, 'exact_match': True, 'perplexity': False}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """How a metric is scored: the batch shape of perplexity, generation for exact match."""
+  batch_size: int = 8
+  seq_len: int = 256
+  max_new_tokens: int = 256
+  answer_regex: str = ''     # exact match: '' is GSM8K's '####' rule
+
+
+def check_metric(metric: str) -> None:
+  if metric not in METRICS:
+    raise ValueError(f'unknown metric {metric!r} (metrics: {", ".join(METRICS)})')
+
+
+def _exact_match(model, variables, tokenizer, data_config, split, limit, settings) -> dict:
+  rows = list(read_split(source_spec(data_config.source), data_config.data_dir, split))
+  chosen = [rows[i] for i in subset(len(rows), limit)]
+  predictions = []
+  for start in range(0, len(chosen), settings.batch_size):
+    batch = chosen[start:start + settings.batch_size]
+    predictions += generate(model, variables, tokenizer, [prompt for _, prompt, _ in batch],
+                            max_new_tokens=settings.max_new_tokens,
+                            chat=data_config.template == 'chat')
+  extract = Extractor(settings.answer_regex or None)
+  value = exact_match(predictions, [response for _, _, response in chosen], extract)
+  return {'exact_match': value, 'rows': len(chosen)}
+
+
+def _perplexity(model, variables, tokenizer, data_config, split, limit, settings) -> dict:
+  config = data_config.copy_and_resolve_references()
+  config.eval_split = split
+  batches, _ = make_eval_batches(config, tokenizer, batch_size=settings.batch_size,
+                                 seq_len=settings.seq_len)
+  count = len(batches)
+  if limit:  # whole batches of one example a row: the first ceil(limit / rows) of them
+    count = min(count, -(-limit // settings.batch_size))
+  return perplexity(model, variables, [batches[i] for i in range(count)])
+
+
+def score(metric: str, model, variables, tokenizer, data_config, split: str, limit: int = 0,
+          settings: Settings = Settings(), progress: bool = False) -> dict[str, float]:
+  """`metric` of (model, variables) on `split` of `data_config`'s source."""
+  check_metric(metric)
+  model, variables = inference_form(model, variables)
+  if metric == 'accuracy':
+    value, rows = classification_accuracy(model, variables, tokenizer, data_config, split,
+                                          limit, progress=progress)
+    return {'accuracy': value, 'rows': rows}
+  if metric == 'exact_match':
+    return _exact_match(model, variables, tokenizer, data_config, split, limit, settings)
+  return _perplexity(model, variables, tokenizer, data_config, split, limit, settings)
