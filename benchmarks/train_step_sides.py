@@ -16,8 +16,14 @@ CPU while the other is timed.
   the trainable parameters, `clip_grad_norm_(1.0)`; bf16 through `torch.autocast`
   over fp32 weights.
 
-Both compute the masked token cross-entropy of the same batch in fp32 and time
-whole optimizer steps (forward, backward, clipping, update), synchronized.
+Both compute the masked token cross-entropy of the same batches in fp32 and time
+whole optimizer steps (forward, backward, clipping, update), synchronized; each
+timed step takes the next of the batches, in turn. Ours computes the LM head at
+the loss positions alone (its `loss_positions='auto'` budget, from these batches),
+theirs at every position, as PEFT's users do. Packed rows reach theirs as a
+block-diagonal 4-D causal mask with per-segment `position_ids`, so both compute the
+same step; PEFT's prompt learning takes a 2-D mask only, so for prompt and prefix
+tuning theirs sees each row as one sequence (the same cost, other losses).
 """
 
 from __future__ import annotations
@@ -28,25 +34,31 @@ import traceback
 
 import numpy as np
 
-def random_batch(vocab_size: int, batch: int, seq_len: int) -> dict[str, np.ndarray]:
+def random_batches(vocab_size: int, batch: int, seq_len: int) -> list[dict[str, np.ndarray]]:
   """One unpadded row per example: tokens, next-token targets, all-ones loss mask."""
   ids = np.random.default_rng(0).integers(0, vocab_size, (batch, seq_len + 1)).astype(np.int32)
-  return {'tokens': ids[:, :-1], 'targets': ids[:, 1:],
-          'loss_mask': np.ones((batch, seq_len), np.float32),
-          'positions': np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1)),
-          'segment_ids': np.ones((batch, seq_len), np.int32)}
+  return [{'tokens': ids[:, :-1], 'targets': ids[:, 1:],
+           'loss_mask': np.ones((batch, seq_len), np.float32),
+           'positions': np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1)),
+           'segment_ids': np.ones((batch, seq_len), np.int32)}]
+
+
+def most_loss_positions(batches) -> int:
+  return int(max(np.max(np.sum(b['loss_mask'] != 0, axis=1)) for b in batches))
 
 
 class OursStep:
   """additive_jax: one method on the frozen base, the jitted train step compiled ahead."""
 
-  def __init__(self, hf_dir, method, batch, seq_len, dtype, warmup, adapter_dir=None):
+  def __init__(self, hf_dir, method, batches, dtype, warmup, adapter_dir=None):
     import jax
     import jax.numpy as jnp
 
     import additive_jax as aj
     from additive_jax.peft.registry import parse_method
     from additive_jax.train.config import RULES
+    from additive_jax.train.flops import peak_flops, train_step_flops
+    from additive_jax.train.loss_budget import budget_for
     from additive_jax.train.mesh import batch_sharding, make_mesh, replicated
     from additive_jax.train.model_state import create_train_state
     from additive_jax.train.optimizer import make_optimizer, method_settings
@@ -69,11 +81,15 @@ class OursStep:
                                                      jax.random.key(0), mesh)
     if adapter_dir:
       aj.peft.save_adapter(adapter_dir, model.peft, self.state.peft, config, format='hf_peft')
-    self.batch = jax.device_put(random_batch(config.vocab_size, batch, seq_len),
-                                batch_sharding(mesh))
-    step = jit_train_step(model, optimizer, 1, mesh, RULES, state_shardings, replicated(mesh))
+    batches = batches or random_batches(config.vocab_size, 8, 128)
+    self.batches = [jax.device_put(b, batch_sharding(mesh)) for b in batches]
+    self.turn = 0
+    rows, seq_len = batches[0]['tokens'].shape
+    budget = budget_for(most_loss_positions(batches), seq_len)
+    step = jit_train_step(model, optimizer, 1, mesh, RULES, state_shardings, replicated(mesh),
+                          budget)
     started = time.perf_counter()
-    self.step = step.lower(self.state, self.params, self.batch).compile()
+    self.step = step.lower(self.state, self.params, self.batches[0]).compile()
     compile_s = time.perf_counter() - started
     analysis = self.step.memory_analysis()
     step_bytes = {'argument': analysis.argument_size_in_bytes,
@@ -91,14 +107,20 @@ class OursStep:
         'method': peft_method.call_string(), 'learning_rate': learning_rate,
         'trainable_params': sum(x.size for x in jax.tree.leaves(self.state.peft)),
         'compile_s': compile_s, 'warmup_step_s': warmup_s, 'warmup_losses': losses,
-        'compiled_step_bytes': step_bytes,
+        'compiled_step_bytes': step_bytes, 'loss_positions_budget': budget,
+        'step_flops': train_step_flops(config, (peft_method,), rows=rows, seq_len=seq_len,
+                                       logit_positions=rows * (budget or seq_len)),
+        'peak_flops': peak_flops(jax.devices()[0].device_kind, dtype),
+        'loss_fraction': float(np.mean([np.mean(b['loss_mask'] != 0) for b in batches])),
         'versions': {'jax': jax.__version__, 'additive_jax': aj.__version__}}
 
   def time_steps(self, count: int) -> list[float]:
     seconds = []
     for _ in range(count):
+      batch = self.batches[self.turn % len(self.batches)]
+      self.turn += 1
       started = time.perf_counter()
-      self.state, self.metrics = self.step(self.state, self.params, self.batch)
+      self.state, self.metrics = self.step(self.state, self.params, batch)
       self.jax.block_until_ready((self.state, self.metrics))
       seconds.append(time.perf_counter() - started)
     return seconds
@@ -112,7 +134,7 @@ class OursStep:
 class TheirsStep:
   """transformers + HF PEFT: the adapter ours exported, trained with torch's AdamW."""
 
-  def __init__(self, hf_dir, adapter_dir, batch, seq_len, dtype, warmup, device, threads,
+  def __init__(self, hf_dir, adapter_dir, batches, dtype, warmup, device, threads,
                learning_rate):
     import peft
     import safetensors.torch
@@ -136,11 +158,10 @@ class TheirsStep:
     self.trainable = [p for p in self.model.parameters() if p.requires_grad]
     self.optimizer = torch.optim.AdamW(self.trainable, lr=learning_rate, weight_decay=0.0)
     self.autocast = lambda: torch.autocast(device, torch.bfloat16, enabled=dtype == 'bfloat16')
-    arrays = random_batch(base.config.vocab_size, batch, seq_len)
-    self.batch = {name: torch.from_numpy(arrays[name]).to(device)
-                  for name in ('tokens', 'targets', 'loss_mask')}
-    self.batch['tokens'], self.batch['targets'] = (self.batch['tokens'].long(),
-                                                   self.batch['targets'].long())
+    batches = batches or random_batches(base.config.vocab_size, 8, 128)
+    self.packed_mask = settings.peft_type not in ('PROMPT_TUNING', 'PREFIX_TUNING')
+    self.batches = [self.torch_batch(b) for b in batches]
+    self.batch, self.turn = self.batches[0], 0
     losses, warmup_s = [], []
     for _ in range(warmup):
       warmup_s += self.time_steps(1)
@@ -157,12 +178,28 @@ class TheirsStep:
     if device == 'cpu':
       self.report['profiled_step_bytes'] = self.profile_step_bytes()
 
+  def torch_batch(self, arrays) -> dict:
+    """The batch on the device; packed rows as a block-diagonal causal mask [B, 1, T, T]."""
+    torch = self.torch
+    batch = {name: torch.from_numpy(np.asarray(arrays[name])).to(self.device)
+             for name in ('tokens', 'targets', 'loss_mask', 'positions', 'segment_ids')}
+    batch['tokens'], batch['targets'] = batch['tokens'].long(), batch['targets'].long()
+    tokens, segments = batch['tokens'], batch['segment_ids']
+    if self.packed_mask:
+      causal = torch.tril(torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool,
+                                     device=self.device))
+      batch['mask'] = (causal & (segments[:, :, None] == segments[:, None, :]))[:, None]
+      batch['position_ids'] = batch['positions'].long()
+    else:
+      batch['mask'], batch['position_ids'] = torch.ones_like(tokens), None
+    return batch
+
   def train_step(self):
     torch = self.torch
     tokens, targets, mask = self.batch['tokens'], self.batch['targets'], self.batch['loss_mask']
     with self.autocast():
-      logits = self.model(input_ids=tokens, attention_mask=torch.ones_like(tokens),
-                          use_cache=False).logits
+      logits = self.model(input_ids=tokens, attention_mask=self.batch['mask'],
+                          position_ids=self.batch['position_ids'], use_cache=False).logits
     logits = logits[:, -tokens.shape[1]:]  # prompt tuning returns the virtual positions too
     token_loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                                                    reduction='none')
@@ -175,6 +212,8 @@ class TheirsStep:
   def time_steps(self, count: int) -> list[float]:
     seconds = []
     for _ in range(count):
+      self.batch = self.batches[self.turn % len(self.batches)]
+      self.turn += 1
       started = time.perf_counter()
       self.train_step()
       if self.device == 'cuda':
@@ -187,7 +226,8 @@ class TheirsStep:
     moments, batch) plus the largest rise of the allocation timeline during it, read
     from every allocation and free torch's profiler records on the CPU."""
     torch = self.torch
-    tensors = list(self.model.parameters()) + list(self.model.buffers()) + list(self.batch.values())
+    tensors = list(self.model.parameters()) + list(self.model.buffers())
+    tensors += [t for t in self.batch.values() if torch.is_tensor(t)]
     tensors += [t for state in self.optimizer.state.values() for t in state.values()
                 if torch.is_tensor(t)]
     before = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()

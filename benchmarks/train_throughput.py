@@ -7,8 +7,11 @@
 
 Both sides train the same base (SmolLM2-135M-Instruct, written once as an HF
 checkpoint with `params_to_hf`/`config_to_hf` under `$ADDITIVE_JAX_CACHE/hf/`,
-or `--hf_dir`), on the same batch (`--batch` rows of `--seq_len` random tokens,
-every target counted), with the same method and starting adapter values (ours
+or `--hf_dir`), on the same batches (`--data=sst2`: the quickstart's first
+`--num_batches` batches of `--batch` packed rows of `--seq_len` tokens from the
+real data pipeline, loss on the label words and EOS alone; `--data=gsm8k`: GSM8K
+rows in SmolLM2's chat template, loss on the answers; `--data=random`: random
+tokens, every target counted), with the same method and starting adapter values (ours
 exports its initial adapter to HF PEFT's format and PEFT loads it), the same
 trainable set and AdamW (constant learning rate, no weight decay, global-norm
 clipping at 1.0), and the same precision: fp32 on CPU; on an accelerator
@@ -40,6 +43,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 
 from absl import app, flags
 
@@ -62,7 +66,13 @@ METHODS = {
 SUPERSCRIPTS = '¹²³⁴⁵⁶⁷'
 
 _METHODS = flags.DEFINE_list('methods', list(METHODS), f'of {", ".join(METHODS)}')
-_BATCH = flags.DEFINE_integer('batch', 4, 'rows per step', lower_bound=1)
+_BATCH = flags.DEFINE_integer('batch', 8, 'rows per step', lower_bound=1)
+_DATA = flags.DEFINE_enum('data', 'sst2', ['sst2', 'gsm8k', 'random'],
+                          'the batches: packed rows of a real split, or random tokens')
+_NUM_BATCHES = flags.DEFINE_integer('num_batches', 4, 'distinct batches the timed steps cycle '
+                                    'through', lower_bound=1)
+_GEMM_CHECK = flags.DEFINE_bool('gemm_peak', True, 'on a CPU, measure an fp32 XLA matrix '
+                                "product's FLOP/s, the figure CPU MFU is taken against")
 _SEQ_LEN = flags.DEFINE_integer('seq_len', 128, 'tokens per row', lower_bound=1)
 _STEPS = flags.DEFINE_integer('steps', 1, 'timed steps per round', lower_bound=1)
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'rounds per side, interleaved with the other side',
@@ -164,11 +174,40 @@ class Side:
       self.process.kill()
 
 
-def measure_method(name: str, hf_dir: str) -> dict:
+def real_batches(data: str, batch: int, seq_len: int, count: int) -> list[dict]:
+  """The first `count` batches of the train split as the trainer reads them (seed 0)."""
+  import numpy as np
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import gsm8k, sst2  # the repository's experiment configs
+  from additive_jax.data.pipeline import make_train_iterator
+  from additive_jax.model.tokenizer import load_tokenizer
+
+  config = (sst2 if data == 'sst2' else gsm8k).get_config()
+  iterator, _ = make_train_iterator(config.data, load_tokenizer(config.model), batch_size=batch,
+                                    seq_len=seq_len, seed=0)
+  return [{k: np.asarray(v) for k, v in next(iterator).items()} for _ in range(count)]
+
+
+def cpu_gemm_flops() -> float:
+  """fp32 FLOP/s of XLA's [1024, 576] × [576, 1536] product (SmolLM2's MLP), median of 20."""
+  import jax
+  import jax.numpy as jnp
+  cpu = jax.devices('cpu')[0]
+  x, y = jax.device_put(jnp.ones((1024, 576)), cpu), jax.device_put(jnp.ones((576, 1536)), cpu)
+  product = jax.jit(jnp.matmul)
+  product(x, y).block_until_ready()
+  seconds = []
+  for _ in range(20):
+    started = time.perf_counter()
+    product(x, y).block_until_ready()
+    seconds.append(time.perf_counter() - started)
+  return 2 * 1024 * 576 * 1536 / statistics.median(seconds)
+
+
+def measure_method(name: str, hf_dir: str, batches: list | None) -> dict:
   """Warms up ours (and theirs, if PEFT has the method), then times interleaved rounds."""
   method, theirs_missing = METHODS[name]
-  setup = {'hf_dir': hf_dir, 'batch': _BATCH.value, 'seq_len': _SEQ_LEN.value,
-           'dtype': _DTYPE.value, 'warmup': _WARMUP.value}
+  setup = {'hf_dir': hf_dir, 'batches': batches, 'dtype': _DTYPE.value, 'warmup': _WARMUP.value}
   with tempfile.TemporaryDirectory() as adapter_dir:
     sides = [Side('ours', {**setup, 'method': method,
                            'adapter_dir': None if theirs_missing else adapter_dir})]
@@ -194,6 +233,8 @@ def measure_method(name: str, hf_dir: str) -> dict:
     report['median_step_s'] = statistics.median(seconds[side.name])
     report['best_step_s'] = min(seconds[side.name])
     report['tokens_per_s'] = tokens / report['median_step_s']
+    if side.name == 'ours':
+      report['model_flops_per_s'] = report['step_flops'] / report['median_step_s']
     report['memory_bytes'] = memory_bytes(side.name, report, ours['platform'] == 'cpu')
     result[side.name] = report
   if not theirs_missing:
@@ -227,10 +268,13 @@ def table(results: list[dict]) -> str:
   mib = lambda n: f'{n / 2**20:,.0f}'
   lines = ['| method | trainable params | tokens/s ours | tokens/s HF PEFT | speed ours/PEFT: '
            'median (best step) | memory MiB ours | memory MiB HF PEFT | memory ours/PEFT '
-           '| step-1 loss ours / PEFT |', '|---|---|---|---|---|---|---|---|---|']
+           '| step-1 loss ours / PEFT | model TFLOP/s ours | MFU ours |',
+           '|---|---|---|---|---|---|---|---|---|---|---|']
   footnotes = []
   for r in results:
     ours, theirs = r['ours'], r.get('theirs')
+    peak = ours['peak_flops'] or ours.get('gemm_flops')
+    mfu = f'{ours["model_flops_per_s"] / peak:.1%}' if peak else '—'
     cells = [f'{r["name"]}: `{METHODS[r["name"]][0]}`', f'{ours["trainable_params"]:,}',
              f'{ours["tokens_per_s"]:,.0f}']
     if theirs:
@@ -246,6 +290,7 @@ def table(results: list[dict]) -> str:
       cells += [f'—{mark}', '—', mib(ours['memory_bytes']), '—', '—',
                 f'{ours["warmup_losses"][0]:.5f} / —']
       footnotes.append(f'{mark} {r["name"]}: {r["theirs_missing"]}.')
+    cells += [f'{ours["model_flops_per_s"] / 1e12:.3f}', mfu]
     lines.append('| ' + ' | '.join(cells) + ' |')
   lines += [''] + footnotes if footnotes else []
   return '\n'.join(lines)
@@ -265,8 +310,13 @@ def main(argv):
   results = []
   with tempfile.TemporaryDirectory() as scratch:
     hf_dir = base_checkpoint(scratch)
+    batches = (None if _DATA.value == 'random' else
+               real_batches(_DATA.value, _BATCH.value, _SEQ_LEN.value, _NUM_BATCHES.value))
+    gemm = cpu_gemm_flops() if _GEMM_CHECK.value and not _DTYPE.value == 'bfloat16' else None
     for name in _METHODS.value:
-      results.append(measure_method(name, hf_dir))
+      results.append(measure_method(name, hf_dir, batches))
+      if results[-1]['ours']['platform'] == 'cpu':
+        results[-1]['ours']['gemm_flops'] = gemm
       print(progress(results[-1]), flush=True)
       out = save(results, load_before)  # after every method: a cut-short run keeps its rows
   print(f'{results[0]["ours"]["device"]}, {results[0]["ours"]["dtype"]}, batch {_BATCH.value} x '
@@ -282,6 +332,8 @@ def save(results: list[dict], load_before: float) -> str:
   first = results[0]['ours']
   settings = {'hf_dir': _HF_DIR.value, 'random_weights': _RANDOM_WEIGHTS.value,
               'batch': _BATCH.value, 'seq_len': _SEQ_LEN.value, 'steps': _STEPS.value,
+              'data': _DATA.value, 'num_batches': _NUM_BATCHES.value,
+              'loss_fraction': first['loss_fraction'], 'date': time.strftime('%Y-%m-%d'),
               'repeats': _REPEATS.value, 'warmup': _WARMUP.value, 'dtype': first['dtype'],
               'device': first['device'], 'cpu_threads': len(os.sched_getaffinity(0)),
               'load_average': [load_before, os.getloadavg()[0]]}

@@ -5,6 +5,8 @@ For every prompt the model scores each candidate response (e.g. " positive",
 prediction is the best-scoring one. When every candidate is a single token, one
 forward pass per prompt suffices: the scores are read off the next-token
 distribution at the prompt's last position.
+The LM head runs only at the positions that predict a choice's tokens
+(`logits_at`), never over the whole row.
 
 Batches are right-padded to a multiple of 16 tokens so that a whole evaluation
 compiles a handful of shapes, not one per length. With `adapter_ids` (one per
@@ -27,26 +29,30 @@ from additive_jax.peft.stack import apply_mixed
 _BUCKET = 16
 
 
-def _logits(model, variables, adapter_ids_B, tokens_BT, mask_BT):
+def _logits(model, variables, adapter_ids_B, tokens_BT, mask_BT, at_BM):
+  """Logits [B, M, V] at the positions `at_BM` alone: the LM head runs nowhere else."""
   if adapter_ids_B is None:
-    return model.apply(variables, tokens_BT, attention_mask=mask_BT)
-  return apply_mixed(model, variables, adapter_ids_B, tokens_BT, attention_mask=mask_BT)
+    return model.apply(variables, tokens_BT, attention_mask=mask_BT, logits_at=at_BM)
+  return apply_mixed(model, variables, adapter_ids_B, tokens_BT, attention_mask=mask_BT,
+                     logits_at=at_BM)
 
 
-@functools.partial(jax.jit, static_argnames='model')
-def _token_logprobs(model, variables, adapter_ids_B, tokens_BT, mask_BT):
-  """log p(tokens[t+1] | tokens[<=t]) for every t, [B, T-1]."""
-  logits_BTV = _logits(model, variables, adapter_ids_B, tokens_BT, mask_BT)
-  logp_BTV = jax.nn.log_softmax(logits_BTV[:, :-1], axis=-1)
-  return jnp.take_along_axis(logp_BTV, tokens_BT[:, 1:, None], axis=-1)[..., 0]
+@functools.partial(jax.jit, static_argnames=('model', 'span'))
+def _span_logprobs(model, variables, adapter_ids_B, tokens_BT, mask_BT, start_B, span: int):
+  """log p(tokens[t+1] | tokens[<=t]) for t = start … start + span − 1 of each row, [B, span]
+  (positions past the row's end read its last token: the caller sums only its own)."""
+  at_BM = jnp.minimum(start_B[:, None] + jnp.arange(span), tokens_BT.shape[1] - 2)
+  logp_BMV = jax.nn.log_softmax(_logits(model, variables, adapter_ids_B, tokens_BT, mask_BT, at_BM))
+  next_BM = jnp.take_along_axis(tokens_BT, at_BM + 1, axis=1)
+  return jnp.take_along_axis(logp_BMV, next_BM[..., None], axis=-1)[..., 0]
 
 
 @functools.partial(jax.jit, static_argnames='model')
 def _next_token_logprobs(model, variables, adapter_ids_B, tokens_BT, mask_BT):
   """log p(next token | whole row) at each row's last real position, [B, V]."""
-  logits_BTV = _logits(model, variables, adapter_ids_B, tokens_BT, mask_BT)
-  last_B = mask_BT.sum(axis=1) - 1
-  return jax.nn.log_softmax(logits_BTV[jnp.arange(tokens_BT.shape[0]), last_B], axis=-1)
+  last_B1 = mask_BT.sum(axis=1, keepdims=True) - 1
+  return jax.nn.log_softmax(_logits(model, variables, adapter_ids_B, tokens_BT, mask_BT,
+                                    last_B1)[:, 0], axis=-1)
 
 
 def _pad(rows: list[list[int]], pad_id: int):
@@ -79,12 +85,14 @@ def choice_logprobs(model, variables, prompt_ids: Sequence[list[int]], choice_id
     return np.concatenate(scores).astype(np.float64)
   # Multi-token choices: one row per (prompt, choice), scored over the choice's positions.
   rows = [(i, c, p + ids, len(p)) for i, p in enumerate(prompt_ids) for c, ids in enumerate(choice_ids)]
+  span = max(map(len, choice_ids))  # the positions that predict a choice's tokens
   scores = np.zeros((len(prompt_ids), len(choice_ids)), np.float64)
   for start in tqdm.tqdm(range(0, len(rows), batch_size), desc='scoring', disable=not progress):
     batch = rows[start:start + batch_size]
     tokens, mask = _pad([seq for _, _, seq, _ in batch], pad_id)
     ids = _ids(adapter_ids, [i for i, _, _, _ in batch])
-    logp = np.asarray(_token_logprobs(model, variables, ids, tokens, mask))
+    starts = jnp.asarray([prompt_len - 1 for _, _, _, prompt_len in batch], jnp.int32)
+    logp = np.asarray(_span_logprobs(model, variables, ids, tokens, mask, starts, span))
     for row, (i, c, seq, prompt_len) in enumerate(batch):
-      scores[i, c] = logp[row, prompt_len - 1:len(seq) - 1].sum()
+      scores[i, c] = logp[row, :len(seq) - prompt_len].sum()
   return scores

@@ -48,10 +48,11 @@ def _forward(model, variables, per_row: bool, tokens, **kwargs):
 def _prefill(model: Llama, sampling: Sampling, per_row: bool, variables, tokens_BT, mask_BT, cache,
              key):
   positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
-  logits_BTV, cache = _forward(model, variables, per_row, tokens_BT, attention_mask=mask_BT,
-                               positions=positions_BT, cache=cache)
+  last_B1 = jnp.full((tokens_BT.shape[0], 1), tokens_BT.shape[1] - 1, jnp.int32)  # left-padded
+  logits_B1V, cache = _forward(model, variables, per_row, tokens_BT, attention_mask=mask_BT,
+                               positions=positions_BT, cache=cache, logits_at=last_B1)
   key, draw = jax.random.split(key)
-  return next_tokens(logits_BTV[:, -1], draw, sampling), positions_BT[:, -1] + 1, cache, key
+  return next_tokens(logits_B1V[:, -1], draw, sampling), positions_BT[:, -1] + 1, cache, key
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'sampling', 'per_row'),

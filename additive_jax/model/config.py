@@ -25,6 +25,8 @@ ROPE_KEYS = {'default': (),
 SUPPORTED_ROPE_TYPES = tuple(ROPE_KEYS)
 # jax.checkpoint of each block -> its policy: nothing recomputed ('none': no checkpoint),
 # everything recomputed, the matmul outputs kept
+# How attention is computed; 'auto' takes the backend's best (model/attention.py: resolve).
+ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'splash', 'pallas')
 REMAT_POLICIES = {'none': None, 'full': None,
                   'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
 # the names a config gives a dtype (compute and storage)
@@ -70,6 +72,7 @@ class LlamaConfig:
   dtype: Any = jnp.float32        # compute dtype
   param_dtype: Any = jnp.float32  # storage dtype of the frozen base
   remat: str = 'none'             # 'none' | 'full' | 'dots' (jax.checkpoint policy)
+  attention: str = 'auto'         # ATTENTION_IMPLEMENTATIONS (model/attention.py)
 
   def __post_init__(self):
     for name in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers',
@@ -84,6 +87,9 @@ class LlamaConfig:
       raise ConfigError(f'head_dim={self.head_dim} must be even for rotary embeddings')
     if self.remat not in REMAT_POLICIES:
       raise ConfigError(f'remat must be one of {", ".join(REMAT_POLICIES)}, got {self.remat!r}')
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ConfigError(f'attention must be one of {", ".join(ATTENTION_IMPLEMENTATIONS)}, '
+                        f'got {self.attention!r}')
 
   def replace(self, **changes) -> LlamaConfig:
     return dataclasses.replace(self, **changes)

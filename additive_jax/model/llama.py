@@ -29,6 +29,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from additive_jax.model.attention import attend
 from additive_jax.model.config import REMAT_POLICIES, LlamaConfig
 from additive_jax.model.hooks import Hooks, check_methods, init_methods
 from additive_jax.model.rope import apply_rotary, rotary_tables
@@ -79,13 +80,20 @@ class KVCache:
 
 @flax.struct.dataclass
 class AttentionContext:
-  """Per-call tensors every layer shares (broadcast through the layer scan), and the config."""
+  """Per-call tensors every layer shares (broadcast through the layer scan), and the config.
+
+  Without a cache, attention is `attention.attend` over the segment ids (each
+  implementation builds its mask itself, none crosses the scan); with one, the
+  decoding step's explicit mask over the cache slots."""
   positions_BT: jax.Array
   cos_BTH: jax.Array
   sin_BTH: jax.Array
-  mask_BTS: jax.Array     # True where query t may attend key slot s (prefix slots first)
+  segment_ids_BT: jax.Array | None  # no cache: packed segments (0 padding), virtual slots first
+  mask_BTS: jax.Array | None        # with a cache: True where query t may attend key slot s
   cache_end: jax.Array | None
   config: LlamaConfig = flax.struct.field(pytree_node=False)  # static; the ladder's side net
+  num_prefix: int = flax.struct.field(pytree_node=False, default=0)
+  num_virtual: int = flax.struct.field(pytree_node=False, default=0)
 
 
 def _project_hooks(methods, p, name: str, x, y):
@@ -95,12 +103,14 @@ def _project_hooks(methods, p, name: str, x, y):
   return y
 
 
-@jax.checkpoint
-def _attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
-  """softmax(q kᵀ / √H) v, recomputed in the backward pass rather than stored: the scores and
-  probabilities ([B, N, T, S] each, every layer) would otherwise be the largest residuals of a
-  train step; recomputing them costs two [T, S] products per head."""
-  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None])
+def _attend(cfg: LlamaConfig, q_BTNH, k_BSKH, v_BSKH, ctx: AttentionContext):
+  """softmax(q kᵀ / √H) v: without a cache by `cfg.attention` (model/attention.py, the scores
+  recomputed in the backward pass rather than stored), a decoding step by its cache mask."""
+  k_BSKH, v_BSKH = k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype)
+  if ctx.mask_BTS is None:
+    return attend(q_BTNH, k_BSKH, v_BSKH, ctx.segment_ids_BT, num_prefix=ctx.num_prefix,
+                  num_virtual=ctx.num_virtual, implementation=cfg.attention)
+  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=ctx.mask_BTS[:, None])
 
 
 class Attention(nn.Module):
@@ -141,8 +151,7 @@ class Attention(nn.Module):
         keys_BSKH = jnp.concatenate([pk, keys_BSKH], axis=1)
         values_BSKH = jnp.concatenate([pv, values_BSKH], axis=1)
 
-    out_BTNH = _attend(q_BTNH, keys_BSKH.astype(q_BTNH.dtype), values_BSKH.astype(q_BTNH.dtype),
-                       ctx.mask_BTS)
+    out_BTNH = _attend(cfg, q_BTNH, keys_BSKH, values_BSKH, ctx)
     o_proj = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=cfg.attention_bias,
                              dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                              kernel_init=_init(('q_heads', 'head_dim', 'embed')),
@@ -213,6 +222,11 @@ class Llama(nn.Module):
   `positions [B,T]` (default arange, after any virtual tokens), `segment_ids [B,T]`
   (packed sequences: a token attends only within its segment), and `cache`
   (a `KVCache`; then the call returns `(logits, cache)`).
+
+  Where the caller needs fewer logits than every position's: `logits_at [B, M]`
+  (positions within the T tokens) returns logits [B, M, V] at those alone, and
+  `return_hidden=True` returns the final hidden states [B, T, D] instead, for a loss
+  that applies the LM head itself (`lm_head_logits`) at the positions it needs.
   """
   config: LlamaConfig
   peft: Sequence[Hooks] = ()
@@ -242,7 +256,7 @@ class Llama(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT, attention_mask=None, positions=None, segment_ids=None,
-               cache: KVCache | None = None):
+               cache: KVCache | None = None, logits_at=None, return_hidden: bool = False):
     cfg = self.config
     trees = self._peft_trees()
     methods = tuple(m for m in self.peft if m.key in trees)
@@ -301,6 +315,12 @@ class Llama(nn.Module):
       if state is not None:
         states[method.key] = state
     x_BTD = x_BTD[:, prepended:]
+    if return_hidden:
+      if cache is not None:
+        raise ValueError('return_hidden cannot be combined with a KV cache')
+      return x_BTD
+    if logits_at is not None:
+      x_BTD = jnp.take_along_axis(x_BTD, logits_at[..., None].astype(jnp.int32), axis=1)
     if cfg.tie_word_embeddings:
       logits_BTV = embedder.attend(x_BTD)
     else:
@@ -328,32 +348,44 @@ class Llama(nn.Module):
     return dict(trees)
 
   def _context(self, positions_BT, mask_BT, segment_ids_BT, cache, virtual: int, prefix: int):
-    """Rotary tables and the boolean attention mask [B, T, prefix + S]."""
+    """Rotary tables, and the segment ids (no cache) or the mask over the cache's slots."""
     cfg = self.config
     cos_BTH, sin_BTH = rotary_tables(positions_BT, cfg)
     batch, length = mask_BT.shape
+    if segment_ids_BT is not None and segment_ids_BT.shape[1] != length - virtual:
+      raise ValueError(f'segment_ids has length {segment_ids_BT.shape[1]}, '
+                       f'the tokens {length - virtual}')
     if cache is None:
-      valid_BS, end = mask_BT, None
-      query_slot_T = jnp.arange(length)
-    else:
+      # padding is segment 0, which no token's segment sees; the virtual slots' ids are unread
+      segments_BT = mask_BT.astype(jnp.int32)
       if segment_ids_BT is not None:
-        raise ValueError('segment_ids (packing) cannot be combined with a KV cache')
-      valid_BS = jax.lax.dynamic_update_slice(cache.valid_BS, mask_BT, (0, cache.end))
-      cache = cache.replace(valid_BS=valid_BS)
-      end = cache.end
-      query_slot_T = cache.end + jnp.arange(length)
+        segments_BT = jnp.where(mask_BT, jnp.pad(segment_ids_BT, ((0, 0), (virtual, 0)),
+                                                 constant_values=1), 0)
+      return AttentionContext(positions_BT, cos_BTH, sin_BTH, segments_BT, None, None, cfg,
+                              prefix, virtual), cache
+    if segment_ids_BT is not None:
+      raise ValueError('segment_ids (packing) cannot be combined with a KV cache')
+    valid_BS = jax.lax.dynamic_update_slice(cache.valid_BS, mask_BT, (0, cache.end))
+    cache = cache.replace(valid_BS=valid_BS)
+    query_slot_T = cache.end + jnp.arange(length)
     key_slot_S = jnp.arange(valid_BS.shape[1])
     mask_BTS = (key_slot_S[None, None, :] <= query_slot_T[None, :, None]) & valid_BS[:, None, :]
-    if segment_ids_BT is not None:
-      if segment_ids_BT.shape[1] != length - virtual:
-        raise ValueError(f'segment_ids has length {segment_ids_BT.shape[1]}, '
-                         f'the tokens {length - virtual}')
-      same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-      # prompt vectors open every packed segment: each segment sees them as if it were alone
-      mask_BTS &= jnp.pad(same_BTS, ((0, 0), (virtual, 0), (virtual, 0)), constant_values=True)
     if prefix:  # prefix key/value slots are visible to every position
       mask_BTS = jnp.concatenate([jnp.ones((batch, length, prefix), bool), mask_BTS], axis=-1)
-    return AttentionContext(positions_BT, cos_BTH, sin_BTH, mask_BTS, end, cfg), cache
+    return AttentionContext(positions_BT, cos_BTH, sin_BTH, None, mask_BTS, cache.end, cfg,
+                            prefix, virtual), cache
+
+
+def lm_head_logits(config: LlamaConfig, params, x_MD) -> jax.Array:
+  """The LM head of `Llama` applied to final hidden states [..., D] (from `return_hidden`):
+  fp32 logits [..., V], computed as the model computes them (tied embedding or `lm_head`)."""
+  if config.tie_word_embeddings:
+    weight_VD = params['embed_tokens']['embedding']
+    x_MD, weight_VD = nn.dtypes.promote_dtype(x_MD, weight_VD, dtype=config.dtype)
+    return jnp.dot(x_MD, weight_VD.T).astype(jnp.float32)
+  kernel_DV = params['lm_head']['kernel']
+  x_MD, kernel_DV = nn.dtypes.promote_dtype(x_MD, kernel_DV, dtype=config.dtype)
+  return jnp.dot(x_MD, kernel_DV).astype(jnp.float32)
 
 
 def abstract_variables(config: LlamaConfig):

@@ -71,6 +71,12 @@ class Method(Hooks):
     """Trainable parameters, from the method's formula."""
     raise NotImplementedError(f'{type(self).__name__} defines no num_params')
 
+  def token_matmul_params(self, config) -> int:
+    """Trainable weights every token's activations are multiplied by: the 6 FLOPs per token
+    and weight that MFU counts (`train/flops.py`). All of them by default, as for LoRA's and
+    a bottleneck's matrices; a method of scaling or prepended vectors overrides it."""
+    return self.num_params(config)
+
   def shape_alike(self) -> Method:
     """A method with the same leaf shapes whose `init_leaves` reads nothing but the base's
     shapes (no tokenizer, no forward pass): what counting and export trace."""

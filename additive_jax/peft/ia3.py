@@ -56,6 +56,9 @@ class IA3(Method):
   optimizer_defaults: ClassVar[dict] = {'learning_rate': 3e-3}
   mergeable: ClassVar[bool] = True
 
+  def token_matmul_params(self, config) -> int:
+    return 0  # elementwise scalings, no matrix product
+
   def num_params(self, config) -> int:
     return config.num_layers * (2 * config.num_kv_heads * config.head_dim + config.intermediate_size)
 

@@ -88,6 +88,9 @@ class PrefixTuning(Method):
       raise ValueError(f'PrefixTuning num_tokens={self.num_tokens} leaves no position for a real token '
                        f'(max_position_embeddings={config.max_position_embeddings})')
 
+  def token_matmul_params(self, config) -> int:
+    return 0  # the slots cost the attention they get; the reparametrization runs once a step
+
   def num_params(self, config) -> int:
     layers, n, kh = config.num_layers, self.num_tokens, config.num_kv_heads * config.head_dim
     if self.projection_dim is None:

@@ -68,6 +68,9 @@ class PromptTuning(Method):
       raise ValueError(f'PromptTuning num_tokens={self.num_tokens} leaves no position for a real token '
                        f'(max_position_embeddings={config.max_position_embeddings})')
 
+  def token_matmul_params(self, config) -> int:
+    return 0  # the vectors cost the positions they take, counted as tokens
+
   def num_params(self, config) -> int:
     return self.num_tokens * config.hidden_size
 

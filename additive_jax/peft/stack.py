@@ -79,17 +79,18 @@ def rows_of(stacked_peft, adapter_ids_B):
 
 
 def apply_mixed(model, variables, adapter_ids_B, tokens_BT, attention_mask=None, positions=None,
-                cache: KVCache | None = None):
+                cache: KVCache | None = None, logits_at=None):
   """`model.apply` where row b runs adapter `adapter_ids_B[b]` of the stack in
-  `variables['peft']`; returns logits [B, T, V] (and the cache, given one)."""
+  `variables['peft']`; returns logits [B, T, V] ([B, M, V] at `logits_at`) and the cache,
+  given one."""
   return apply_per_row(model, variables['params'], rows_of(variables['peft'], adapter_ids_B),
-                       tokens_BT, attention_mask, positions, cache)
+                       tokens_BT, attention_mask, positions, cache, logits_at)
 
 
 def apply_per_row(model, params, peft_B, tokens_BT, attention_mask=None, positions=None,
-                  cache: KVCache | None = None):
+                  cache: KVCache | None = None, logits_at=None):
   """`model.apply` where row b runs the leaves `peft_B[..][b]` (from `rows_of`)."""
-  inputs = {'attention_mask': attention_mask, 'positions': positions}
+  inputs = {'attention_mask': attention_mask, 'positions': positions, 'logits_at': logits_at}
   given = {name: value for name, value in inputs.items() if value is not None}
 
   def row(peft, tokens_T, given_T, row_cache):

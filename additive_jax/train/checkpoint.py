@@ -195,7 +195,8 @@ def abstract_like(tree):
 RESUMABLE_CHANGES = ('log_every', 'eval_every', 'eval_batches', 'checkpoint_every',
                      'keep_checkpoints', 'keep_best', 'test_metric', 'test_split', 'test_limit',
                      'max_new_tokens', 'mesh',
-                     'rules', 'distributed', 'remat', 'data.data_dir')
+                     'rules', 'distributed', 'remat', 'data.data_dir', 'loss_positions',
+                     'attention', 'peak_tflops')
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:

@@ -35,6 +35,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.dtype = 'float32'                # compute dtype; 'bfloat16' on accelerators
   c.param_dtype = 'float32'          # storage dtype of the frozen base
   c.remat = 'none'                   # 'none' | 'full' | 'dots': activation checkpointing policy
+  c.attention = 'auto'               # 'auto' | 'xla' | 'cudnn' | 'splash' | 'pallas' (model/attention.py)
+  # logits only at the loss positions, this many a row: 'auto' (from the data) | 'all' | a number
+  c.loss_positions = 'auto'
+  c.peak_tflops = 0.0                # one device's peak for MFU; 0: the datasheet's (train/flops.py)
   # the trained methods: one entry per key, its fields and its optimizer (see with_methods)
   c.peft = method_entries('pfeiffer')
   c.clip_norm = 1.0                  # global gradient-norm clip over the trainable partition; 0: off

@@ -10,23 +10,28 @@ from __future__ import annotations
 import math
 
 from etils import epath
+import jax
 import ml_collections
 from jax.sharding import Mesh
 
 from additive_jax.data.encode import OVER_LONG_POLICIES
 from additive_jax.data.sources import source_spec
 from additive_jax.data.templates import TEMPLATES, check_template
-from additive_jax.model.config import DTYPES, REMAT_POLICIES
+from additive_jax.model.config import ATTENTION_IMPLEMENTATIONS, DTYPES, REMAT_POLICIES
 from additive_jax.eval.exact_match import Extractor
 from additive_jax.eval.metrics import check_metric
 from additive_jax.model.hooks import check_methods
 from additive_jax.model.load import load_config
 from additive_jax.peft.registry import class_for_key, method_from_fields
 from additive_jax.train import mesh as mesh_lib
+from additive_jax.train.loss_budget import check_setting as check_loss_positions
 from additive_jax.train.optimizer import SCHEDULES, method_settings
 
 _POSITIVE = ('batch_size', 'seq_len', 'num_steps', 'accumulation', 'log_every', 'checkpoint_every',
              'max_new_tokens')
+# implementations that run on one backend alone ('pallas' runs on GPU and TPU, and on a CPU
+# only in Pallas's interpreter, which the tests use)
+_ATTENTION_BACKENDS = {'cudnn': 'gpu', 'splash': 'tpu'}
 _NOT_NEGATIVE = ('eval_every', 'eval_batches', 'keep_best', 'test_limit', 'eval_metric_limit')
 
 
@@ -47,9 +52,18 @@ def _check_values(config) -> None:
   if config.keep_checkpoints < 1:
     raise ValueError(f'config.keep_checkpoints must be ≥ 1 (the latest is what resumes), '
                      f'got {config.keep_checkpoints!r}')
-  for key, allowed in (('dtype', DTYPES), ('param_dtype', DTYPES), ('remat', REMAT_POLICIES)):
+  for key, allowed in (('dtype', DTYPES), ('param_dtype', DTYPES), ('remat', REMAT_POLICIES),
+                       ('attention', ATTENTION_IMPLEMENTATIONS)):
     if config[key] not in allowed:
       raise ValueError(f'config.{key} must be one of {", ".join(allowed)}, got {config[key]!r}')
+  check_loss_positions(config.loss_positions)
+  backend, needs = jax.default_backend(), _ATTENTION_BACKENDS.get(config.attention)
+  if needs and backend != needs:
+    raise ValueError(f'config.attention={config.attention!r} runs on a {needs}; this run\'s '
+                     f'backend is {backend} (\'auto\' picks the best it has)')
+  if config.peak_tflops < 0:
+    raise ValueError(f'config.peak_tflops must be ≥ 0 (0: the datasheet figure), got '
+                     f'{config.peak_tflops!r}')
 
 
 def _check_mesh_and_batch(config) -> Mesh:

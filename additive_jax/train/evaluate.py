@@ -22,15 +22,16 @@ from additive_jax.train.step import jit_eval_step
 
 class LossEvaluator:
   """`evaluator(state)` -> token-weighted eval loss, perplexity and token count over the first
-  `config.eval_batches` batches of `config.data.eval_split` (all of them for 0)."""
+  `config.eval_batches` batches of `config.data.eval_split` (all of them for 0); the LM head
+  at `budget` loss positions a row, as in training."""
 
-  def __init__(self, run: Run, config: ml_collections.ConfigDict):
+  def __init__(self, run: Run, config: ml_collections.ConfigDict, budget: int | None = None):
     self.run = run
     self.batches, _ = make_eval_batches(
         config.data, run.tokenizer, batch_size=config.batch_size, seq_len=config.seq_len,
         process_index=jax.process_index(), process_count=jax.process_count())
     self.count = min(config.eval_batches or len(self.batches), len(self.batches))
-    self.step = jit_eval_step(run.model, run.mesh, config.rules, run.param_shardings)
+    self.step = jit_eval_step(run.model, run.mesh, config.rules, run.param_shardings, budget)
 
   def __call__(self, state) -> dict[str, float]:
     loss_sum = tokens = 0.0

@@ -37,6 +37,8 @@ from additive_jax.train.checkpoint import CheckpointError, Checkpoints, abstract
 from additive_jax.train.config_checks import check_config
 from additive_jax.eval.metrics import HIGHER_IS_BETTER
 from additive_jax.train.evaluate import LossEvaluator, task_metric
+from additive_jax.train.flops import logit_positions, peak_flops, train_step_flops
+from additive_jax.train.loss_budget import derive_budget
 from additive_jax.train.mesh import global_batch
 from additive_jax.train.metrics import MetricsWriter, logged_value
 from additive_jax.train.optimizer import learning_rates
@@ -71,6 +73,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       config.data, run.tokenizer, batch_size=config.batch_size, seq_len=config.seq_len,
       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
   say(f'{config.data.source.name} {config.data.split}: {length_report}')
+  budget = derive_budget(config.loss_positions, train_iterator, config.seq_len)
+  say(f'logits at {budget} loss positions a row' if budget else 'logits at every position')
   best_by = f'eval_{config.eval_metric}' if config.eval_metric else 'eval_loss'
   checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints,
                             keep_best=config.keep_best, best_metric=best_by,
@@ -95,8 +99,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     say(f'{name} before: {before:.4f}')
 
   train_step = jit_train_step(run.model, run.optimizer, config.accumulation, mesh, config.rules,
-                              run.state_shardings, run.param_shardings)
-  evaluate_loss = LossEvaluator(run, config)
+                              run.state_shardings, run.param_shardings, budget)
+  evaluate_loss = LossEvaluator(run, config, budget)
+  flops_of = functools.partial(train_step_flops, run.model.config, methods,
+                               rows=config.batch_size, seq_len=config.seq_len)
+  positions_of = functools.partial(logit_positions, config.batch_size, config.seq_len, budget,
+                                   config.accumulation)
+  peak = peak_flops(jax.devices()[0].device_kind, config.dtype, config.peak_tflops)
+  overflows = 0
   first = int(state.step)
   pending, logged, tick = [], None, time.time()
   progress = tqdm.tqdm(range(first, config.num_steps), initial=first, total=config.num_steps,
@@ -107,8 +117,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     pending.append({**metrics, 'pad_fraction': np.mean(batch['segment_ids'] == 0)})
     done = step + 1
     if done % config.log_every == 0 or done == config.num_steps:
+      seconds = time.time() - tick
+      overflowed = [int(m.pop('loss_overflow')) for m in pending]
+      overflows += sum(overflowed)
       logged = _mean(pending)
-      logged['tokens_per_s'] = logged.pop('tokens') * len(pending) / (time.time() - tick)
+      logged['tokens_per_s'] = logged.pop('tokens') * len(pending) / seconds
+      flops = sum(flops_of(logit_positions=positions_of(n)) for n in overflowed) / seconds
+      logged['model_tflops_per_s'] = flops / 1e12 / jax.device_count()
+      if peak:
+        logged['mfu'] = flops / (jax.device_count() * peak)
+      logged['loss_overflows'] = overflows
       logged['trainable_params'] = trainable
       logged.update({f'lr/{k}': v for k, v in
                      learning_rates(run.optimizer_settings, config.num_steps, step).items()})
@@ -128,6 +146,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       checkpoints.save(done, state, train_iterator, config.to_dict(), metrics=evaluated)
   if logged is not None:
     summary['final_loss'] = logged['loss']
+    summary['loss_overflows'] = overflows
 
   if config.test_metric:
     name = config.test_metric

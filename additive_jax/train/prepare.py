@@ -38,7 +38,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, methods) -> Run:
   tokenizer = load_tokenizer(config.model)
   model_config, params, param_shardings, fallback = load_base(
       config.model, mesh, config.rules, dtype=DTYPES[config.dtype],
-      param_dtype=DTYPES[config.param_dtype], remat=config.remat)
+      param_dtype=DTYPES[config.param_dtype], remat=config.remat,
+      attention=config.attention)
   for path, dim, size, axis in fallback:
     logging.info('replicated: %s axis %d (size %d) is not divisible by mesh axis %r',
                  path, dim, size, axis)

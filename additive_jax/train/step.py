@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from additive_jax.train.loss import token_cross_entropy
 from jax.sharding import Mesh
 
+from additive_jax.train.loss import masked_token_loss
 from additive_jax.train.mesh import Rules, batch_sharding, replicated
 
 
@@ -36,28 +36,35 @@ class TrainState:
     return cls(jnp.zeros((), jnp.int32), peft, optimizer.init(peft))
 
 
-def batch_loss(model, peft, params, batch):
-  """(summed token loss, number of loss tokens) of one batch."""
-  logits_BTV = model.apply({'params': params, 'peft': peft}, batch['tokens'],
-                           positions=batch['positions'], segment_ids=batch['segment_ids'])
-  return token_cross_entropy(logits_BTV, batch['targets'], batch['loss_mask'])
+def batch_loss(model, peft, params, batch, budget: int | None = None):
+  """(summed token loss, (number of loss tokens, whether the batch overflowed `budget`)) of
+  one batch, the LM head applied at its loss positions alone (`train/loss.py`)."""
+  hidden_BTD = model.apply({'params': params, 'peft': peft}, batch['tokens'],
+                           positions=batch['positions'], segment_ids=batch['segment_ids'],
+                           return_hidden=True)
+  loss_sum, weight, overflowed = masked_token_loss(model.config, params, hidden_BTD,
+                                                   batch['targets'], batch['loss_mask'], budget)
+  return loss_sum, (weight, overflowed)
 
 
-def train_step(model, optimizer, accumulation: int, state: TrainState, params, batch):
-  """One optimizer step over `batch` (leaves [B, T]) in `accumulation` micro-batches."""
-  grad_fn = jax.value_and_grad(functools.partial(batch_loss, model), has_aux=True)
+def train_step(model, optimizer, accumulation: int, state: TrainState, params, batch, *,
+               budget: int | None = None):
+  """One optimizer step over `batch` (leaves [B, T]) in `accumulation` micro-batches; `budget`
+  is the loss positions a row whose logits are computed (None: every position)."""
+  grad_fn = jax.value_and_grad(functools.partial(batch_loss, model, budget=budget), has_aux=True)
 
   def micro_step(totals, micro_batch):
-    (loss_sum, weight), grads = grad_fn(state.peft, params, micro_batch)
-    return jax.tree.map(jnp.add, totals, (grads, loss_sum, weight)), None
+    (loss_sum, (weight, overflowed)), grads = grad_fn(state.peft, params, micro_batch)
+    return jax.tree.map(jnp.add, totals, (grads, loss_sum, weight, overflowed.astype(jnp.int32))), None
 
   # Micro-batch a takes rows a, a + A, a + 2A, ...: each device's contiguous block of the
   # batch holds an equal part of every micro-batch, so splitting moves no data between devices.
   micro_batches = jax.tree.map(
       lambda x: x.reshape(x.shape[0] // accumulation, accumulation, *x.shape[1:]).swapaxes(0, 1),
       batch)
-  zeros = (jax.tree.map(jnp.zeros_like, state.peft), jnp.zeros(()), jnp.zeros(()))
-  (grads, loss_sum, weight), _ = jax.lax.scan(micro_step, zeros, micro_batches)
+  zeros = (jax.tree.map(jnp.zeros_like, state.peft), jnp.zeros(()), jnp.zeros(()),
+           jnp.zeros((), jnp.int32))
+  (grads, loss_sum, weight, overflowed), _ = jax.lax.scan(micro_step, zeros, micro_batches)
   # A batch with no loss tokens has zero gradients (Adam's momentum still moves the leaves);
   # the floor only avoids 0 / 0.
   weight = jnp.maximum(weight, 1.0)
@@ -65,7 +72,8 @@ def train_step(model, optimizer, accumulation: int, state: TrainState, params, b
   updates, opt_state = optimizer.update(grads, state.opt_state, state.peft)
   peft = optax.apply_updates(state.peft, updates)
   metrics = {'loss': loss_sum / weight, 'grad_norm': optax.tree.norm(grads), 'loss_tokens': weight,
-             'tokens': jnp.sum(batch['segment_ids'] > 0)}
+             'tokens': jnp.sum(batch['segment_ids'] > 0),
+             'loss_overflow': overflowed}  # micro-batches whose loss positions overran the budget
   return TrainState(state.step + 1, peft, opt_state), metrics
 
 
@@ -87,22 +95,22 @@ class OnMesh:
 
 
 def jit_train_step(model, optimizer, accumulation: int, mesh, rules, state_shardings,
-                   param_shardings):
+                   param_shardings, budget: int | None = None):
   """`train_step` compiled for `mesh`: the state donated (updated in place), the base read
   where it lies, the batch split over the data axes; metrics replicated."""
-  step = functools.partial(train_step, model, optimizer, accumulation)
+  step = functools.partial(train_step, model, optimizer, accumulation, budget=budget)
   return OnMesh(jax.jit(step, in_shardings=(state_shardings, param_shardings, batch_sharding(mesh)),
                         out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0),
                 mesh, rules)
 
 
-def jit_eval_step(model, mesh, rules, param_shardings):
-  return OnMesh(jax.jit(functools.partial(eval_step, model),
+def jit_eval_step(model, mesh, rules, param_shardings, budget: int | None = None):
+  return OnMesh(jax.jit(functools.partial(eval_step, model, budget=budget),
                         in_shardings=(replicated(mesh), param_shardings, batch_sharding(mesh)),
                         out_shardings=replicated(mesh)), mesh, rules)
 
 
-def eval_step(model, peft, params, batch):
+def eval_step(model, peft, params, batch, budget: int | None = None):
   """Summed loss and token count, to be added over an evaluation set."""
-  loss_sum, weight = batch_loss(model, peft, params, batch)
+  loss_sum, (weight, _) = batch_loss(model, peft, params, batch, budget)
   return {'loss_sum': loss_sum, 'loss_tokens': weight}
