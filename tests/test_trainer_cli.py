@@ -33,7 +33,8 @@ def test_main_trains_evaluates_logs_and_checkpoints(tmp_path, tiny_with_tokenize
   assert {'accuracy_before', 'accuracy_after', 'eval_loss', 'final_loss'} <= set(summary)
   lines = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert [m['step'] for m in lines if 'loss' in m] == [1, 2, 3, 4]
-  assert all(np.isfinite(m['loss']) and m['tokens_per_s'] > 0 for m in lines if 'loss' in m)
+  assert all(np.isfinite(m['loss']) and m['tokens_per_s'] > 0 and m['model_tflops_per_s'] > 0
+             and m['loss_overflows'] == 0 for m in lines if 'loss' in m)
   assert lines[0] == {'step': 0, 'accuracy': summary['accuracy_before']}
   assert lines[-1] == {'step': 4, 'accuracy': summary['accuracy_after']}
   assert {'lr/bottleneck', 'grad_norm', 'trainable_params', 'pad_fraction'} <= set(lines[1])

@@ -73,8 +73,10 @@ def attend(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, num_prefix: int = 0, num_v
   """Masked causal self-attention (the module docstring's mask) → out_BTNH in q's dtype.
 
   k/v are cast to q's dtype. `interpret` runs the Pallas kernels ('pallas', 'splash') in
-  Pallas's interpreter, on any backend."""
+  Pallas's interpreter, on any backend; on a CPU, which has no other way to run them, they
+  always are (slow: what tests use)."""
   implementation = resolve(implementation)
+  interpret = interpret or jax.default_backend() == 'cpu'
   (batch, length, heads, head_dim), (keys, kv_heads) = q_BTNH.shape, k_BSKH.shape[1:3]
   if keys != num_prefix + length:
     raise ValueError(f'{keys} key slots for {length} queries and {num_prefix} prefix slots')
@@ -93,6 +95,20 @@ def attend(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, num_prefix: int = 0, num_v
   if implementation == 'splash':
     return _splash(*args, num_prefix, num_virtual, interpret)
   return _cudnn(*args, num_prefix, num_virtual)
+
+
+def attend_on_mesh(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, batch_axes, **settings):
+  """`attend` where a mesh is set: a kernel (a custom call XLA cannot partition, which it
+  would run replicated) runs per shard of the batch under `jax.shard_map`, each device on its
+  own rows; 'xla' is partitioned by XLA itself. `batch_axes`: the mesh axes the batch is
+  split over (None: not split)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  kernel = resolve(settings.get('implementation', 'xla')) != 'xla'
+  if not kernel or mesh.empty or batch_axes is None:
+    return attend(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, **settings)
+  spec = jax.sharding.PartitionSpec(batch_axes)
+  return jax.shard_map(functools.partial(attend, **settings), mesh=mesh, in_specs=(spec,) * 4,
+                       out_specs=spec, check_vma=False)(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
 
 
 def mask_BTS(segment_ids_BT, num_prefix: int, num_virtual: int):

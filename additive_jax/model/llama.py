@@ -29,7 +29,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from additive_jax.model.attention import attend
+from additive_jax.model.attention import attend_on_mesh
 from additive_jax.model.config import REMAT_POLICIES, LlamaConfig
 from additive_jax.model.hooks import Hooks, check_methods, init_methods
 from additive_jax.model.rope import apply_rotary, rotary_tables
@@ -107,9 +107,11 @@ def _attend(cfg: LlamaConfig, q_BTNH, k_BSKH, v_BSKH, ctx: AttentionContext):
   """softmax(q kᵀ / √H) v: without a cache by `cfg.attention` (model/attention.py, the scores
   recomputed in the backward pass rather than stored), a decoding step by its cache mask."""
   k_BSKH, v_BSKH = k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype)
-  if ctx.mask_BTS is None:
-    return attend(q_BTNH, k_BSKH, v_BSKH, ctx.segment_ids_BT, num_prefix=ctx.num_prefix,
-                  num_virtual=ctx.num_virtual, implementation=cfg.attention)
+  if ctx.mask_BTS is None:  # the batch split over the mesh axes the rules in force name
+    batch_axes = (nn.logical_to_mesh_axes(ACTIVATION_AXES[:1]) or (None,))[0]
+    return attend_on_mesh(q_BTNH, k_BSKH, v_BSKH, ctx.segment_ids_BT, batch_axes,
+                          num_prefix=ctx.num_prefix, num_virtual=ctx.num_virtual,
+                          implementation=cfg.attention)
   return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=ctx.mask_BTS[:, None])
 
 
