@@ -249,7 +249,7 @@ def test_pallas_lowers_with_triton_for_gpus():
 @pytest.mark.parametrize('name', ['pallas', 'splash'])
 def test_lowers_with_mosaic_for_tpus(name):
   fn = lambda q, k, v, ids: attention.attend(q, k, v, ids, num_prefix=3, num_virtual=4,
-                                             implementation=name)
+                                             implementation=name, interpret=False)
   if name == 'pallas':
     fn = lambda q, k, v, ids: flash_pallas.flash_attention(q, k, v, ids, num_prefix=3,
                                                            num_virtual=4, platform='tpu')

@@ -69,14 +69,15 @@ def resolve(implementation: str, backend: str | None = None) -> str:
 
 
 def attend(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, num_prefix: int = 0, num_virtual: int = 0,
-           implementation: str = 'xla', interpret: bool = False):
+           implementation: str = 'xla', interpret: bool | None = None):
   """Masked causal self-attention (the module docstring's mask) → out_BTNH in q's dtype.
 
   k/v are cast to q's dtype. `interpret` runs the Pallas kernels ('pallas', 'splash') in
-  Pallas's interpreter, on any backend; on a CPU, which has no other way to run them, they
-  always are (slow: what tests use)."""
+  Pallas's interpreter, on any backend; None (the default): on a CPU, which has no other
+  way to run them (slow: what tests use), not elsewhere."""
   implementation = resolve(implementation)
-  interpret = interpret or jax.default_backend() == 'cpu'
+  if interpret is None:
+    interpret = jax.default_backend() == 'cpu'
   (batch, length, heads, head_dim), (keys, kv_heads) = q_BTNH.shape, k_BSKH.shape[1:3]
   if keys != num_prefix + length:
     raise ValueError(f'{keys} key slots for {length} queries and {num_prefix} prefix slots')
