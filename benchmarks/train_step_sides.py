@@ -81,7 +81,6 @@ class OursStep:
                                                      jax.random.key(0), mesh)
     if adapter_dir:
       aj.peft.save_adapter(adapter_dir, model.peft, self.state.peft, config, format='hf_peft')
-    batches = batches or random_batches(config.vocab_size, 8, 128)
     self.batches = [jax.device_put(b, batch_sharding(mesh)) for b in batches]
     self.turn = 0
     rows, seq_len = batches[0]['tokens'].shape
@@ -158,7 +157,6 @@ class TheirsStep:
     self.trainable = [p for p in self.model.parameters() if p.requires_grad]
     self.optimizer = torch.optim.AdamW(self.trainable, lr=learning_rate, weight_decay=0.0)
     self.autocast = lambda: torch.autocast(device, torch.bfloat16, enabled=dtype == 'bfloat16')
-    batches = batches or random_batches(base.config.vocab_size, 8, 128)
     self.packed_mask = settings.peft_type not in ('PROMPT_TUNING', 'PREFIX_TUNING')
     self.batches = [self.torch_batch(b) for b in batches]
     self.batch, self.turn = self.batches[0], 0

@@ -310,8 +310,12 @@ def main(argv):
   results = []
   with tempfile.TemporaryDirectory() as scratch:
     hf_dir = base_checkpoint(scratch)
-    batches = (None if _DATA.value == 'random' else
-               real_batches(_DATA.value, _BATCH.value, _SEQ_LEN.value, _NUM_BATCHES.value))
+    if _DATA.value == 'random':
+      from additive_jax.model.load import load_config
+      vocab_size = load_config(os.path.join(hf_dir, 'config.json')).vocab_size
+      batches = train_step_sides.random_batches(vocab_size, _BATCH.value, _SEQ_LEN.value)
+    else:
+      batches = real_batches(_DATA.value, _BATCH.value, _SEQ_LEN.value, _NUM_BATCHES.value)
     gemm = cpu_gemm_flops() if _GEMM_CHECK.value and not _DTYPE.value == 'bfloat16' else None
     for name in _METHODS.value:
       results.append(measure_method(name, hf_dir, batches))
