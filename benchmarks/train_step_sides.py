@@ -23,7 +23,8 @@ the loss positions alone (its `loss_positions='auto'` budget, from these batches
 theirs at every position, as PEFT's users do. Packed rows reach theirs as a
 block-diagonal 4-D causal mask with per-segment `position_ids`, so both compute the
 same step; PEFT's prompt learning takes a 2-D mask only, so for prompt and prefix
-tuning theirs sees each row as one sequence (the same cost, other losses).
+tuning theirs sees each row as one sequence (other losses). Unpacked rows (one
+segment each, as `--data=random`'s) reach theirs with its usual 2-D mask.
 """
 
 from __future__ import annotations
@@ -157,7 +158,9 @@ class TheirsStep:
     self.trainable = [p for p in self.model.parameters() if p.requires_grad]
     self.optimizer = torch.optim.AdamW(self.trainable, lr=learning_rate, weight_decay=0.0)
     self.autocast = lambda: torch.autocast(device, torch.bfloat16, enabled=dtype == 'bfloat16')
-    self.packed_mask = settings.peft_type not in ('PROMPT_TUNING', 'PREFIX_TUNING')
+    # rows of one segment each need no 4-D mask: PEFT then runs its usual causal attention
+    packed = any(len(np.unique(b['segment_ids'])) > 1 for b in batches)
+    self.packed_mask = packed and settings.peft_type not in ('PROMPT_TUNING', 'PREFIX_TUNING')
     self.batches = [self.torch_batch(b) for b in batches]
     self.batch, self.turn = self.batches[0], 0
     losses, warmup_s = [], []
