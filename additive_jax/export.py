@@ -14,18 +14,30 @@ Bad input gets one line, no traceback: no checkpoint in the workdir, a step it
 does not have, a checkpoint that does not fit its own config, a format the run's
 methods cannot be written in (a bottleneck in `hf_peft`, a combination outside
 `aj`, a method that cannot be folded in `merged`).
+
+Nothing is half-written. Whether the format can hold the run's methods is known
+from its config alone: the files are first written from zeros of the trainables'
+shapes into a scratch folder (adapter files are small; a merged checkpoint is
+checked by the methods alone), so a refusal comes before any array is restored.
+The export itself is written into a temporary folder beside `--out` and renamed
+into place when complete; a failure leaves `--out` as it was.
 """
 
 import os
+import shutil
 import sys
+import tempfile
+
+import jax
+import numpy as np
 
 from absl import app, flags
 
 from additive_jax import cli
 from additive_jax.model.llama import Llama
 from additive_jax.model.load import load_config, load_model
-from additive_jax.peft.files import save_adapter, save_merged
-from additive_jax.train.restore import restore_run
+from additive_jax.peft.files import AdapterFileError, save_adapter, save_merged
+from additive_jax.train.restore import abstract_train_state, restore_run
 
 FORMATS = ('aj', 'hf_peft', 'adapterhub', 'merged')
 
@@ -42,15 +54,52 @@ def export_run(workdir: str, format: str, step: int | None = None, out: str | No
   in `format`; returns the directory written."""
   if format not in FORMATS:
     raise ValueError(f'format must be one of {FORMATS}, got {format!r}')
-  run = restore_run(workdir, 'latest' if step is None else step)
-  out = out or os.path.join(workdir, 'export', f'{format}_{run.step}')
+  checkpoint = 'latest' if step is None else step
+  saved = restore_run(workdir, checkpoint, trainables=False)
+  model_config = load_config(saved.config['model'])
+  out = out or os.path.join(workdir, 'export', f'{format}_{saved.step}')
+  if os.path.isfile(out):
+    raise ValueError(f'--out={out} is a file; give a directory')
+  _check_writable(format, saved, model_config)
+  run = restore_run(workdir, saved.step)
+  parent = os.path.dirname(os.path.abspath(out))
+  os.makedirs(parent, exist_ok=True)
+  partial = tempfile.mkdtemp(prefix=f'.{os.path.basename(out)}.partial-', dir=parent)
+  try:
+    _write(partial, format, run, model_config)
+    if os.path.isdir(out):  # an earlier export of the same step: replaced whole
+      shutil.rmtree(out)
+    os.rename(partial, out)
+  finally:
+    shutil.rmtree(partial, ignore_errors=True)
+  return out
+
+
+def _write(directory: str, format: str, run, model_config) -> None:
   if format == 'merged':
     base_config, params = load_model(run.config['model'])
-    save_merged(out, Llama(base_config, peft=run.methods), {'params': params, 'peft': run.peft})
+    save_merged(directory, Llama(base_config, peft=run.methods),
+                {'params': params, 'peft': run.peft})
   else:
-    save_adapter(out, run.methods, run.peft, load_config(run.config['model']), format=format,
+    save_adapter(directory, run.methods, run.peft, model_config, format=format,
                  base_model_name_or_path=run.config['model'])
-  return out
+
+
+def _check_writable(format: str, saved, model_config) -> None:
+  """Raises the error writing would, before any array is read: the format's own writer run on
+  zeros of the trainables' shapes, into a scratch folder that is then removed."""
+  if format == 'merged':
+    unmergeable = [m.call_string() for m in saved.methods if not m.mergeable]
+    if unmergeable:
+      raise AdapterFileError(f'{", ".join(unmergeable)} cannot be folded into the base weights; a '
+                       'merged checkpoint holds (IA)³ and LoRA only: export them with '
+                       '--format=aj (or hf_peft, adapterhub)')
+    return
+  abstract = abstract_train_state(saved.config, saved.methods, model_config).peft
+  zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
+  with tempfile.TemporaryDirectory() as scratch:
+    save_adapter(scratch, saved.methods, zeros, model_config, format=format,
+                 base_model_name_or_path=saved.config['model'])
 
 
 def main(argv):

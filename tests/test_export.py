@@ -107,6 +107,7 @@ def test_a_format_the_methods_cannot_take_is_one_line_from_the_cli(runs):
   assert result.stderr.strip().splitlines()[-1] == (
       "error: Bottleneck(dim=8, placement='houlsby') has no Hugging Face PEFT equivalent (PEFT files "
       'hold LoRA, (IA)³, prompt or prefix tuning); use format="aj" or "adapterhub"')
+  assert not os.path.exists(os.path.join(runs['bottleneck'], 'export'))  # nothing half-written
 
 
 @pytest.mark.parametrize('run, format, step, error, message', [
@@ -120,3 +121,26 @@ def test_bad_input_is_named(runs, tmp_path, run, format, step, error, message):
   workdir = runs[run] if run else str(tmp_path)
   with pytest.raises(error, match=message):
     export_run(workdir, format, step, out=str(tmp_path / 'out'))
+  assert os.listdir(tmp_path) == []  # no output, no partial folder
+
+
+def test_a_failure_while_writing_leaves_the_earlier_export_as_it_was(runs, tmp_path, monkeypatch):
+  out = tmp_path / 'out'
+  export_run(runs['lora'], 'aj', out=str(out))
+  before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+
+  def fails_half_way(directory, *args, **kwargs):
+    (open(os.path.join(directory, 'adapter_model.safetensors'), 'wb')).write(b'half')
+    raise OSError('disk full')
+
+  calls = []
+  real = aj.peft.save_adapter
+  def save(directory, *args, **kwargs):  # the check before restoring passes; the write fails
+    calls.append(directory)
+    return real(directory, *args, **kwargs) if len(calls) == 1 else fails_half_way(directory)
+  monkeypatch.setattr('additive_jax.export.save_adapter', save)
+  with pytest.raises(OSError, match='disk full'):
+    export_run(runs['lora'], 'aj', out=str(out))
+  assert len(calls) == 2
+  assert sorted(os.listdir(tmp_path)) == ['out']
+  assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before

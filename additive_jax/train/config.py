@@ -42,6 +42,9 @@ def default_config() -> ml_collections.ConfigDict:
   # the trained methods: one entry per key, its fields and its optimizer (see with_methods)
   c.peft = method_entries('pfeiffer')
   c.clip_norm = 1.0                  # global gradient-norm clip over the trainable partition; 0: off
+  # a NaN or infinite loss or gradient norm: 'stop' the run (the last good checkpoint kept) or
+  # 'skip' that step's update inside the step, counted in the metrics
+  c.nonfinite = 'stop'
   c.data = data_config()
   c.batch_size = 8                   # rows per optimizer step, over all processes
   c.seq_len = 256                    # tokens per row

@@ -57,6 +57,8 @@ def _check_values(config) -> None:
     if config[key] not in allowed:
       raise ValueError(f'config.{key} must be one of {", ".join(allowed)}, got {config[key]!r}')
   check_loss_positions(config.loss_positions)
+  if config.nonfinite not in ('stop', 'skip'):
+    raise ValueError(f"config.nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
   backend, needs = jax.default_backend(), _ATTENTION_BACKENDS.get(config.attention)
   if needs and backend != needs:
     raise ValueError(f'config.attention={config.attention!r} runs on a {needs}; this run\'s '

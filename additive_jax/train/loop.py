@@ -46,6 +46,15 @@ from additive_jax.train.prepare import build
 from additive_jax.train.step import jit_train_step
 
 
+class NonFiniteError(ValueError):
+  """A step's loss or gradient norm was NaN or infinite (config.nonfinite='stop')."""
+
+
+def _last_good(checkpoints: Checkpoints) -> str:
+  latest = checkpoints.latest_step()
+  return 'none (no checkpoint was saved before it)' if latest is None else f'step {latest}'
+
+
 def _mean(metrics: list[dict]) -> dict[str, float]:
   return {name: float(np.mean([float(m[name]) for m in metrics])) for name in metrics[0]}
 
@@ -106,7 +115,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   positions_of = functools.partial(logit_positions, config.batch_size, config.seq_len, budget,
                                    config.accumulation)
   peak = peak_flops(jax.devices()[0].device_kind, config.dtype, config.peak_tflops)
-  overflows = 0
+  overflows = skipped = 0
   first = int(state.step)
   pending, logged, tick = [], None, time.time()
   progress = tqdm.tqdm(range(first, config.num_steps), initial=first, total=config.num_steps,
@@ -114,6 +123,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for step in progress:
     batch = next(train_iterator)
     state, metrics = train_step(state, run.params, global_batch(batch, mesh))
+    if bool(metrics.pop('nonfinite')):
+      if config.nonfinite == 'stop':
+        checkpoints.wait()  # the last good checkpoint complete on disk before the run ends
+        raise NonFiniteError(
+            f'step {step + 1}: the loss is {float(metrics["loss"])} and the gradient norm '
+            f'{float(metrics["grad_norm"])}; the run stops (config.nonfinite=\'stop\'). The last '
+            f'good checkpoint is {_last_good(checkpoints)} in {workdir}/checkpoints, kept; '
+            "resume from it, or set --config.nonfinite=skip to skip such steps' updates")
+      skipped += 1
     pending.append({**metrics, 'pad_fraction': np.mean(batch['segment_ids'] == 0)})
     done = step + 1
     if done % config.log_every == 0 or done == config.num_steps:
@@ -127,6 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if peak:
         logged['mfu'] = flops / (jax.device_count() * peak)
       logged['loss_overflows'] = overflows
+      logged['nonfinite_skipped'] = skipped
       logged['trainable_params'] = trainable
       logged.update({f'lr/{k}': v for k, v in
                      learning_rates(run.optimizer_settings, config.num_steps, step).items()})
@@ -147,6 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if logged is not None:
     summary['final_loss'] = logged['loss']
     summary['loss_overflows'] = overflows
+    summary['nonfinite_skipped'] = skipped
 
   if config.test_metric:
     name = config.test_metric

@@ -42,15 +42,19 @@ def schedule(settings, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(method_keys, settings_by_method, total_steps: int,
-                   clip_norm: float | None = 1.0) -> optax.GradientTransformation:
-  """`settings_by_method[key]`: that method's `method_settings`."""
+                   clip_norm: float | None = 1.0,
+                   skip_nonfinite: bool = False) -> optax.GradientTransformation:
+  """`settings_by_method[key]`: that method's `method_settings`. `skip_nonfinite`: an update
+  whose gradients hold a NaN or an infinity is not applied (`optax.apply_if_finite`, whose
+  counters are the only state it adds), however many come in a row."""
   transforms = {
       key: optax.adamw(schedule(settings_by_method[key], total_steps),
                        weight_decay=settings_by_method[key]['weight_decay'])
       for key in method_keys}
   labels = lambda peft: {key: jax.tree.map(lambda _, k=key: k, tree) for key, tree in peft.items()}
   chain = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
-  return optax.chain(*chain, optax.multi_transform(transforms, labels))
+  optimizer = optax.chain(*chain, optax.multi_transform(transforms, labels))
+  return optax.apply_if_finite(optimizer, 2**31 - 1) if skip_nonfinite else optimizer
 
 
 def run_optimizer(config, methods) -> tuple[optax.GradientTransformation, dict]:
@@ -58,7 +62,9 @@ def run_optimizer(config, methods) -> tuple[optax.GradientTransformation, dict]:
   checkpoint keeps): one definition for the run and for whatever reads its checkpoints."""
   settings = {m.key: method_settings(type(m), config['peft'][m.key]['optimizer'])
               for m in methods}
-  return make_optimizer(list(settings), settings, config['num_steps'], config['clip_norm']), settings
+  skip = config.get('nonfinite', 'stop') == 'skip'  # a checkpoint saved before the key: 'stop'
+  return make_optimizer(list(settings), settings, config['num_steps'], config['clip_norm'],
+                        skip), settings
 
 
 def learning_rates(settings_by_method, total_steps: int, step: int) -> dict[str, float]:

@@ -74,7 +74,10 @@ def chosen_step(workdir: str, steps: list[int], checkpoint: str | int | None) ->
   return step
 
 
-def restore_run(workdir: str, checkpoint: str | int | None = 'latest') -> RestoredRun:
+def restore_run(workdir: str, checkpoint: str | int | None = 'latest',
+                trainables: bool = True) -> RestoredRun:
+  """The run's config, methods and step (`trainables=False`: nothing else is read; `peft` is
+  None), and its trainables at that step."""
   directory = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(directory):
     raise CheckpointError(f'{workdir} has no checkpoints folder: no run saved a checkpoint there')
@@ -83,8 +86,10 @@ def restore_run(workdir: str, checkpoint: str | int | None = 'latest') -> Restor
     step = chosen_step(workdir, checkpoints.all_steps(), checkpoint)
     config = checkpoints.restore_config(step)
     methods = methods_of(config)
-    abstract = abstract_train_state(config, methods, load_config(config['model']))
-    peft = checkpoints.restore(step, abstract).peft
+    peft = None
+    if trainables:
+      abstract = abstract_train_state(config, methods, load_config(config['model']))
+      peft = checkpoints.restore(step, abstract).peft
   finally:
     checkpoints.close()
   return RestoredRun(config, methods, peft, step)

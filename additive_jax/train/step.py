@@ -71,7 +71,10 @@ def train_step(model, optimizer, accumulation: int, state: TrainState, params, b
   grads = jax.tree.map(lambda g: g / weight, grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.peft)
   peft = optax.apply_updates(state.peft, updates)
-  metrics = {'loss': loss_sum / weight, 'grad_norm': optax.tree.norm(grads), 'loss_tokens': weight,
+  grad_norm = optax.tree.norm(grads)
+  metrics = {'loss': loss_sum / weight, 'grad_norm': grad_norm, 'loss_tokens': weight,
+             # with config.nonfinite='skip', the optimizer did not apply this step's update
+             'nonfinite': ~(jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)),
              'tokens': jnp.sum(batch['segment_ids'] > 0),
              'loss_overflow': overflowed}  # micro-batches whose loss positions overran the budget
   return TrainState(state.step + 1, peft, opt_state), metrics
