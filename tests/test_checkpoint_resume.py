@@ -20,6 +20,7 @@ from additive_jax.peft import IA3, Bottleneck
 from additive_jax.train.checkpoint import CheckpointError, Checkpoints
 from additive_jax.train.loop import train_and_evaluate
 from cli_helpers import ROOT, in_process_config, run_main
+from conftest import free_port
 
 STEPS = 6
 
@@ -48,6 +49,29 @@ def finalize_or_die(self, directory):
 
 Checkpoints.save = save_and_wait
 ocp.StandardCheckpointHandler.finalize = finalize_or_die
+main.cli.run(main.main)
+"""
+
+
+# The CLI sent SIGTERM (a preemption's notice) while step N runs: the step finishes, a
+# checkpoint of it is saved and the run exits 0.
+SIGTERM_DURING_STEP = """
+import os, signal
+from additive_jax import main
+from additive_jax.train import loop
+
+at, jit_train_step = int(os.environ['SIGTERM_DURING_STEP']), loop.jit_train_step
+
+def signalled_at(*args, **kwargs):
+  step, calls = jit_train_step(*args, **kwargs), []
+  def run(*step_args):
+    calls.append(1)
+    if len(calls) == at:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return step(*step_args)
+  return run
+
+loop.jit_train_step = signalled_at
 main.cli.run(main.main)
 """
 
@@ -101,6 +125,24 @@ def test_a_run_killed_during_a_save_resumes_with_bit_identical_losses(tmp_path, 
   assert metric_lines(tmp_path) == reference
 
 
+def test_sigterm_saves_the_step_exits_0_and_the_run_resumes_bit_identically(tmp_path,
+                                                                             reference_run,
+                                                                             overrides):
+  args = [sys.executable, '-c', SIGTERM_DURING_STEP, '--config=configs/sst2.py:pfeiffer,runlocal',
+          f'--workdir={tmp_path}', '--config.peft.bottleneck.dim=8', *overrides]
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+         'SIGTERM_DURING_STEP': '3'}
+  stopped = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert stopped.returncode == 0, stopped.stderr[-3000:]
+  assert 'preempted: saved step 3' in stopped.stdout
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '3']
+  assert not (tmp_path / 'summary.json').exists()  # the run is not finished
+  resumed = run_main(tmp_path, *overrides)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'resumed from step 3' in resumed.stdout
+  assert metric_lines(tmp_path) == metric_lines(reference_run)
+
+
 def test_a_checkpoint_holds_the_trainable_state_and_no_frozen_weight(reference_run,
                                                                      tiny_with_tokenizer):
   step = STEPS
@@ -142,3 +184,34 @@ def test_resuming_a_workdir_of_another_config_names_what_differs(reference_run,
     train_and_evaluate(config, str(reference_run))
   assert 'seed: 0 -> 7' in str(error.value) and 'log_every' not in str(error.value)
   assert sorted(os.listdir(reference_run / 'checkpoints')) == before
+
+
+def test_one_of_two_processes_signalled_both_stop_at_one_step_and_save_it(tmp_path,
+                                                                          tiny_with_tokenizer,
+                                                                          small_sst2):
+  """JAX's preemption service hears the signal on process 1 and names one step for both."""
+  port = free_port()
+  common = [f'--workdir={tmp_path}', '--config=configs/sst2.py:pfeiffer,runlocal',
+            '--config.peft.bottleneck.dim=8', f'--config.model={tiny_with_tokenizer}',
+            f'--config.data.data_dir={small_sst2}', '--config.test_metric=',
+            '--config.num_steps=40', '--config.checkpoint_every=100', '--config.eval_every=0',
+            '--config.distributed=True', f'--coordinator_address=localhost:{port}',
+            '--num_processes=2']
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+         'SIGTERM_DURING_STEP': '3'}
+  logs = [open(tmp_path / f'process{i}.log', 'w+', encoding='utf-8') for i in range(2)]
+  workers = [subprocess.Popen(
+      [sys.executable, *(['-m', 'additive_jax.main'] if i == 0 else ['-c', SIGTERM_DURING_STEP]),
+       *common, f'--process_id={i}'], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+      for i, log in enumerate(logs)]
+  said = []
+  for worker, log in zip(workers, logs):
+    worker.wait(timeout=300)
+    log.seek(0)
+    text = log.read()
+    assert worker.returncode == 0, text[-3000:]
+    said.append([line for line in text.splitlines() if line.startswith('preempted: saved step')])
+  assert len(said[0]) == 1 and said[1] == []  # process 0 alone speaks
+  step = int(said[0][0].split()[3])
+  assert 3 <= step < 40  # a step both reached, before the end of the run
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == [str(step)]  # saved by both, together

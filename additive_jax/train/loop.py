@@ -42,6 +42,7 @@ from additive_jax.train.loss_budget import derive_budget
 from additive_jax.train.mesh import global_batch
 from additive_jax.train.metrics import MetricsWriter, logged_value
 from additive_jax.train.optimizer import learning_rates
+from additive_jax.train.preemption import Preemption
 from additive_jax.train.prepare import build
 from additive_jax.train.step import jit_train_step
 
@@ -116,6 +117,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                    config.accumulation)
   peak = peak_flops(jax.devices()[0].device_kind, config.dtype, config.peak_tflops)
   overflows = skipped = 0
+  preemption = Preemption()
   first = int(state.step)
   pending, logged, tick = [], None, time.time()
   progress = tqdm.tqdm(range(first, config.num_steps), initial=first, total=config.num_steps,
@@ -161,8 +163,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             config.eval_metric_limit).items()})
       writer.write(done, evaluated)
       summary.update(evaluated)
-    if done % config.checkpoint_every == 0 or done == config.num_steps:
+    saving = done % config.checkpoint_every == 0 or done == config.num_steps
+    stopping = preemption.reached(done) and done != config.num_steps
+    if saving or stopping:
       checkpoints.save(done, state, train_iterator, config.to_dict(), metrics=evaluated)
+    if stopping:  # a preempted run: saved; the next launch with this workdir resumes from it
+      checkpoints.wait()
+      checkpoints.close()
+      writer.close()
+      preemption.close()
+      say(f'preempted: saved step {done} in {workdir}/checkpoints; rerun the same command to '
+          'resume')
+      return {**summary, 'preempted_at': done}
+  preemption.close()
   if logged is not None:
     summary['final_loss'] = logged['loss']
     summary['loss_overflows'] = overflows
