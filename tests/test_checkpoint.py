@@ -169,7 +169,7 @@ def test_a_checkpoint_of_another_run_is_refused_naming_the_leaves(saved, one_dev
 
 @pytest.mark.parametrize('damaged, how', [
     ('state/_METADATA', 'truncate'), ('state/d/*', 'garbage'),
-    ('data/process_0-of-1.json', 'truncate'), ('config/metadata', 'truncate')])
+    ('data/metadata', 'truncate'), ('config/metadata', 'truncate')])
 def test_a_corrupt_or_truncated_file_is_named(saved, tmp_path, one_device, damaged, how):
   directory, _ = saved
   copy = str(tmp_path / 'checkpoints')

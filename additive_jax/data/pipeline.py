@@ -7,23 +7,26 @@
     batch = next(iterator)  # tokens, targets, loss_mask, positions, segment_ids: [B, T] numpy
 
 `batch_size` is global: each process yields `batch_size // process_count` rows.
-The grain pipeline: the split's TFDS records → this process's shard (every
-`process_count`-th record from `process_index`: disjoint, and together the
-processes cover the split) → shuffle with `seed`, differently each epoch →
-repeat `num_epochs` times (None: forever) → template, tokenize, mask (in a grain
-reader thread) → pack or pad → batch.
+The grain pipeline: the split's TFDS records → shuffle with `seed`, differently
+each epoch → repeat `num_epochs` times (None: forever) → template, tokenize, mask
+(in a grain reader thread) → pack or pad into rows → batches of `batch_size`
+rows → this process's rows of each (process p: rows p·r … (p+1)·r − 1, r =
+batch_size / process_count).
 
-`iterator.get_state()` / `set_state(state)` (a small JSON-able dict) resume the
-stream exactly. Take the state when the step is saved, not when the save is
-written: an asynchronous Orbax save writes later, after the live iterator has
-moved on, so handing it `grain.checkpoint.CheckpointSave(iterator)` would record
-a later position. train/checkpoint.py saves a snapshot of `get_state()` taken at
-`save` through `grain.checkpoint.CheckpointHandler()` (one JSON file per
-process) and restores with `grain.checkpoint.CheckpointRestore(iterator)`.
+Elastic. Every process computes the same global stream (one example order, one
+deterministic packing into the batch's rows) and keeps its own rows, so a step's
+global batch does not depend on the process count, and neither does the
+iterator's state: a run saved by N processes resumes with M and sees the same
+examples in the same order. (Each process tokenizes the whole stream: text is
+cheap next to a train step.)
 
-Multi-host runs should repeat forever and stop at a step count: with packing,
-the shards of a finite number of epochs give different numbers of batches.
-Evaluation avoids that: `make_eval_batches` pads every example to its own row
+`iterator.get_state()` / `set_state(state)` (a small JSON-able dict, the same on
+every process) resume the stream exactly. Take the state when the step is saved,
+not when the save is written: an asynchronous Orbax save writes later, after the
+live iterator has moved on. train/checkpoint.py saves a snapshot of `get_state()`
+taken at `save` as JSON and restores it with `set_state`.
+
+Evaluation shards by process: `make_eval_batches` pads every example to its own row
 and fills each process's last batches with empty rows, so that every process
 has the same number of batches and every example counts once.
 """
@@ -68,8 +71,8 @@ def _shard(data_config, split: str, tokenizer, seq_len: int, process_index: int,
   path = spec.path(data_config.data_dir, split)
   report = length_census(source, range(len(source))[shard_slice], encoder, seq_len + 1,
                          data_config.over_long, path)
-  logging.info('%s %s, process %d of %d: %s', spec.name, split, process_index,
-               process_count, report)
+  logging.info('%s %s, shard %d of %d: %s', spec.name, split, process_index, process_count,
+               report)
   return records, len(source), report, EncodeRecord(encoder, seq_len + 1, data_config.over_long)
 
 
@@ -77,18 +80,22 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, tokenizer, *, ba
                         seq_len: int, seed: int, process_index: int = 0, process_count: int = 1,
                         cache_dir: str | None = None
                         ) -> tuple[grain.DatasetIterator, LengthReport]:
-  """This process's stream of [batch_size // process_count, seq_len] batches of `split`."""
+  """This process's rows, [batch_size // process_count, seq_len], of the one global stream of
+  [batch_size, seq_len] batches of `split` (the module docstring: elastic)."""
   rows = _rows_per_process(batch_size, process_count)
   records, _, report, encode = _shard(data_config, data_config.split, tokenizer, seq_len,
-                                      process_index, process_count, cache_dir)
+                                      0, 1, cache_dir)
   # A dropped example maps to None, which to_iter_dataset leaves out.
   examples = (records.shuffle(seed).repeat(data_config.num_epochs).map(encode)
               .to_iter_dataset(_READ_OPTIONS))
   if data_config.packing:
-    row_stream = packing.pack(examples, seq_len, rows)
+    row_stream = packing.pack(examples, seq_len, batch_size)
   else:
     row_stream = examples.map(functools.partial(packing.pad, seq_len=seq_len))
-  return iter(row_stream.batch(rows, drop_remainder=True)), report
+  mine = slice(process_index * rows, (process_index + 1) * rows)
+  batches = row_stream.batch(batch_size, drop_remainder=True)
+  return iter(batches.map(lambda batch: {name: rows_BT[mine] for name, rows_BT in batch.items()})
+              ), report
 
 
 def make_eval_batches(data_config: ml_collections.ConfigDict, tokenizer, *, batch_size: int,

@@ -26,7 +26,6 @@ import os
 import re
 
 from flax import traverse_util
-import grain
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
@@ -39,16 +38,11 @@ class CheckpointError(ValueError):
   """A checkpoint that cannot be read, or that does not fit the run restoring it."""
 
 
-class _IteratorSnapshot:
-  """The iterator's position when `save` was called; an async save may write it later,
-  after the live iterator has moved on. grain's handler writes `get_state().decode()`."""
-
-  def __init__(self, iterator):
-    state = iterator.get_state()
-    self._state = state if isinstance(state, bytes) else json.dumps(state, indent=4).encode()
-
-  def get_state(self) -> bytes:
-    return self._state
+def _iterator_position(iterator) -> dict:
+  """The iterator's position when `save` was called, copied: an async save writes it later,
+  after the live iterator has moved on. The same on every process (data/pipeline.py), so
+  the primary process alone writes it and any process count reads it back."""
+  return json.loads(json.dumps(iterator.get_state()))
 
 
 class Checkpoints:
@@ -76,7 +70,7 @@ class Checkpoints:
           enable_async_checkpointing=True, cleanup_tmp_directories=True)
     # Handlers named up front, so that a fresh manager can read a checkpoint's metadata.
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
-        'state': ocp.StandardCheckpointHandler(), 'data': grain.checkpoint.CheckpointHandler(),
+        'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler(),
         'config': ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
@@ -94,7 +88,7 @@ class Checkpoints:
       metrics = None  # not an evaluation step: kept by recency alone
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator)),
+        data=ocp.args.JsonSave(_iterator_position(data_iterator)),
         config=ocp.args.JsonSave(config)), metrics=metrics)
 
   def restore(self, step: int, abstract_state, data_iterator=None):
@@ -103,8 +97,11 @@ class Checkpoints:
     self._check_fits(step, abstract_state)
     args = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
-      args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-    return self._read(step, lambda: self.manager.restore(step, args=ocp.args.Composite(**args))).state
+      args['data'] = ocp.args.JsonRestore()
+    restored = self._read(step, lambda: self.manager.restore(step, args=ocp.args.Composite(**args)))
+    if data_iterator is not None:
+      data_iterator.set_state(restored.data)
+    return restored.state
 
   def restore_config(self, step: int) -> dict:
     self._require(step)
