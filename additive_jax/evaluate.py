@@ -14,10 +14,10 @@ subset of that many rows. The metrics are those of additive_jax/eval/metrics.py.
 """
 
 import json
-import os
 import sys
 
 from absl import app, flags
+from etils import epath
 import ml_collections
 
 from additive_jax import cli
@@ -53,7 +53,7 @@ def setup():
     settings = Settings(batch_size=config.batch_size, seq_len=config.seq_len,
                         max_new_tokens=_MAX_NEW_TOKENS.value or config.max_new_tokens,
                         answer_regex=config.answer_regex)
-    output = _OUTPUT.value or os.path.join(_WORKDIR.value, f'eval_{split}.json')
+    output = _OUTPUT.value or str(epath.Path(_WORKDIR.value) / f'eval_{split}.json')
     return (config.model, run.peft, run.methods, config.data, split, metrics, settings, output,
             {'workdir': _WORKDIR.value, 'step': run.step})
   if not _SOURCE.value:
@@ -87,9 +87,9 @@ def main(argv):
     print(f'{metric} on {split}: {result[metric]:.4f} ({details})')
   if output:
     record = {**scored, 'split': split, 'limit': _LIMIT.value, 'results': results}
-    with open(output + '.tmp', 'w', encoding='utf-8') as f:
-      json.dump(record, f, indent=2)
-    os.replace(output + '.tmp', output)
+    staged = epath.Path(output + '.tmp')  # written whole, then renamed: never half a file
+    staged.write_text(json.dumps(record, indent=2), encoding='utf-8')
+    staged.replace(output)
 
 
 if __name__ == '__main__':

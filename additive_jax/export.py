@@ -24,10 +24,11 @@ into place when complete; a failure leaves `--out` as it was.
 """
 
 import os
-import shutil
 import sys
 import tempfile
+import time
 
+from etils import epath
 import jax
 import numpy as np
 
@@ -57,25 +58,27 @@ def export_run(workdir: str, format: str, step: int | None = None, out: str | No
   checkpoint = 'latest' if step is None else step
   saved = restore_run(workdir, checkpoint, trainables=False)
   model_config = load_config(saved.config['model'])
-  out = out or os.path.join(workdir, 'export', f'{format}_{saved.step}')
-  if os.path.isfile(out):
+  out = epath.Path(out or epath.Path(workdir) / 'export' / f'{format}_{saved.step}')
+  if out.is_file():
     raise ValueError(f'--out={out} is a file; give a directory')
   _check_writable(format, saved, model_config)
   run = restore_run(workdir, saved.step)
-  parent = os.path.dirname(os.path.abspath(out))
-  os.makedirs(parent, exist_ok=True)
-  partial = tempfile.mkdtemp(prefix=f'.{os.path.basename(out)}.partial-', dir=parent)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  partial = out.parent / f'.{out.name}.partial-{os.getpid()}-{time.time_ns()}'
   try:
+    partial.mkdir()
     _write(partial, format, run, model_config)
-    if os.path.isdir(out):  # an earlier export of the same step: replaced whole
-      shutil.rmtree(out)
-    os.rename(partial, out)
+    if out.is_dir():  # an earlier export of the same step: replaced whole
+      out.rmtree()
+    partial.rename(out)
   finally:
-    shutil.rmtree(partial, ignore_errors=True)
-  return out
+    if partial.exists():
+      partial.rmtree()
+  return str(out)
 
 
-def _write(directory: str, format: str, run, model_config) -> None:
+def _write(path: epath.Path, format: str, run, model_config) -> None:
+  directory = str(path)
   if format == 'merged':
     base_config, params = load_model(run.config['model'])
     save_merged(directory, Llama(base_config, peft=run.methods),

@@ -25,6 +25,7 @@ import os
 import sys
 
 from absl import app, flags
+from etils import epath
 
 from additive_jax import cli
 from additive_jax.data.readers import read_jsonl
@@ -99,10 +100,10 @@ def load_adapters():
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
   """All rows, or nothing: written to a temporary name, then renamed."""
-  with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    for row in rows:
-      f.write(json.dumps(row, ensure_ascii=False) + '\n')
-  os.replace(path + '.tmp', path)
+  staged = epath.Path(path + '.tmp')
+  staged.write_text(''.join(json.dumps(row, ensure_ascii=False) + '\n' for row in rows),
+                    encoding='utf-8')
+  staged.replace(path)
 
 
 def main(argv):

@@ -24,6 +24,7 @@ import subprocess
 import sys
 
 from absl import app, flags
+from etils import epath
 import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
@@ -44,17 +45,16 @@ def run_name(variant: str, override: str | None) -> str:
 
 def run(variant: str, override: str | None) -> dict:
   """One run's summary (running it unless its workdir already holds one)."""
-  workdir = os.path.join(_ROOT.value, run_name(variant, override))
-  summary_path = os.path.join(workdir, 'summary.json')
-  if not os.path.exists(summary_path):
+  workdir = epath.Path(_ROOT.value) / run_name(variant, override)
+  summary_path = workdir / 'summary.json'
+  if not summary_path.exists():
     arg = ','.join(filter(None, [variant.replace('+', ','), _EXTRA.value]))
     command = [sys.executable, '-m', 'additive_jax.main', f'--config={_CONFIG.value}:{arg}',
                f'--workdir={workdir}'] + [f'--config.{s}' for s in _SET.value]
     command += [f'--config.{override}'] if override else []
     print('$', ' '.join(command), flush=True)
     subprocess.run(command, check=True)
-  with open(summary_path, encoding='utf-8') as f:
-    return {'variant': variant, 'override': override, **json.load(f)}
+  return {'variant': variant, 'override': override, **json.loads(summary_path.read_text())}
 
 
 def table(results: list[dict]) -> str:

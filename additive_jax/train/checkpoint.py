@@ -25,6 +25,7 @@ import json
 import os
 import re
 
+from etils import epath
 from flax import traverse_util
 import jax
 import orbax.checkpoint as ocp
@@ -55,7 +56,9 @@ class Checkpoints:
                best_metric: str = 'eval_loss', best_mode: str = 'min', read_only: bool = False):
     if best_mode not in ('min', 'max'):
       raise ValueError(f"checkpoint best_mode must be 'min' or 'max', got {best_mode!r}")
-    self.directory = os.path.abspath(directory)
+    # a cloud path as it is; a local one made absolute, as Orbax wants
+    local = '://' not in str(directory)
+    self.directory = epath.Path(os.path.abspath(directory) if local else directory)
     self.best_metric = best_metric
     if read_only:
       options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
@@ -80,7 +83,7 @@ class Checkpoints:
     return sorted(self.manager.all_steps())
 
   def step_directory(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return str(self.directory / str(step))
 
   def save(self, step: int, state, data_iterator, config: dict, metrics: dict | None = None) -> None:
     """Starts an async save; `metrics` (with `best_metric`) ranks it for keep-best."""
@@ -159,7 +162,7 @@ def _unreadable(step_directory: str, err: Exception) -> str:
       (path for path in _json_files(step_directory) if not _parses_as_json(path)), None)
   detail = f'{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ""}'
   if culprit:
-    damage = 'is corrupt or truncated' if os.path.exists(culprit) else 'is missing'
+    damage = 'is corrupt or truncated' if epath.Path(culprit).exists() else 'is missing'
     return f'{culprit} {damage} ({detail})'
   return f'{step_directory} could not be restored ({detail})'
 
@@ -167,16 +170,15 @@ def _unreadable(step_directory: str, err: Exception) -> str:
 def _json_files(step_directory: str):
   """Orbax's layout: every file is JSON but the array data (`d/` folders, `*.ocdbt`) and the
   `commit_success.txt` markers."""
-  for folder, _, files in os.walk(step_directory):
-    if os.path.basename(folder) != 'd':
-      yield from (os.path.join(folder, name) for name in sorted(files)
+  for folder, _, files in epath.Path(step_directory).walk():
+    if folder.name != 'd':
+      yield from (str(folder / name) for name in sorted(files)
                   if not name.endswith(('.ocdbt', '.txt')))
 
 
 def _parses_as_json(path: str) -> bool:
   try:
-    with open(path, encoding='utf-8') as f:
-      json.load(f)
+    json.loads(epath.Path(path).read_text(encoding='utf-8'))
     return True
   except (ValueError, OSError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
     return False

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -86,7 +86,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   budget = derive_budget(config.loss_positions, train_iterator, config.seq_len)
   say(f'logits at {budget} loss positions a row' if budget else 'logits at every position')
   best_by = f'eval_{config.eval_metric}' if config.eval_metric else 'eval_loss'
-  checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints,
+  checkpoints = Checkpoints(str(epath.Path(workdir) / 'checkpoints'), keep=config.keep_checkpoints,
                             keep_best=config.keep_best, best_metric=best_by,
                             best_mode='max' if HIGHER_IS_BETTER.get(config.eval_metric) else 'min')
   summary = {'trainable_params': trainable,
@@ -191,6 +191,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer.close()
   summary['wall_time_s'] = time.time() - started
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'summary.json'), 'w', encoding='utf-8') as f:
-      json.dump(summary, f, indent=2)
+    summary_path = epath.Path(workdir) / 'summary.json'  # written whole, then renamed: complete
+    staged = summary_path.with_name('summary.json.tmp')
+    staged.write_text(json.dumps(summary, indent=2), encoding='utf-8')
+    staged.replace(summary_path)
   return summary

@@ -3,14 +3,16 @@
 Only process 0 writes (every process computes the same replicated metrics).
 The JSON log is appended line by line and flushed, so a killed run keeps every
 line it wrote; a resumed run drops those of the steps after its checkpoint (it
-logs them again) and appends, so each step keeps one line.
+logs them again) and appends, so each step keeps one line. Paths go through
+`etils.epath`, so a workdir may be `gs://bucket/run` (TensorBoard's event files
+through tensorboardX's own cloud writer).
 """
 
 from __future__ import annotations
 
 import json
-import os
 
+from etils import epath
 import jax
 import numpy as np
 import tensorboardX
@@ -23,14 +25,15 @@ class MetricsWriter:
   def __init__(self, workdir: str, resumed_from: int | None = None):
     self.enabled = jax.process_index() == 0
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      log_path = os.path.join(workdir, 'metrics.jsonl')
+      workdir = epath.Path(workdir)
+      workdir.mkdir(parents=True, exist_ok=True)
+      log_path = workdir / 'metrics.jsonl'
       if resumed_from is not None:
         _forget_after(log_path, resumed_from)
       purge = None if resumed_from is None else resumed_from + 1  # TensorBoard hides steps ≥ it
-      self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'),
+      self._tensorboard = tensorboardX.SummaryWriter(str(workdir / 'tensorboard'),
                                                      purge_step=purge)
-      self._log = open(log_path, 'a', encoding='utf-8')
+      self._log = log_path.open('a', encoding='utf-8')
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
@@ -47,22 +50,22 @@ class MetricsWriter:
       self._log.close()
 
 
-def _forget_after(path: str, step: int) -> None:
+def _forget_after(path: epath.Path, step: int) -> None:
   """Drops the lines of steps after `step`, and a last line a kill cut short."""
-  if not os.path.exists(path):
+  if not path.exists():
     return
-  with open(path, encoding='utf-8') as f:
+  with path.open(encoding='utf-8') as f:
     kept = [line for line in f if line.endswith('\n') and json.loads(line)['step'] <= step]
-  with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    f.writelines(kept)
-  os.replace(path + '.tmp', path)
+  staged = path.with_name(path.name + '.tmp')
+  staged.write_text(''.join(kept), encoding='utf-8')
+  staged.replace(path)
 
 
 def logged_value(workdir: str, name: str, step: int) -> float | None:
   """The value of `name` logged at `step` in the workdir's metrics.jsonl, if any."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / 'metrics.jsonl'
+  if not path.exists():
     return None
-  with open(path, encoding='utf-8') as f:
+  with path.open(encoding='utf-8') as f:
     lines = [json.loads(line) for line in f if line.endswith('\n')]
   return next((line[name] for line in lines if line['step'] == step and name in line), None)

@@ -14,8 +14,8 @@ the checkpoint with the lowest eval loss that the run logged (metrics.jsonl).
 from __future__ import annotations
 
 import dataclasses
-import os
 
+from etils import epath
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
@@ -78,8 +78,8 @@ def restore_run(workdir: str, checkpoint: str | int | None = 'latest',
                 trainables: bool = True) -> RestoredRun:
   """The run's config, methods and step (`trainables=False`: nothing else is read; `peft` is
   None), and its trainables at that step."""
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
+  directory = str(epath.Path(workdir) / 'checkpoints')
+  if not epath.Path(directory).is_dir():
     raise CheckpointError(f'{workdir} has no checkpoints folder: no run saved a checkpoint there')
   checkpoints = Checkpoints(directory, read_only=True)
   try:
