@@ -102,13 +102,17 @@ def metric_lines(workdir, timing=False):
                                for line in lines]
 
 
+def run_script(script, workdir, overrides, **env):
+  """The CLI run by `script` (one of the above) on one device, with `env` added."""
+  args = [sys.executable, '-c', script, '--config=configs/sst2.py:pfeiffer,runlocal',
+          f'--workdir={workdir}', '--config.peft.bottleneck.dim=8', *overrides]
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1', **env}
+  return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_a_run_killed_during_a_save_resumes_with_bit_identical_losses(tmp_path, reference_run,
                                                                       overrides):
-  args = [sys.executable, '-c', KILLED_DURING_SAVE, '--config=configs/sst2.py:pfeiffer,runlocal',
-          f'--workdir={tmp_path}', '--config.peft.bottleneck.dim=8', *overrides]
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
-         'KILL_DURING_SAVE_OF_STEP': '4'}
-  killed = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  killed = run_script(KILLED_DURING_SAVE, tmp_path, overrides, KILL_DURING_SAVE_OF_STEP='4')
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   # Step 4's save was cut short: its temporary folder is left, step 2 is the last complete one,
   # and the log holds steps 3 and 4, which the resumed run replays.
@@ -129,11 +133,7 @@ def test_a_run_killed_during_a_save_resumes_with_bit_identical_losses(tmp_path, 
 def test_sigterm_saves_the_step_exits_0_and_the_run_resumes_bit_identically(tmp_path,
                                                                              reference_run,
                                                                              overrides):
-  args = [sys.executable, '-c', SIGTERM_DURING_STEP, '--config=configs/sst2.py:pfeiffer,runlocal',
-          f'--workdir={tmp_path}', '--config.peft.bottleneck.dim=8', *overrides]
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
-         'SIGTERM_DURING_STEP': '3'}
-  stopped = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  stopped = run_script(SIGTERM_DURING_STEP, tmp_path, overrides, SIGTERM_DURING_STEP='3')
   assert stopped.returncode == 0, stopped.stderr[-3000:]
   assert 'preempted: saved step 3' in stopped.stdout
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '3']
