@@ -34,6 +34,6 @@ setuptools.setup(
         'numpy>=2.0',
     ],
     extras_require={
-        'test': ['pytest>=8', 'torch==2.13.0', 'peft>=0.17', 'sentencepiece>=0.2'],
+        'test': ['pytest>=8', 'torch==2.13.0', 'peft>=0.17', 'sentencepiece>=0.2', 'hypothesis>=6'],
     },
 )

@@ -10,6 +10,7 @@ naming the key and the nearest valid one, instead of a traceback.
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib.util
 import logging
@@ -78,15 +79,33 @@ def override_problem(argv: list[str], error: Exception) -> str:
         nearest = difflib.get_close_matches(key, keys, n=1, cutoff=0.0)
         return (f'--config.{key}: the config has no key {key!r}' +
                 (f'; the nearest is config.{nearest[0]}' if nearest else ''))
-  return ' '.join(str(error).split())
+  if isinstance(error, RecursionError):  # raised from ast.literal_eval, naming no flag
+    deep = next((a for a in argv if a.startswith('--config.') and _nests_too_deeply(a)), None)
+    if deep is not None:
+      return f'{deep.split("=", 1)[0]}: the value nests too deeply to parse ({error})'
+  return str(error)
+
+
+def _nests_too_deeply(arg: str) -> bool:
+  """Whether the value of `--config.<key>=<value>` is a literal nested past the recursion limit."""
+  try:
+    ast.literal_eval(arg.partition('=')[2])
+  except RecursionError:
+    return True
+  except Exception:  # not a literal, or not too deep: some other flag's problem
+    return False
+  return False
 
 
 def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
-  # config_flags lets a missing key's KeyError or AttributeError through, unwrapped
-  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as err:
-    sys.exit(f'error: {override_problem(argv, err)}')
+  # config_flags lets a missing key's KeyError or AttributeError through, unwrapped, and
+  # ast.literal_eval's SyntaxError or RecursionError for a literal like '(((...' or '----1'
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError, SyntaxError,
+          RecursionError) as err:
+    # one line, whatever the key or value held (a newline, a record separator)
+    sys.exit('error: ' + ' '.join(override_problem(argv, err).split()))
 
 
 def run(main) -> None:

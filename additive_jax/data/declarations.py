@@ -24,6 +24,8 @@ KEY = 'config.data.source'
 _KEYS = ('name', 'format', 'files', 'columns', 'prompt', 'response', 'labels', 'messages',
          'held_out')
 _NAME = re.compile(r'[a-z][a-z0-9_]*')
+_TABLES = {'files': "{'train': 'news/train.tsv'}", 'held_out': "{'split': 'dev', 'fraction': 0.05}",
+           'labels': "{'label': {'1': ' World'}}"}
 
 
 def source_spec(declaration) -> SourceSpec:
@@ -41,6 +43,9 @@ def source_spec(declaration) -> SourceSpec:
   unknown = sorted(set(declared) - set(_KEYS))
   if unknown:
     raise ValueError(f'{KEY} has unknown keys {unknown}; known: {", ".join(_KEYS)}')
+  for key, example in _TABLES.items():  # merged key by key, so each must be a table
+    if declared.get(key) is not None and not isinstance(declared[key], Mapping):
+      raise ValueError(f'{KEY}.{key} must be a mapping, e.g. {example}, got {declared[key]!r}')
   name = declared.get('name')
   if not isinstance(name, str) or not _NAME.fullmatch(name):
     raise ValueError(f'{KEY}.name must be lower-case letters, digits and underscores, starting '
@@ -113,7 +118,8 @@ def _columns(d: dict) -> tuple[str, ...]:
                      f'{", ".join(COLUMN_FORMATS)} do)')
   if isinstance(columns, str):
     columns = (columns,)
-  if (not columns or not all(isinstance(c, str) and c for c in columns)
+  if (not isinstance(columns, (list, tuple)) or not columns
+      or not all(isinstance(c, str) and c for c in columns)
       or len(set(columns)) != len(columns)):
     raise ValueError(f'{KEY}.columns must be distinct column names, got {columns!r}')
   return tuple(columns)
@@ -138,6 +144,8 @@ def _labels(labels: dict) -> dict[str, dict[str, str]]:
 def _splits(name: str, d: dict) -> dict[str, Split]:
   files = {split: file for split, file in (d.get('files') or {}).items() if file is not None}
   for split, file in files.items():
+    if not isinstance(split, str) or not split:
+      raise ValueError(f'{KEY}.files has a split named {split!r}; name each split, e.g. train')
     if not isinstance(file, str) or not file:
       raise ValueError(f'{KEY}.files.{split} must be a file path, got {file!r}')
   if not files:
@@ -151,6 +159,8 @@ def _splits(name: str, d: dict) -> dict[str, Split]:
   if split is None or fraction is None:
     raise ValueError(f'{KEY}.held_out needs both split and fraction, got split={split!r}, '
                      f'fraction={fraction!r}')
+  if not isinstance(split, str) or not split:
+    raise ValueError(f'{KEY}.held_out.split must name a split, e.g. dev, got {split!r}')
   if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
     raise ValueError(f'{KEY}.held_out.fraction={fraction!r} must be in (0, 1): the share of '
                      'the train file held out')

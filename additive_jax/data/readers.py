@@ -17,8 +17,10 @@ starts (for Parquet, the row's number) and a dict; numbers become text, other
 values (a list of chat messages, ...) stay as they are. Files are read through
 `etils.epath`, so a `gs://` path works. Bad input fails with a `ValueError` that
 names the file and the line: a missing or empty file, bytes that are not UTF-8,
-malformed JSON, a value that is not a JSON object, a row whose field count
-differs from the header's, a blank line in JSONL, JSON, TSV or CSV.
+malformed JSON (or JSON nested too deeply, or with an integer of more than 4,300
+digits, which Python's `json` cannot read), a value that is not a JSON object, a
+row whose field count differs from the header's, a blank line in JSONL, JSON,
+TSV or CSV, a Parquet file that pyarrow cannot read.
 
 `portion=(start, stop)` keeps that fraction of the file's rows, for a split held
 out of a file; for `paragraphs` it is a fraction of the lines (a paragraph may
@@ -80,6 +82,13 @@ def _number_as_text(value):
   return str(value) if is_number else value
 
 
+def _unreadable(path: str, number: int, err: Exception) -> ValueError:
+  """Well-formed JSON that `json` refuses: nested past the recursion limit, or an integer past
+  Python's 4,300 digits (a plain ValueError, not a JSONDecodeError)."""
+  what = 'nested too deeply' if isinstance(err, RecursionError) else str(err)
+  return ValueError(f'{path}:{number}: unreadable JSON: {what}')
+
+
 def _object(path: str, number: int, value) -> dict:
   if not isinstance(value, dict):
     raise ValueError(f'{path}:{number}: expected a JSON object, got {type(value).__name__}')
@@ -95,6 +104,8 @@ def read_jsonl(path: str, columns: Sequence[str] = ()) -> Rows:
       value = json.loads(text)
     except json.JSONDecodeError as e:
       raise ValueError(f'{path}:{number}: malformed JSON: {e.msg} (column {e.colno})') from None
+    except (ValueError, RecursionError) as e:
+      raise _unreadable(path, number, e) from None
     yield number, _object(path, number, value)
 
 
@@ -127,6 +138,8 @@ def read_json(path: str, columns: Sequence[str] = ()) -> Rows:
       value, end = decoder.raw_decode(text, position)
     except json.JSONDecodeError as e:
       raise ValueError(f'{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})') from None
+    except (ValueError, RecursionError) as e:
+      raise _unreadable(path, line_at(position), e) from None
     number = line_at(position)
     yield number, _object(path, number, value)
     position = skip_space(end)
@@ -202,11 +215,12 @@ def read_parquet(path: str, columns: Sequence[str] = ()) -> Rows:
   del columns
   import pyarrow  # only a Parquet source needs it, and the package does not require it
   import pyarrow.parquet
-  try:
-    table = pyarrow.parquet.read_table(io.BytesIO(read_bytes(path)))
-  except pyarrow.ArrowException as e:
-    raise ValueError(f'{path}: not a Parquet file: {e}') from None
-  for number, row in enumerate(table.to_pylist(), 1):
+  data = read_bytes(path)
+  try:  # a corrupt page is an OSError that is no ArrowException ("Corrupt snappy compressed data")
+    rows = pyarrow.parquet.read_table(io.BytesIO(data)).to_pylist()
+  except (pyarrow.ArrowException, OSError) as e:
+    raise ValueError(f'{path}: not a Parquet file: {" ".join(str(e).split())}') from None
+  for number, row in enumerate(rows, 1):
     yield number, {key: _number_as_text(value) for key, value in row.items()}
 
 

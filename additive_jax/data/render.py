@@ -42,6 +42,9 @@ class Template:
       except jinja2.TemplateSyntaxError as err:
         raise ValueError(f'{key}: Jinja2 syntax error on line {err.lineno} of the template: '
                          f'{err.message} ({text!r})') from None
+      except RecursionError:  # Jinja2's parser recurses once per nested bracket
+        raise ValueError(f'{key}: the template nests too deeply for Jinja2 '
+                         f'({text!r:.80})') from None
     else:
       self._jinja = None
       self.fields = frozenset(self._format_fields(text, key))
@@ -53,21 +56,30 @@ class Template:
     except ValueError as err:
       raise ValueError(f'{key}: bad str.format template {text!r}: {err}') from None
     fields = set()
-    for _, name, _, _ in parsed:
+    for _, name, spec, conversion in parsed:
       if name is None:
         continue
       field = name.split('.')[0].split('[')[0]
       if not field or field.isdigit():
         raise ValueError(f'{key}: template {text!r} has a positional {{{name}}}; name a field '
                          'of the row, e.g. {sentence}')
+      if conversion not in (None, 'r', 's', 'a'):
+        raise ValueError(f'{key}: template {text!r} converts {{{name}}} with !{conversion}; '
+                         'str.format knows !r, !s and !a')
       fields.add(field)
+      fields |= Template._format_fields(spec, key)  # `{a:>{width}}` reads `width` too
     return fields
 
   def render(self, values: Mapping[str, object]) -> str:
-    """The text for `values` (which hold every one of `fields`); a Jinja2 error → ValueError."""
-    if self._jinja is None:
-      return self.text.format(**values)
+    """The text for `values` (which hold every one of `fields`); any failure → ValueError."""
     try:
+      if self._jinja is None:
+        return self.text.format(**values)
       return self._jinja.render(**values)
     except jinja2.TemplateError as err:
       raise ValueError(f'{self.key}: {err}') from None
+    # A template is code run on each row's text: `{a[9]}` on a shorter field is an IndexError,
+    # `{a:d}` a ValueError, `{{ a / 2 }}` a TypeError. Each is this template's failure on this row.
+    except Exception as err:
+      raise ValueError(f'{self.key}: template {self.text!r:.80} fails on this row: '
+                       f'{type(err).__name__}: {err}') from None

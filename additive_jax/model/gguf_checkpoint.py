@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from additive_jax.model.config import ConfigError, LlamaConfig
-from additive_jax.model.convert import ModelLoadError, params_from_hf
+from additive_jax.model.convert import ModelLoadError, hf_tensor_shapes, params_from_hf
 
 if TYPE_CHECKING:
   import gguf
@@ -43,11 +43,33 @@ def open_gguf(path: str) -> gguf.GGUFReader:
 @functools.lru_cache(maxsize=2)
 def _read_gguf(path: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
   del size, mtime_ns  # part of the cache key only
-  import gguf  # here, not at the top: only GGUF files need it, and HF-only machines may lack it
   try:
-    return gguf.GGUFReader(path)
+    return _bounded_reader()(path)
   except Exception as err:  # truncated or corrupt: numpy/struct errors of all kinds
     raise ModelLoadError(f'{path}: not a readable GGUF file ({type(err).__name__}: {err})') from None
+
+
+@functools.cache
+def _bounded_reader() -> type[gguf.GGUFReader]:
+  """gguf's reader, refusing to read past the end of the file.
+
+  gguf's own clips such a read to what the file holds, so a header whose array claims 2**40
+  entries is read entry by entry, each empty past the end, each appended to a list: a loop
+  that fills the memory. Refused, every count a header claims is bounded by the file's size.
+  """
+  import gguf  # here, not at the top: only GGUF files need it, and HF-only machines may lack it
+
+  class BoundedReader(gguf.GGUFReader):
+    # gguf's private reader of every number, string and array (gguf 0.17 to 0.19); a release
+    # that renames it fails tests/test_fuzz_files.py, which loads a count of 2**40 in a child
+    def _get(self, offset, dtype, count=1, override_order=None):
+      end = offset + np.dtype(dtype).itemsize * int(count)
+      if end > len(self.data):
+        raise ValueError(f'a read of {int(count)} × {np.dtype(dtype).name} at byte {offset} runs '
+                         f'past the end of the file ({len(self.data)} bytes)')
+      return super()._get(offset, dtype, count, override_order)
+
+  return BoundedReader
 
 
 def metadata(reader: gguf.GGUFReader, key: str, default=None):
@@ -126,11 +148,17 @@ def load_gguf(path: str, **overrides):
     if name is not None:
       tensors[name] = tensor
 
+  expected = hf_tensor_shapes(cfg)
+
   def read(name):
     tensor = tensors[name]  # KeyError -> "missing"
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    if shape != expected[name]:  # refused before dequantizing: nothing of its size is allocated
+      raise ModelLoadError(f'{path}: tensor {tensor.name!r} ({name}) has shape {shape}, the config '
+                           f'implies {expected[name]}')
     try:
       values = dequantize(tensor.data, tensor.tensor_type)
-      values = values.reshape(tuple(int(n) for n in reversed(tensor.shape)))
+      values = values.reshape(shape)
     except (NotImplementedError, ValueError) as err:
       raise ModelLoadError(f'{path}: tensor {tensor.name!r} ({tensor.tensor_type.name}) cannot be '
                             f'dequantized ({err})') from None

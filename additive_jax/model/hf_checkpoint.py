@@ -16,7 +16,7 @@ import numpy as np
 import safetensors
 
 from additive_jax.model.config import ConfigError, LlamaConfig
-from additive_jax.model.convert import ModelLoadError, params_from_hf
+from additive_jax.model.convert import ModelLoadError, hf_tensor_shapes, params_from_hf
 
 
 def read_json(path: str, error: type[ValueError]):
@@ -35,6 +35,10 @@ def read_config_json(path: str, **overrides) -> LlamaConfig:
     return LlamaConfig.from_hf(raw, **overrides)
   except ConfigError as err:
     raise ConfigError(f'{path}: {err}') from None
+  # a field of another JSON type than from_hf checks for: "architectures": true is not a list
+  # (TypeError), a "rope_theta" integer of 400 digits does not fit a float (OverflowError)
+  except (TypeError, OverflowError) as err:
+    raise ConfigError(f'{path}: not a Llama config ({type(err).__name__}: {err})') from None
 
 
 def read_hf_config(directory: str, **overrides) -> LlamaConfig:
@@ -69,6 +73,7 @@ def _tensor_files(directory: str) -> dict[str, str]:
 
 def _read_safetensors(directory: str, cfg: LlamaConfig) -> dict:
   files = _tensor_files(directory)
+  expected = hf_tensor_shapes(cfg)
   handles = {}
   try:
     def read(name):
@@ -77,6 +82,13 @@ def _read_safetensors(directory: str, cfg: LlamaConfig) -> dict:
         if not os.path.exists(path):
           raise ModelLoadError(f'{path}: shard listed in the index does not exist')
         handles[path] = _open_safetensors(path).__enter__()
+      try:
+        shape = tuple(handles[path].get_slice(name).get_shape())
+      except Exception as err:
+        raise ModelLoadError(f'{path}: tensor {name!r} cannot be read ({err})') from None
+      if shape != expected[name]:  # refused from the header: nothing of its size is allocated
+        raise ModelLoadError(f'{path}: tensor {name!r} has shape {shape}, the config implies '
+                             f'{expected[name]}')
       try:
         return handles[path].get_tensor(name)
       except Exception as err:

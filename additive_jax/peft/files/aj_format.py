@@ -64,8 +64,13 @@ def load(directory, config):
     methods = tuple(parse_method(entry['method']) for entry in entries)
   except (ValueError, TypeError) as err:
     raise AdapterFileError(f'{path}: {err}') from None
-  tensors, weights_path = read_tensors(directory, WEIGHTS_NAME)
+  except RecursionError:  # ast.parse of a call nested past the recursion limit
+    raise AdapterFileError(f'{path}: a "method" call nests too deeply to parse') from None
   saved_base = record.get('base_model') or {}
+  if not isinstance(saved_base, dict):
+    raise AdapterFileError(f'{path}: "base_model" must be an object of the base\'s shape facts '
+                           f'({", ".join(BASE_FACTS)}), got {saved_base!r:.80}')
+  tensors, weights_path = read_tensors(directory, WEIGHTS_NAME)
   differing = [f'{fact}={saved_base[fact]} (this model: {getattr(config, fact)})'
                for fact in BASE_FACTS
                if fact in saved_base and saved_base[fact] != getattr(config, fact)]

@@ -48,6 +48,11 @@ def _module(target: str) -> str:
   return '.'.join(TARGETS[target][1:])  # ('layers', 'self_attn', 'q_proj') -> self_attn.q_proj
 
 
+def _module_names(value) -> bool:
+  """Whether a setting is a list of module names (a nested list is not: it cannot be hashed)."""
+  return isinstance(value, list) and all(isinstance(name, str) for name in value)
+
+
 def _lora_names(target: str, layer: int) -> tuple[str, str]:
   prefix = LAYER.format(layer) + _module(target)
   return prefix + '.lora_A.weight', prefix + '.lora_B.weight'
@@ -72,7 +77,7 @@ def _import_lora(settings, tensors, config, path, weights_path):
               'target_parameters', 'trainable_token_indices', 'fan_in_fan_out')
   modules = settings.get('target_modules')
   names = {f'{t}_proj': t for t in TARGETS}
-  if not (isinstance(modules, list) and modules and all(m in names for m in modules)):
+  if not (_module_names(modules) and modules and all(m in names for m in modules)):
     raise AdapterFileError(f'{path}: target_modules={modules!r}; LoRA here targets a list of '
                            f'{", ".join(names)}')
   # PEFT saves the targets as an unordered set; LoRA's result does not depend on their order
@@ -112,8 +117,8 @@ def _export_ia3(method: IA3, tree, config):
 def _import_ia3(settings, tensors, config, path, weights_path):
   _refuse_set(settings, path, 'modules_to_save', 'fan_in_fan_out', 'layers_to_transform')
   targets, feedforward = settings.get('target_modules'), settings.get('feedforward_modules')
-  if (not isinstance(targets, list) or set(targets) != {'k_proj', 'v_proj', 'down_proj'} or
-      not isinstance(feedforward, list) or set(feedforward) != {'down_proj'}):
+  if (not _module_names(targets) or set(targets) != {'k_proj', 'v_proj', 'down_proj'} or
+      not _module_names(feedforward) or set(feedforward) != {'down_proj'}):
     raise AdapterFileError(f'{path}: target_modules={targets!r}, feedforward_modules={feedforward!r}; '
                            "(IA)³ here scales exactly k_proj and v_proj (outputs) and down_proj "
                            "(input): ['k_proj', 'v_proj', 'down_proj'] with ['down_proj']")
@@ -224,7 +229,8 @@ def load(directory, config, allow_pickle=False):
   """(method, tree) from a PEFT adapter directory, checked against the base `config`."""
   path = os.path.join(directory, CONFIG_NAME)
   settings = read_json(path)
-  importer = IMPORTERS.get(settings.get('peft_type'))
+  peft_type = settings.get('peft_type')
+  importer = IMPORTERS.get(peft_type) if isinstance(peft_type, str) else None  # a list: unhashable
   if importer is None:
     raise AdapterFileError(f'{path}: peft_type {settings.get("peft_type")!r} is not read here; '
                            f'supported: {", ".join(IMPORTERS)}')
