@@ -35,5 +35,8 @@ setuptools.setup(
     ],
     extras_require={
         'test': ['pytest>=8', 'torch==2.13.0', 'peft>=0.17', 'sentencepiece>=0.2', 'hypothesis>=6'],
+        # gs:// workdirs and data: epath reaches the bucket through gcsfs; Orbax asks it for its
+        # namespace layout through google-cloud-storage
+        'gcs': ['gcsfs>=2024.1', 'google-cloud-storage>=2'],
     },
 )

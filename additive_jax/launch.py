@@ -58,7 +58,7 @@ _NUM_WORKERS = flags.DEFINE_integer('num_workers', None, 'tpu: workers (default:
 _PYTHON = flags.DEFINE_string('python', 'python3', "tpu: the workers' interpreter for the venv "
                               '(the project needs Python >= 3.11)')
 _PIP = flags.DEFINE_multi_string('pip', [], 'tpu: another package for the venv, repeatable '
-                                 '(gcsfs for a gs:// workdir or data folder)')
+                                 '(gcsfs and google-cloud-storage for a gs:// workdir or data)')
 _PROCESSES = flags.DEFINE_integer('processes', None, 'local: processes to start', lower_bound=1)
 _PORT = flags.DEFINE_integer('port', 0, "local: the coordinator's port (0: a free one)")
 _LOGS = flags.DEFINE_string('logs', 'logs', 'the logs go to LOGS/<tpu>/ or LOGS/local/')

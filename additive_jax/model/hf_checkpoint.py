@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 
+from etils import epath
 import numpy as np
 import safetensors
 
@@ -22,8 +23,7 @@ from additive_jax.model.convert import ModelLoadError, hf_tensor_shapes, params_
 def read_json(path: str, error: type[ValueError]):
   """A JSON file's value; a file that is not JSON raises `error` naming it."""
   try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
+    return json.loads(epath.Path(path).read_text(encoding='utf-8'))
   except (json.JSONDecodeError, UnicodeDecodeError) as err:
     raise error(f'{path}: not valid JSON ({err})') from None
 

@@ -4,18 +4,21 @@ Only process 0 writes (every process computes the same replicated metrics).
 The JSON log is appended line by line and flushed, so a killed run keeps every
 line it wrote; a resumed run drops those of the steps after its checkpoint (it
 logs them again) and appends, so each step keeps one line. Paths go through
-`etils.epath`, so a workdir may be `gs://bucket/run` (TensorBoard's event files
-through tensorboardX's own cloud writer).
+`etils.epath`, so a workdir may be `gs://bucket/run`; so do TensorBoard's
+event files, whose cloud writers tensorboardX would otherwise pick by itself
+(one client library per store).
 """
 
 from __future__ import annotations
 
+import io
 import json
 
 from etils import epath
 import jax
 import numpy as np
 import tensorboardX
+from tensorboardX import record_writer
 
 
 class MetricsWriter:
@@ -48,6 +51,35 @@ class MetricsWriter:
     if self.enabled:
       self._tensorboard.close()
       self._log.close()
+
+
+class _StoreRecordWriter:
+  """An event file in an object store: the records kept in memory, the object rewritten whole at
+  each flush (a store has no append), as tensorboardX's own GCS writer does."""
+
+  def __init__(self, path: str):
+    self._path, self._buffer = epath.Path(path), io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self._buffer.write(data)
+
+  def flush(self) -> None:
+    self._path.write_bytes(self._buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _StoreWriters:
+  def open(self, path: str) -> _StoreRecordWriter:
+    return _StoreRecordWriter(path)
+
+  def directory_check(self, path: str) -> None:
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+for _prefix in ('gs', 's3', 'az'):  # the object stores epath reaches
+  record_writer.register_writer_factory(_prefix, _StoreWriters())
 
 
 def _forget_after(path: epath.Path, step: int) -> None:

@@ -3,16 +3,18 @@
 Tensors are read as float32 numpy arrays (fp16 and bf16 files are widened: the
 trainable leaves are fp32) and written through a temporary file renamed into
 place, so an interrupted save never leaves a half-written file under the real
-name. A PyTorch pickle (`adapter_model.bin`, `pytorch_adapter.bin`) is read only
-when the caller passes `allow_pickle=True`, and then with
-`torch.load(weights_only=True)`, which refuses anything but tensors.
+name. Paths go through `etils.epath`, so an adapter may be saved to or read
+from `gs://bucket/dir` as well as a local folder. A PyTorch pickle
+(`adapter_model.bin`, `pytorch_adapter.bin`) is read only when the caller
+passes `allow_pickle=True`, and then with `torch.load(weights_only=True)`,
+which refuses anything but tensors.
 """
 
 from __future__ import annotations
 
 import json
-import os
 
+from etils import epath
 import numpy as np
 import safetensors.flax
 import safetensors.numpy
@@ -25,7 +27,7 @@ class AdapterFileError(ValueError):
 
 
 def read_json(path: str) -> dict:
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise AdapterFileError(f'{path} does not exist')
   value = read_json_value(path, AdapterFileError)
   if not isinstance(value, dict):
@@ -34,32 +36,32 @@ def read_json(path: str) -> dict:
 
 
 def write_json(path: str, value: dict) -> None:
-  with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    json.dump(value, f, indent=2)
-    f.write('\n')
-  os.replace(path + '.tmp', path)
+  staged = epath.Path(path + '.tmp')
+  staged.write_text(json.dumps(value, indent=2) + '\n', encoding='utf-8')
+  staged.replace(path)
 
 
 def write_tensors(path: str, tensors: dict, metadata: dict[str, str] | None = None) -> None:
   """Writes `tensors` (name -> array, any dtype) as safetensors; `metadata={'format': 'pt'}`
   is what transformers asks of a checkpoint it loads."""
   arrays = {name: np.ascontiguousarray(tensor) for name, tensor in tensors.items()}
-  safetensors.numpy.save_file(arrays, path + '.tmp', metadata=metadata)
-  os.replace(path + '.tmp', path)
+  staged = epath.Path(path + '.tmp')
+  staged.write_bytes(safetensors.numpy.save(arrays, metadata=metadata))
+  staged.replace(path)
 
 
 def read_tensors(directory: str, safetensors_name: str, pickle_name: str | None = None,
                  allow_pickle: bool = False) -> tuple[dict[str, np.ndarray], str]:
   """(name -> float32 array, the path read) from `safetensors_name`, or the pickle on opt-in."""
-  path = os.path.join(directory, safetensors_name)
-  if os.path.exists(path):
+  path = epath.Path(directory) / safetensors_name
+  if path.exists():
     try:  # the flax reader, because numpy has no bfloat16 of its own
-      loaded = safetensors.flax.load_file(path)
+      loaded = safetensors.flax.load(path.read_bytes())
     except Exception as err:  # safetensors raises its own error type for a bad header or size
       raise AdapterFileError(f'{path}: not a readable safetensors file ({err})') from None
-    return {name: np.asarray(tensor, np.float32) for name, tensor in loaded.items()}, path
-  if pickle_name and os.path.exists(os.path.join(directory, pickle_name)):
-    pickle_path = os.path.join(directory, pickle_name)
+    return {name: np.asarray(tensor, np.float32) for name, tensor in loaded.items()}, str(path)
+  if pickle_name and (epath.Path(directory) / pickle_name).exists():
+    pickle_path = str(epath.Path(directory) / pickle_name)
     if not allow_pickle:
       raise AdapterFileError(
           f'{directory} holds {pickle_name}, a pickle, and no {safetensors_name}; a pickle is not '

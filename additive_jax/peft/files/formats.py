@@ -27,7 +27,7 @@ the base `config` and names the tensor, the shape found and the shape needed.
 
 from __future__ import annotations
 
-import os
+from etils import epath
 
 from additive_jax.peft.files import adapterhub, aj_format, hf_peft
 from additive_jax.peft.files.file_io import AdapterFileError, check_shapes, read_json
@@ -57,7 +57,7 @@ def save_adapter(directory: str, methods, peft, config, format: str = 'aj',
     raise AdapterFileError(
         f'{FORMAT_NAMES[format]} files hold one method per directory, and {calls} are several; '
         'save them with format="aj", or each method to its own directory')
-  os.makedirs(directory, exist_ok=True)
+  epath.Path(directory).mkdir(parents=True, exist_ok=True)
   if format == 'aj':
     aj_format.save(directory, methods, peft, config, base_model_name_or_path)
   else:
@@ -67,13 +67,13 @@ def save_adapter(directory: str, methods, peft, config, format: str = 'aj',
 
 def detect_format(directory: str) -> str:
   """Which format `directory` holds, from its file names and PEFT's `peft_type`."""
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     raise AdapterFileError(f'{directory} is not a directory')
   found = []
-  if os.path.exists(os.path.join(directory, aj_format.CONFIG_NAME)):
+  if (epath.Path(directory) / aj_format.CONFIG_NAME).exists():
     found.append('aj')
-  shared = os.path.join(directory, hf_peft.CONFIG_NAME)  # AdapterHub's CONFIG_NAME as well
-  if os.path.exists(shared):
+  shared = str(epath.Path(directory) / hf_peft.CONFIG_NAME)  # AdapterHub's CONFIG_NAME as well
+  if epath.Path(shared).exists():
     found.append('hf_peft' if 'peft_type' in read_json(shared) else 'adapterhub')
   if not found:
     raise AdapterFileError(f'{directory} holds no adapter (no {aj_format.CONFIG_NAME} or '

@@ -15,7 +15,7 @@ of the checkpoint: copy its files beside it if a consumer needs them.
 
 from __future__ import annotations
 
-import os
+from etils import epath
 
 from additive_jax.model.convert import config_to_hf, params_to_hf
 from additive_jax.peft.files.file_io import AdapterFileError, write_json, write_tensors
@@ -30,7 +30,7 @@ def save_merged(directory: str, model, variables, allow_low_precision: bool = Fa
                            'merged checkpoint holds (IA)³ and LoRA only. Export the others with '
                            'save_adapter')
   _, merged = merge(model, variables, allow_low_precision=allow_low_precision)
-  os.makedirs(directory, exist_ok=True)
-  write_tensors(os.path.join(directory, 'model.safetensors'),
+  epath.Path(directory).mkdir(parents=True, exist_ok=True)
+  write_tensors(str(epath.Path(directory) / 'model.safetensors'),
                 params_to_hf(model.config, merged['params']), {'format': 'pt'})
-  write_json(os.path.join(directory, 'config.json'), config_to_hf(model.config))
+  write_json(str(epath.Path(directory) / 'config.json'), config_to_hf(model.config))
