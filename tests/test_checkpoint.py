@@ -100,6 +100,25 @@ def test_the_latest_and_the_best_are_kept_together(tmp_path, one_device, keep_be
   assert sorted(int(name) for name in os.listdir(tmp_path)) == kept
 
 
+def test_the_best_survives_a_resume(tmp_path, one_device):
+  """A run stopped after its best evaluation and resumed (a new manager on the folder) still
+  knows which checkpoint is best: the ranking is on disk, not in the stopped process."""
+  state = random_state(abstract_state(lambda _: replicated(one_device), methods=(IA3(),)))
+  checkpoints = Checkpoints(str(tmp_path), keep=1, keep_best=1, best_metric='eval_accuracy',
+                            best_mode='max')
+  for step, accuracy in ((2, 0.7), (4, 0.9)):
+    checkpoints.save(step, state, iterator(), run_config(), metrics={'eval_accuracy': accuracy})
+  checkpoints.close()
+  resumed = Checkpoints(str(tmp_path), keep=1, keep_best=1, best_metric='eval_accuracy',
+                        best_mode='max')
+  for step, accuracy in ((6, 0.8), (8, 0.6)):
+    resumed.save(step, state, iterator(), run_config(), metrics={'eval_accuracy': accuracy})
+  resumed.wait()
+  assert resumed.best_step() == 4
+  resumed.close()
+  assert sorted(int(name) for name in os.listdir(tmp_path)) == [4, 8]
+
+
 def test_a_save_runs_in_the_background(tmp_path, one_device, monkeypatch):
   """save() returns while the save goes on in another thread, the step in its temporary folder
   until the save is complete. The save is held at the state's finalize step (the arrays written,

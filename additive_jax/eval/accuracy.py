@@ -17,9 +17,9 @@ from additive_jax.eval.subsets import subset
 
 
 def classification_accuracy(model, variables, tokenizer, data_config, split: str, limit: int = 0,
-                            progress: bool = False) -> tuple[float, int]:
-  """(accuracy, rows scored) on `split` of `data_config.source` (a fixed subset of `limit` rows
-  if > 0, eval/subsets.py)."""
+                            progress: bool = False) -> tuple[float, np.ndarray]:
+  """(accuracy, each scored row's hit: 1 right, 0 wrong) on `split` of `data_config.source` (a
+  fixed subset of `limit` rows if > 0, eval/subsets.py, in its order)."""
   spec = source_spec(data_config.source)
   if len(spec.labels) != 1:
     raise ValueError(f'accuracy needs a classification source with one label field; '
@@ -33,4 +33,5 @@ def classification_accuracy(model, variables, tokenizer, data_config, split: str
   labels = np.array([words.index(response) for _, _, response in rows])
   scores = choice_logprobs(model, variables, prompt_ids, choice_ids, pad_id=encoder.eos_id,
                            progress=progress)
-  return float((scores.argmax(axis=1) == labels).mean()), len(rows)
+  hits = (scores.argmax(axis=1) == labels).astype(np.int8)
+  return float(hits.mean()), hits

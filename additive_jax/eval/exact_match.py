@@ -63,10 +63,16 @@ class Extractor:
 def exact_match(predictions: Sequence[str], references: Sequence[str],
                 extract: Extractor = Extractor()) -> float:
   """The fraction of predictions whose answer equals their reference's."""
+  hits = answer_hits(predictions, references, extract)
+  return sum(hits) / len(hits)
+
+
+def answer_hits(predictions: Sequence[str], references: Sequence[str],
+                extract: Extractor = Extractor()) -> list[bool]:
+  """Per prediction: whether its answer equals its reference's."""
   if len(predictions) != len(references):
     raise ValueError(f'{len(predictions)} predictions for {len(references)} references')
   if not references:
     raise ValueError('exact match of no examples')
-  hits = [extract(p) is not None and extract(p) == extract(r)
+  return [extract(p) is not None and extract(p) == extract(r)
           for p, r in zip(predictions, references)]
-  return sum(hits) / len(hits)

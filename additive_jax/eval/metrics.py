@@ -13,7 +13,9 @@
 `limit` scores a fixed subset (eval/subsets.py: `limit` rows drawn by a fixed seed,
 the same at every evaluation of a run and across runs; perplexity, which reads
 the split's batches of one example a row, takes its first `limit` rows instead;
-0: every row). Each result is a dict whose first entry is the metric itself.
+0: every row). Each result is a dict whose first entry is the metric itself;
+`hits=True` adds accuracy's and exact match's per-row outcomes (`'hits'`: 1 or 0
+a row, in the subset's order), what a paired comparison of two runs needs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import dataclasses
 from additive_jax.data.pipeline import make_eval_batches
 from additive_jax.data.sources import read_split, source_spec
 from additive_jax.eval.accuracy import classification_accuracy
-from additive_jax.eval.exact_match import Extractor, exact_match
+from additive_jax.eval.exact_match import Extractor, answer_hits
 from additive_jax.eval.generate import generate
 from additive_jax.eval.perplexity import perplexity
 from additive_jax.eval.subsets import subset
@@ -48,7 +50,7 @@ def check_metric(metric: str) -> None:
     raise ValueError(f'unknown metric {metric!r} (metrics: {", ".join(METRICS)})')
 
 
-def _exact_match(model, variables, tokenizer, data_config, split, limit, settings) -> dict:
+def _exact_match(model, variables, tokenizer, data_config, split, limit, settings):
   rows = list(read_split(source_spec(data_config.source), data_config.data_dir, split))
   chosen = [rows[i] for i in subset(len(rows), limit)]
   predictions = []
@@ -58,8 +60,8 @@ def _exact_match(model, variables, tokenizer, data_config, split, limit, setting
                             max_new_tokens=settings.max_new_tokens,
                             chat=data_config.template == 'chat')
   extract = Extractor(settings.answer_regex or None)
-  value = exact_match(predictions, [response for _, _, response in chosen], extract)
-  return {'exact_match': value, 'rows': len(chosen)}
+  hits = answer_hits(predictions, [response for _, _, response in chosen], extract)
+  return sum(hits) / len(hits), [int(hit) for hit in hits]
 
 
 def _perplexity(model, variables, tokenizer, data_config, split, limit, settings) -> dict:
@@ -74,14 +76,17 @@ def _perplexity(model, variables, tokenizer, data_config, split, limit, settings
 
 
 def score(metric: str, model, variables, tokenizer, data_config, split: str, limit: int = 0,
-          settings: Settings = Settings(), progress: bool = False) -> dict[str, float]:
+          settings: Settings = Settings(), progress: bool = False, hits: bool = False) -> dict:
   """`metric` of (model, variables) on `split` of `data_config`'s source."""
   check_metric(metric)
   model, variables = inference_form(model, variables)
+  if metric == 'perplexity':
+    return _perplexity(model, variables, tokenizer, data_config, split, limit, settings)
   if metric == 'accuracy':
-    value, rows = classification_accuracy(model, variables, tokenizer, data_config, split,
-                                          limit, progress=progress)
-    return {'accuracy': value, 'rows': rows}
-  if metric == 'exact_match':
-    return _exact_match(model, variables, tokenizer, data_config, split, limit, settings)
-  return _perplexity(model, variables, tokenizer, data_config, split, limit, settings)
+    value, row_hits = classification_accuracy(model, variables, tokenizer, data_config, split,
+                                              limit, progress=progress)
+    row_hits = [int(hit) for hit in row_hits]
+  else:
+    value, row_hits = _exact_match(model, variables, tokenizer, data_config, split, limit,
+                                   settings)
+  return {metric: value, 'rows': len(row_hits), **({'hits': row_hits} if hits else {})}

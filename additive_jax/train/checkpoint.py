@@ -59,7 +59,7 @@ class Checkpoints:
     # a cloud path as it is; a local one made absolute, as Orbax wants
     local = '://' not in str(directory)
     self.directory = epath.Path(os.path.abspath(directory) if local else directory)
-    self.best_metric = best_metric
+    self.best_metric, self.best_mode = best_metric, best_mode
     if read_only:
       options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
     else:
@@ -68,9 +68,13 @@ class Checkpoints:
         policies.append(preservation_policy.BestN(
             get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == 'min',
             n=keep_best, keep_checkpoints_without_metrics=False))
+      # best_fn as well: without it Orbax keeps a step's metrics in memory only, and a resumed
+      # run would have forgotten which checkpoint was best
+      ranking = {'best_fn': lambda metrics: metrics[best_metric], 'best_mode': best_mode} \
+          if keep_best else {}
       options = ocp.CheckpointManagerOptions(
           preservation_policy=preservation_policy.AnyPreservationPolicy(policies),
-          enable_async_checkpointing=True, cleanup_tmp_directories=True)
+          enable_async_checkpointing=True, cleanup_tmp_directories=True, **ranking)
     # Handlers named up front, so that a fresh manager can read a checkpoint's metadata.
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
         'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler(),
@@ -78,6 +82,17 @@ class Checkpoints:
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The kept checkpoint ranked best by `best_metric`, the earliest of a tie (None where none
+    was saved with metrics). Orbax's own `best_step` ranks by `best_fn`, which the preservation
+    policies above replace."""
+    ranked = {step: metrics[self.best_metric] for step in self.manager.all_steps()
+              if (metrics := self.manager.metrics(step)) and self.best_metric in metrics}
+    if not ranked:
+      return None
+    pick = max if self.best_mode == 'max' else min
+    return pick(sorted(ranked), key=ranked.__getitem__)
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -193,6 +208,7 @@ def abstract_like(tree):
 # (the mesh may differ: restore places the state on the new one).
 RESUMABLE_CHANGES = ('log_every', 'eval_every', 'eval_batches', 'checkpoint_every',
                      'keep_checkpoints', 'keep_best', 'test_metric', 'test_split', 'test_limit',
+                     'test_checkpoint',
                      'max_new_tokens', 'mesh',
                      'rules', 'distributed', 'remat', 'data.data_dir', 'loss_positions',
                      'attention', 'peak_tflops')

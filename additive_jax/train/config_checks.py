@@ -97,6 +97,12 @@ def _check_data(config) -> None:
       raise ValueError(f'config.test_metric={config.test_metric!r} needs config.test_split, the '
                        'split it is scored on')
     keys.append(('test_split', config.test_split))
+  if config.test_checkpoint not in ('last', 'best'):  # train/final_test.py
+    raise ValueError(f"config.test_checkpoint must be 'last' or 'best', got "
+                     f'{config.test_checkpoint!r}')
+  if config.test_checkpoint == 'best' and not config.keep_best:
+    raise ValueError("config.test_checkpoint='best' needs config.keep_best >= 1: the best "
+                     'checkpoint must be kept to be tested')
   for key in ('test_metric', 'eval_metric'):
     if config[key]:
       try:

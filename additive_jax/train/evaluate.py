@@ -49,12 +49,13 @@ def metric_settings(config: ml_collections.ConfigDict) -> Settings:
 
 
 def task_metric(run: Run, state, config: ml_collections.ConfigDict, metric: str, split: str,
-                limit: int) -> dict[str, float]:
+                limit: int, hits: bool = False) -> dict:
   """`metric` (accuracy, exact_match, perplexity) of the trainables in `state` on `split`
-  (a fixed subset of `limit` rows; 0: all), the trainables in their inference form."""
+  (a fixed subset of `limit` rows; 0: all), the trainables in their inference form; `hits`
+  adds the per-row outcomes (eval/metrics.py)."""
   model, variables = inference_form(run.model, {'params': run.params, 'peft': state.peft})
   result = score(metric, model, variables, run.tokenizer, config.data, split, limit,
-                 metric_settings(config), progress=jax.process_index() == 0)
+                 metric_settings(config), progress=jax.process_index() == 0, hits=hits)
   logging.info('%s on %s %s: %.4f (%s)', metric, config.data.source.name, split, result[metric],
-               ', '.join(f'{k} {v:g}' for k, v in result.items() if k != metric))
+               ', '.join(f'{k} {v:g}' for k, v in result.items() if k not in (metric, 'hits')))
   return result

@@ -37,6 +37,7 @@ from additive_jax.train.checkpoint import CheckpointError, Checkpoints, abstract
 from additive_jax.train.config_checks import check_config
 from additive_jax.eval.metrics import HIGHER_IS_BETTER
 from additive_jax.train.evaluate import LossEvaluator, task_metric
+from additive_jax.train.final_test import test_and_keep, tested_state
 from additive_jax.train.flops import logit_positions, peak_flops, train_step_flops
 from additive_jax.train.loss_budget import derive_budget
 from additive_jax.train.mesh import global_batch
@@ -45,6 +46,7 @@ from additive_jax.train.optimizer import learning_rates
 from additive_jax.train.preemption import Preemption
 from additive_jax.train.prepare import build
 from additive_jax.train.step import jit_train_step
+from additive_jax.train.step_memory import compiled_bytes, device_peak_bytes
 
 
 class NonFiniteError(ValueError):
@@ -119,12 +121,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   overflows = skipped = 0
   preemption = Preemption()
   first = int(state.step)
-  pending, logged, tick = [], None, time.time()
+  pending, logged, speeds, tick = [], None, [], time.time()
   progress = tqdm.tqdm(range(first, config.num_steps), initial=first, total=config.num_steps,
                        desc='train', disable=jax.process_index() != 0)
   for step in progress:
     batch = next(train_iterator)
-    state, metrics = train_step(state, run.params, global_batch(batch, mesh))
+    placed = global_batch(batch, mesh)
+    if step == first:  # compiled ahead, to read its memory plan; then run as compiled
+      train_step = train_step.lower(state, run.params, placed).compile()
+      summary['step_memory_bytes'] = compiled_bytes(train_step)
+    state, metrics = train_step(state, run.params, placed)
     if bool(metrics.pop('nonfinite')):
       if config.nonfinite == 'stop':
         checkpoints.wait()  # the last good checkpoint complete on disk before the run ends
@@ -142,6 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       overflows += sum(overflowed)
       logged = _mean(pending)
       logged['tokens_per_s'] = logged.pop('tokens') * len(pending) / seconds
+      speeds.append(logged['tokens_per_s'])
       flops = sum(flops_of(logit_positions=positions_of(n)) for n in overflowed) / seconds
       logged['model_tflops_per_s'] = flops / 1e12 / jax.device_count()
       if peak:
@@ -180,12 +187,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary['final_loss'] = logged['loss']
     summary['loss_overflows'] = overflows
     summary['nonfinite_skipped'] = skipped
+    # the median window after the first, which holds the compilation (when there are others)
+    summary['tokens_per_s'] = float(np.median(speeds[1:] or speeds))
+  if (peak_bytes := device_peak_bytes()) is not None:
+    summary['device_peak_bytes'] = peak_bytes
 
   if config.test_metric:
     name = config.test_metric
-    summary[f'{name}_after'] = test(state)[name]
+    tested, tested_step = tested_state(checkpoints, state, config)
+    summary.update(test_and_keep(run, tested, tested_step, config, workdir))
     writer.write(config.num_steps, {name: summary[f'{name}_after']})
-    say(f'{name} after: {summary[f"{name}_after"]:.4f}')
+    say(f'{name} after: {summary[f"{name}_after"]:.4f} (step {tested_step})')
   checkpoints.wait()
   checkpoints.close()
   writer.close()

@@ -1,0 +1,75 @@
+"""The end of a run: the test metric of the checkpoint `config.test_checkpoint` names, each test
+row's outcome, and the tested trainables as an adapter, all written into the workdir.
+
+    test_hits.json   {'metric', 'split', 'limit', 'step', 'hits': [1, 0, ...]} in the order of
+                     the split's fixed subset: what a paired comparison of two runs on the
+                     same rows (experiments/report.py's bootstrap) reads
+    adapter/         the trainables tested, in additive_jax's adapter format (`aj.peft.
+                     load_adapter`); its size is the summary's `adapter_bytes`
+
+`last` tests the state the run ends with; `best` restores the checkpoint kept as best by
+the eval metric (`config.eval_metric` on its fixed subset of `data.eval_split`, else the eval
+loss), so that the test split plays no part in choosing it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from etils import epath
+import jax
+from jax.experimental import multihost_utils
+
+from additive_jax.peft.files import save_adapter
+from additive_jax.train.checkpoint import Checkpoints, abstract_like
+from additive_jax.train.evaluate import task_metric
+
+def tested_state(checkpoints: Checkpoints, state, config):
+  """(state, its step): the run's last, or the best checkpoint's restored."""
+  if config.test_checkpoint == 'last':
+    return state, int(state.step)
+  checkpoints.wait()
+  best = checkpoints.best_step()
+  if best is None:
+    raise ValueError(f'config.test_checkpoint=best, but {checkpoints.directory} has no checkpoint '
+                     'ranked by the eval metric (config.keep_best is 0, or none was evaluated)')
+  return checkpoints.restore(best, abstract_like(state)), best
+
+
+def test_and_keep(run, state, step: int, config, workdir: str) -> dict:
+  """{metric}_after, test_step and adapter_bytes for the summary; the files above written."""
+  metric = config.test_metric
+  result = task_metric(run, state, config, metric, config.test_split, config.test_limit,
+                       hits=True)
+  peft = multihost_utils.process_allgather(state.peft, tiled=True)  # every process's leaves
+  out = {f'{metric}_after': result[metric], 'test_step': step}
+  if jax.process_index() == 0:
+    directory = epath.Path(workdir)
+    _write_json(directory / 'test_hits.json', {
+        'metric': metric, 'split': config.test_split, 'limit': config.test_limit, 'step': step,
+        'hits': result['hits']})
+    out['adapter_bytes'] = _save_adapter(directory / 'adapter', run, peft, config.model)
+  return out
+
+
+def _write_json(path: epath.Path, value: dict) -> None:
+  staged = path.with_name(path.name + '.tmp')
+  staged.write_text(json.dumps(value), encoding='utf-8')
+  staged.replace(path)
+
+
+def _save_adapter(out: epath.Path, run, peft, base_model: str) -> int:
+  """Writes into a fresh folder renamed into place (an earlier one replaced); its bytes."""
+  partial = out.parent / f'.{out.name}.partial-{os.getpid()}-{time.time_ns()}'
+  try:
+    save_adapter(str(partial), run.model.peft, peft, run.model.config, format='aj',
+                 base_model_name_or_path=base_model)
+    if out.is_dir():
+      out.rmtree()
+    partial.rename(out)
+  finally:
+    if partial.exists():
+      partial.rmtree()
+  return sum(path.stat().length for path in out.iterdir())
