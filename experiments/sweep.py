@@ -1,108 +1,202 @@
-"""Run an experiment config over several variants and tabulate (and plot) their summaries.
+"""Run a sweep file: every point a trainer run in its own workdir under one root.
 
-    .venv/bin/python experiments/sweep.py --config=configs/sst2.py --variants=pfeiffer,houlsby,lora \
-        --root=/tmp/sst2_sweep --out=experiments/results/sst2_methods
-    .venv/bin/python experiments/sweep.py --config=configs/sst2.py --variants=pfeiffer \
-        --override=peft.bottleneck.dim=16 --override=peft.bottleneck.dim=64 ...
+    python -m experiments.sweep --config=configs/sweeps/small.py [--dry-run] [--shard=i/n] \
+        [--root=DIR]
 
-Each variant is the config's argument (a method preset, or several joined by
-'+': `ia3+prefix`), each `--override` a `key=value` the run gets on top; the
-sweep is their product. `--set key=value` goes to every run. Every run is `python -m additive_jax.main` in its own
-workdir under `--root` (a finished run is not repeated: rerunning a sweep
-resumes or skips), and its `summary.json` is collected into `<out>.json`, a
-Markdown table `<out>.md` and a bar plot `<out>.png` of the accuracy before
-and after (or the final eval loss when the config scores no accuracy).
+A sweep file (configs/sweeps/) names the experiment config its points start from (`BASE`)
+and returns its points from `get_hyper(hyper)` (experiments/hyper.py: sweep, fixed, product,
+zip, chain over the config argument `arg` and any `config.<key>`); `--config=FILE:ARG` passes
+ARG as `get_hyper(hyper, arg)`. Each point runs as
+
+    python -m additive_jax.main --config=BASE:ARG --workdir=ROOT/NAME --config.KEY=VALUE ...
+
+in the root (default `runs/<sweep name>`, any epath: `gs://...`). A point whose workdir
+holds a summary is done and skipped; an interrupted one resumes from its checkpoint (the
+trainer does that); a failing one (non-zero exit) is recorded in `NAME/sweep_failure.json`
+with its output's tail and the sweep goes on (a later sweep retries it). SIGTERM stops the
+run in flight at a checkpoint (the trainer's preemption) and then the sweep. `--shard=i/n`
+runs the points i, i+n, i+2n, ... (i from 0), so that n machines split one sweep; each
+writes `ROOT/sweep.json`, the points and their status, which `experiments/report.py` reads.
 """
 
 from __future__ import annotations
 
-import itertools
+import collections
+import importlib.util
+import inspect
 import json
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
+import time
 
 from absl import app, flags
 from etils import epath
-import matplotlib
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
 
-_CONFIG = flags.DEFINE_string('config', None, 'experiment config file', required=True)
-_VARIANTS = flags.DEFINE_list('variants', [], "config arguments; '+' joins methods")
-_OVERRIDES = flags.DEFINE_multi_string('override', [], 'key=value for every variant, one run each')
-_EXTRA = flags.DEFINE_string('extra', '', 'appended to every config argument, e.g. runlocal')
-_SET = flags.DEFINE_multi_string('set', [], 'key=value given to every run (not swept)')
-_ROOT = flags.DEFINE_string('root', None, 'workdirs of the runs go under here', required=True)
-_OUT = flags.DEFINE_string('out', None, 'results path without extension', required=True)
+from experiments import hyper
+
+_CONFIG = flags.DEFINE_string('config', None, 'the sweep file, FILE or FILE:ARG', required=True)
+_ROOT = flags.DEFINE_string('root', None, 'workdirs go under here; default runs/<sweep name>')
+_DRY_RUN = flags.DEFINE_bool('dry-run', False, 'print every point, its workdir and command')
+_SHARD = flags.DEFINE_string('shard', '0/1', 'i/n: run the points i, i+n, ... of this sweep')
+
+FAILURE = 'sweep_failure.json'
 
 
-def run_name(variant: str, override: str | None) -> str:
-  name = variant + (f'__{override}' if override else '')
-  return re.sub(r'[^A-Za-z0-9_.=+-]+', '_', name).strip('_')
+def load_sweep(spec: str) -> tuple[str, list[dict], str | None]:
+  """(base config file, points, arg) of a sweep file `FILE[:ARG]`."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise ValueError(f'--config={spec}: no sweep file {path}')
+  module_spec = importlib.util.spec_from_file_location('sweep_file', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  for name in ('BASE', 'get_hyper'):
+    if not hasattr(module, name):
+      raise ValueError(f'{path} defines no {name} (a sweep file has BASE and get_hyper(hyper))')
+  takes_arg = len(inspect.signature(module.get_hyper).parameters) > 1
+  if arg and not takes_arg:
+    raise ValueError(f'--config={spec}: get_hyper of {path} takes no argument')
+  points = module.get_hyper(hyper, arg or None) if takes_arg else module.get_hyper(hyper)
+  if not points:
+    raise ValueError(f'{path}: get_hyper returned no points')
+  return module.BASE, points, arg or None
 
 
-def run(variant: str, override: str | None) -> dict:
-  """One run's summary (running it unless its workdir already holds one)."""
-  workdir = epath.Path(_ROOT.value) / run_name(variant, override)
-  summary_path = workdir / 'summary.json'
-  if not summary_path.exists():
-    arg = ','.join(filter(None, [variant.replace('+', ','), _EXTRA.value]))
-    command = [sys.executable, '-m', 'additive_jax.main', f'--config={_CONFIG.value}:{arg}',
-               f'--workdir={workdir}'] + [f'--config.{s}' for s in _SET.value]
-    command += [f'--config.{override}'] if override else []
-    print('$', ' '.join(command), flush=True)
-    subprocess.run(command, check=True)
-  return {'variant': variant, 'override': override, **json.loads(summary_path.read_text())}
+def point_names(points: list[dict]) -> list[str]:
+  """A workdir name per point from the values that vary over the sweep: `lora_rank=4_seed=1`
+  (a key by its last part, `lr` for a learning rate); unique, or an error."""
+  varying = {k for p in points for k in p if len({repr(q.get(k)) for q in points}) > 1}
+  names = []
+  for point in points:
+    keys = [k for k in point if k in varying and k != 'arg']  # in the point's own order
+    lasts = collections.Counter(_short(k) for k in keys)
+    parts = [point['arg'].replace(',', '+')] if point.get('arg') else []
+    parts += [f'{_short(k) if lasts[_short(k)] == 1 else k.removeprefix("config.")}='
+              f'{_text(point[k])}' for k in keys]
+    names.append(re.sub(r'[^A-Za-z0-9_.=+-]+', '-', '_'.join(parts)) or 'default')
+  repeated = [n for n, count in collections.Counter(names).items() if count > 1]
+  if repeated:
+    raise ValueError(f'points with the same values: {repeated}')
+  return names
 
 
-def table(results: list[dict]) -> str:
-  columns = ['variant', 'override', 'trainable_params', 'trainable_percent', 'accuracy_before',
-             'accuracy_after', 'eval_loss', 'wall_time_s']
-  columns = [c for c in columns if any(r.get(c) is not None for r in results)]
-  fmt = {'trainable_params': '{:,}', 'trainable_percent': '{:.3f}%', 'accuracy_before': '{:.4f}',
-         'accuracy_after': '{:.4f}', 'eval_loss': '{:.4f}', 'wall_time_s': '{:.0f}'}
-  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
-  for r in results:
-    cells = [fmt.get(c, '{}').format(r[c]) if r.get(c) is not None else '' for c in columns]
-    lines.append('| ' + ' | '.join(cells) + ' |')
-  return '\n'.join(lines)
+def _short(key: str) -> str:
+  last = key.rsplit('.', 1)[-1]
+  return {'learning_rate': 'lr'}.get(last, last)
 
 
-def plot(results: list[dict], path: str) -> None:
-  names = [run_name(r['variant'], r['override']) for r in results]
-  figure, axes = plt.subplots(figsize=(max(4, 1.1 * len(names)), 3.5))
-  if all('accuracy_after' in r for r in results):
-    width = 0.4
-    positions = range(len(names))
-    axes.bar([p - width / 2 for p in positions], [r.get('accuracy_before', 0) for r in results],
-             width, label='before')
-    axes.bar([p + width / 2 for p in positions], [r['accuracy_after'] for r in results], width,
-             label='after')
-    axes.set_ylabel('accuracy')
-    axes.legend()
-  else:
-    axes.bar(names, [r['eval_loss'] for r in results])
-    axes.set_ylabel('eval loss')
-  axes.set_xticks(range(len(names)), names, rotation=30, ha='right')
-  figure.tight_layout()
-  figure.savefig(path, dpi=120)
+def _text(value) -> str:
+  return repr(value) if isinstance(value, float) else str(value)
+
+
+def command(base: str, point: dict, workdir: epath.Path) -> list[str]:
+  arg = f':{point["arg"]}' if point.get('arg') else ''
+  return [sys.executable, '-m', 'additive_jax.main', f'--config={base}{arg}',
+          f'--workdir={workdir}'] + [f'--{key}={_text(value)}' for key, value in point.items()
+                                     if key != 'arg']
+
+
+def status(workdir: epath.Path) -> str:
+  if (workdir / 'summary.json').exists():
+    return 'done'
+  if (workdir / FAILURE).exists():
+    return 'failed'
+  return 'interrupted' if (workdir / 'checkpoints').exists() else 'pending'
+
+
+def shard_of(text: str) -> tuple[int, int]:
+  found = re.fullmatch(r'(\d+)/(\d+)', text)
+  if not found or not int(found.group(1)) < int(found.group(2)):
+    raise app.UsageError(f'--shard={text}: expected i/n with 0 <= i < n, e.g. 0/2')
+  return int(found.group(1)), int(found.group(2))
+
+
+class Stop:
+  """SIGTERM: passed on to the run in flight (which saves a checkpoint and exits 0), and the
+  sweep stops after it."""
+
+  def __init__(self):
+    self.requested, self.child = False, None
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = True
+    if self.child is not None and self.child.poll() is None:
+      self.child.send_signal(signum)
+
+
+def run_point(argv: list[str], workdir: epath.Path, stop: Stop) -> str:
+  """Runs one point, its output passed through; returns its status after."""
+  print('$', shlex.join(argv), flush=True)
+  tail = collections.deque(maxlen=40)
+  stop.child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  for line in stop.child.stdout:
+    sys.stdout.write(line)
+    tail.append(line)
+  returncode = stop.child.wait()
+  stop.child = None
+  failure = workdir / FAILURE
+  if returncode == 0:
+    if failure.exists():
+      failure.unlink()
+    return status(workdir) if (workdir / 'summary.json').exists() else 'stopped'
+  workdir.mkdir(parents=True, exist_ok=True)
+  failure.write_text(json.dumps({'returncode': returncode, 'command': argv, 'time': time.time(),
+                                 'output_tail': ''.join(tail)}, indent=2), encoding='utf-8')
+  return 'failed'
+
+
+def write_index(root: epath.Path, sweep: str, base: str, arg, points, names) -> None:
+  """ROOT/sweep.json: every point of the sweep and its status now (on any shard)."""
+  listed = [{'name': name, 'arg': point.get('arg'), 'workdir': str(root / name),
+             'overrides': {k.removeprefix('config.'): v for k, v in point.items() if k != 'arg'},
+             'status': status(root / name)} for point, name in zip(points, names)]
+  staged = root / f'sweep.json.{os.getpid()}.tmp'
+  staged.write_text(json.dumps({'sweep': sweep, 'arg': arg, 'base': base, 'points': listed},
+                               indent=2), encoding='utf-8')
+  staged.replace(root / 'sweep.json')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  variants = _VARIANTS.value or ['']
-  results = [run(v, o) for v, o in itertools.product(variants, _OVERRIDES.value or [None])]
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value + '.json', 'w', encoding='utf-8') as f:
-    json.dump({'config': _CONFIG.value, 'extra': _EXTRA.value, 'runs': results}, f, indent=2)
-  markdown = table(results)
-  with open(_OUT.value + '.md', 'w', encoding='utf-8') as f:
-    f.write(markdown + '\n')
-  plot(results, _OUT.value + '.png')
-  print(markdown)
+  index, count = shard_of(_SHARD.value)
+  try:
+    base, points, arg = load_sweep(_CONFIG.value)
+    names = point_names(points)
+  except ValueError as err:
+    sys.exit(f'error: {err}')
+  sweep_file = _CONFIG.value.partition(':')[0]
+  default = os.path.join('runs', os.path.splitext(os.path.basename(sweep_file))[0] +
+                         (f'_{arg}' if arg else ''))
+  root = epath.Path(_ROOT.value or default)
+  mine = list(range(index, len(points), count))
+  print(f'{len(points)} points; shard {index}/{count}: {len(mine)} of them; root {root}')
+  if _DRY_RUN.value:
+    for i in mine:
+      print(f'{names[i]}  [{status(root / names[i])}]  {root / names[i]}\n  $ '
+            f'{shlex.join(command(base, points[i], root / names[i]))}')
+    return
+  root.mkdir(parents=True, exist_ok=True)
+  stop, outcome = Stop(), {}
+  for i in mine:
+    workdir = root / names[i]
+    outcome[names[i]] = status(workdir)
+    if outcome[names[i]] != 'done':
+      write_index(root, sweep_file, base, arg, points, names)
+      outcome[names[i]] = run_point(command(base, points[i], workdir), workdir, stop)
+    if stop.requested or outcome[names[i]] == 'stopped':
+      break
+  write_index(root, sweep_file, base, arg, points, names)
+  print('\n'.join(f'{state:>11}  {name}' for name, state in outcome.items()))
+  failed = [name for name, state in outcome.items() if state == 'failed']
+  if failed:
+    sys.exit(f'{len(failed)} failed: {", ".join(failed)} (see NAME/{FAILURE}; rerun to retry)')
 
 
 if __name__ == '__main__':

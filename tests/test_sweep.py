@@ -1,30 +1,132 @@
-"""experiments/sweep.py: a product of variants and overrides, each a real run, tabulated."""
+"""experiments/sweep.py on sweep files: the points of hyper's algebra, each a real run in its own
+workdir; a rerun skips finished points; a failing point is recorded and the sweep goes on;
+`--dry-run` and `--shard` print and split the right points; the report reads the root."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
+from experiments import hyper
+from experiments.sweep import point_names
 from cli_helpers import ROOT
 
+SWEEP_FILE = '''
+BASE = 'configs/sst2.py'
 
-def test_sweep_runs_each_variant_with_each_override_once(tmp_path, tiny_with_tokenizer):
-  out = tmp_path / 'results' / 'sweep'
-  command = [sys.executable, 'experiments/sweep.py', '--config=configs/sst2.py', '--variants=ia3',
-             '--extra=runlocal', f'--set=model={tiny_with_tokenizer}', '--set=num_steps=2',
-             '--set=test_limit=4', '--override=seed=1',
-             f'--root={tmp_path / "runs"}', f'--out={out}']
+
+def get_hyper(h):
+  return h.product([
+      h.chain([h.fixed('arg', 'ia3,runlocal'),
+               h.zip([h.fixed('arg', 'lora,runlocal'), h.fixed('config.peft.lora.rank', 2)])]),
+      h.fixed('config.model', {model!r}), h.fixed('config.data.data_dir', {data!r}),
+      h.fixed('config.num_steps', 2), h.fixed('config.test_limit', 8),
+      h.sweep('config.seed', [0, 1])])
+'''
+FAILING_FILE = '''
+BASE = 'configs/sst2.py'
+
+
+def get_hyper(h):
+  return h.product([h.fixed('arg', 'lora,runlocal'), h.sweep('config.peft.lora.rank', [-1, -2])])
+'''
+NAMES = ['ia3+runlocal_seed=0', 'ia3+runlocal_seed=1', 'lora+runlocal_rank=2_seed=0',
+         'lora+runlocal_rank=2_seed=1']
+
+
+def sweep(*args, timeout=900):
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
-  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  return subprocess.run([sys.executable, '-m', 'experiments.sweep', *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope='module')
+def swept(tmp_path_factory, tiny_with_tokenizer, small_sst2):
+  """(sweep file, root, the first sweep, its rerun): two settings × two seeds, run twice."""
+  folder = tmp_path_factory.mktemp('sweep')
+  sweep_file = folder / 'two_by_two.py'
+  sweep_file.write_text(SWEEP_FILE.format(model=tiny_with_tokenizer, data=small_sst2))
+  root = folder / 'runs'
+  first = sweep(f'--config={sweep_file}', f'--root={root}')
+  again = sweep(f'--config={sweep_file}', f'--root={root}')
+  return sweep_file, root, first, again
+
+
+def test_every_point_runs_once_in_its_workdir(swept):
+  _, root, first, _ = swept
+  assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+  assert first.stdout.count('$ ') == 4
+  index = json.loads((root / 'sweep.json').read_text())
+  assert [p['name'] for p in index['points']] == NAMES
+  assert {p['status'] for p in index['points']} == {'done'}
+  for point in index['points']:
+    summary = json.loads((root / point['name'] / 'summary.json').read_text())
+    config = json.loads(next((root / point['name']).glob('checkpoints/*/config/*')).read_text())
+    assert config['seed'] == point['overrides']['seed'] and config['num_steps'] == 2
+    assert len(json.loads((root / point['name'] / 'test_hits.json').read_text())['hits']) == 8
+    if 'ia3' in point['name']:  # (IA)³ on 2 layers: L·(2·K·H + F)
+      assert summary['trainable_params'] == 2 * (2 * 16 + 80)
+
+
+def test_a_rerun_skips_every_finished_point(swept):
+  _, _, _, again = swept
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert '$ ' not in again.stdout and again.stdout.count('done') >= 4
+
+
+def test_the_report_reads_the_root(swept, tmp_path):
+  _, root, _, _ = swept
+  out = tmp_path / 'report'
+  result = subprocess.run([sys.executable, '-m', 'experiments.report', str(root), f'--out={out}'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  runs = json.loads(out.with_suffix('.json').read_text())['runs']
-  assert [(r['variant'], r['override']) for r in runs] == [('ia3', 'seed=1')]
-  assert 0 <= runs[0]['accuracy_after'] <= 1
-  assert runs[0]['trainable_params'] == 2 * (2 * 16 + 80)  # (IA)³ on 2 layers: L·(2·K·H + F)
-  config = json.loads(next((tmp_path / 'runs' / 'ia3__seed=1').glob('checkpoints/*/config/*')).read_text())
-  assert config['seed'] == 1 and config['num_steps'] == 2  # the override and the --set reached the run
-  assert out.with_suffix('.md').read_text().count('\n') == 3  # header, rule, the run
-  assert out.with_suffix('.png').stat().st_size > 0
-  # A finished run is not repeated: the second sweep only collects.
-  again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert again.returncode == 0 and '$ ' not in again.stdout
+  table = out.with_suffix('.md').read_text()
+  assert table.count('n=2') == 2, table
+  assert out.with_suffix('.png').read_bytes().startswith(b'\x89PNG')
+
+
+def test_dry_run_and_shards_print_the_right_points(swept):
+  sweep_file, root, _, _ = swept
+  shards = [sweep(f'--config={sweep_file}', f'--root={root}', '--dry-run', f'--shard={i}/2',
+                  timeout=120) for i in range(2)]
+  for i, shard in enumerate(shards):
+    assert shard.returncode == 0, shard.stderr[-3000:]
+    printed = [line.split()[0] for line in shard.stdout.splitlines()[1:] if '[' in line]
+    assert printed == NAMES[i::2]
+    assert shard.stdout.count('--workdir=') == 2 and 'additive_jax.main' in shard.stdout
+  assert '[done]' in shards[0].stdout
+
+
+def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path):
+  sweep_file = tmp_path / 'failing.py'
+  sweep_file.write_text(FAILING_FILE)
+  result = sweep(f'--config={sweep_file}', f'--root={tmp_path / "runs"}', timeout=300)
+  assert result.returncode == 1
+  assert '2 failed: lora+runlocal_rank=-1, lora+runlocal_rank=-2' in result.stderr
+  for rank in (-1, -2):
+    failure = json.loads((tmp_path / 'runs' / f'lora+runlocal_rank={rank}' /
+                          'sweep_failure.json').read_text())
+    assert failure['returncode'] == 1 and 'rank' in failure['output_tail']
+
+
+def test_hyper_algebra():
+  points = hyper.product([hyper.chain([hyper.fixed('arg', 'ia3'),
+                                       hyper.zip([hyper.sweep('arg', ['lora', 'lora']),
+                                                  hyper.sweep('config.peft.lora.rank', [4, 16])])]),
+                          hyper.sweep('config.seed', [0, 1])])
+  assert points == [{'arg': 'ia3', 'config.seed': 0}, {'arg': 'ia3', 'config.seed': 1},
+                    {'arg': 'lora', 'config.peft.lora.rank': 4, 'config.seed': 0},
+                    {'arg': 'lora', 'config.peft.lora.rank': 4, 'config.seed': 1},
+                    {'arg': 'lora', 'config.peft.lora.rank': 16, 'config.seed': 0},
+                    {'arg': 'lora', 'config.peft.lora.rank': 16, 'config.seed': 1}]
+  assert point_names(points)[2] == 'lora_rank=4_seed=0'
+  with pytest.raises(ValueError, match='lengths'):
+    hyper.zip([hyper.sweep('config.seed', [0, 1]), hyper.sweep('config.dtype', ['float32'])])
+  with pytest.raises(ValueError, match="'config.seed' is set twice"):
+    hyper.product([hyper.fixed('config.seed', 0), hyper.fixed('config.seed', 1)])
+  with pytest.raises(ValueError, match="a sweep key is 'arg' or 'config.<key>'"):
+    hyper.sweep('seed', [0])
+  with pytest.raises(ValueError, match='points with the same values'):
+    point_names([{'arg': 'ia3'}, {'arg': 'ia3'}, {'arg': 'lora'}])
