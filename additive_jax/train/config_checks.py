@@ -117,7 +117,10 @@ def _check_data(config) -> None:
   except ValueError as err:
     raise ValueError(f'config.answer_regex: {err}') from None
   for key, split in keys:
-    path = spec.path(data.data_dir, split)
+    try:
+      path = spec.path(data.data_dir, split)
+    except ValueError as err:  # a split the source does not declare
+      raise ValueError(f'config.{key}={split!r}: {err}') from None
     if not epath.Path(path).exists():
       raise FileNotFoundError(f'config.{key}={split!r}: no data file {path}')
 
