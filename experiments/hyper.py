@@ -10,8 +10,9 @@
       ])
 
 A point is a dict: `arg` is the base config's argument (a method preset, or several joined
-by ','), and each `config.<key>` a value given to the run on the command line as
-`--config.<key>=<value>`. Every function returns a list of points.
+by ','), `base` another experiment config than the sweep file's `BASE`, and each
+`config.<key>` a value given to the run on the command line as `--config.<key>=<value>`.
+Every function returns a list of points.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def chain(sweeps: list[list[dict]]) -> list[dict]:
 
 
 def _check_key(key: str) -> None:
-  if key != 'arg' and not key.startswith('config.'):
-    raise ValueError(f"a sweep key is 'arg' or 'config.<key>', got {key!r}")
+  if key not in ('arg', 'base') and not key.startswith('config.'):
+    raise ValueError(f"a sweep key is 'arg', 'base' or 'config.<key>', got {key!r}")
 
 
 def _merge(points) -> dict:

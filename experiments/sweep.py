@@ -72,9 +72,10 @@ def point_names(points: list[dict]) -> list[str]:
   varying = {k for p in points for k in p if len({repr(q.get(k)) for q in points}) > 1}
   names = []
   for point in points:
-    keys = [k for k in point if k in varying and k != 'arg']  # in the point's own order
+    keys = [k for k in point if k in varying and k not in ('arg', 'base')]  # the point's order
     lasts = collections.Counter(_short(k) for k in keys)
-    parts = [point['arg'].replace(',', '+')] if point.get('arg') else []
+    parts = [os.path.splitext(os.path.basename(point.get('base', 'base')))[0]] if 'base' in varying else []
+    parts += [point['arg'].replace(',', '+')] if point.get('arg') else []
     parts += [f'{_short(k) if lasts[_short(k)] == 1 else k.removeprefix("config.")}='
               f'{_text(point[k])}' for k in keys]
     names.append(re.sub(r'[^A-Za-z0-9_.=+-]+', '-', '_'.join(parts)) or 'default')
@@ -95,9 +96,9 @@ def _text(value) -> str:
 
 def command(base: str, point: dict, workdir: epath.Path) -> list[str]:
   arg = f':{point["arg"]}' if point.get('arg') else ''
-  return [sys.executable, '-m', 'additive_jax.main', f'--config={base}{arg}',
+  return [sys.executable, '-m', 'additive_jax.main', f'--config={point.get("base", base)}{arg}',
           f'--workdir={workdir}'] + [f'--{key}={_text(value)}' for key, value in point.items()
-                                     if key != 'arg']
+                                     if key not in ('arg', 'base')]
 
 
 def status(workdir: epath.Path) -> str:
@@ -153,8 +154,10 @@ def run_point(argv: list[str], workdir: epath.Path, stop: Stop) -> str:
 
 def write_index(root: epath.Path, sweep: str, base: str, arg, points, names) -> None:
   """ROOT/sweep.json: every point of the sweep and its status now (on any shard)."""
-  listed = [{'name': name, 'arg': point.get('arg'), 'workdir': str(root / name),
-             'overrides': {k.removeprefix('config.'): v for k, v in point.items() if k != 'arg'},
+  listed = [{'name': name, 'arg': point.get('arg'), 'base': point.get('base', base),
+             'workdir': str(root / name),
+             'overrides': {k.removeprefix('config.'): v for k, v in point.items()
+                           if k not in ('arg', 'base')},
              'status': status(root / name)} for point, name in zip(points, names)]
   staged = root / f'sweep.json.{os.getpid()}.tmp'
   staged.write_text(json.dumps({'sweep': sweep, 'arg': arg, 'base': base, 'points': listed},

@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
+from additive_jax.train.config_checks import check_config
 from experiments import hyper
-from experiments.sweep import point_names
-from cli_helpers import ROOT
+from experiments.sweep import load_sweep, point_names
+from cli_helpers import ROOT, experiment_config
 
 SWEEP_FILE = '''
 BASE = 'configs/sst2.py'
@@ -126,7 +127,26 @@ def test_hyper_algebra():
     hyper.zip([hyper.sweep('config.seed', [0, 1]), hyper.sweep('config.dtype', ['float32'])])
   with pytest.raises(ValueError, match="'config.seed' is set twice"):
     hyper.product([hyper.fixed('config.seed', 0), hyper.fixed('config.seed', 1)])
-  with pytest.raises(ValueError, match="a sweep key is 'arg' or 'config.<key>'"):
+  with pytest.raises(ValueError, match="a sweep key is 'arg', 'base' or 'config.<key>'"):
     hyper.sweep('seed', [0])
   with pytest.raises(ValueError, match='points with the same values'):
     point_names([{'arg': 'ia3'}, {'arg': 'ia3'}, {'arg': 'lora'}])
+
+
+@pytest.mark.parametrize('spec', ['configs/sweeps/presets.py', 'configs/sweeps/small.py:search',
+                                  'configs/sweeps/full.py:search'])
+def test_every_point_of_the_sweep_files_is_a_valid_config(spec):
+  """Each point's config argument and overrides, applied as the command line would, pass the
+  trainer's checks: a misspelt key or a bad value in a sweep file fails here, not hours in."""
+  base, points, _ = load_sweep(os.path.join(ROOT, spec.split(':')[0]) +
+                               (':' + spec.split(':')[1] if ':' in spec else ''))
+  checked = set()
+  for point in points:
+    overrides = {k.removeprefix('config.'): v for k, v in point.items() if k.startswith('config.')}
+    key = (point.get('base', base), point.get('arg'), repr(sorted(overrides.items())))
+    if key in checked:
+      continue
+    checked.add(key)
+    config = experiment_config(os.path.splitext(os.path.basename(key[0]))[0], point.get('arg'))
+    config.update_from_flattened_dict(overrides)  # a locked config: an unknown key raises
+    check_config(config)
