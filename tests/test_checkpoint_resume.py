@@ -218,44 +218,57 @@ def test_one_of_two_processes_signalled_both_stop_at_one_step_and_save_it(tmp_pa
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == [str(step)]  # saved by both, together
 
 
-def test_a_run_saved_by_two_processes_resumes_in_one_with_the_same_batches(tmp_path,
-                                                                           tiny_with_tokenizer,
-                                                                           small_sst2):
+def test_a_run_resumes_with_another_process_count_with_the_same_batches(tmp_path,
+                                                                       tiny_with_tokenizer,
+                                                                       small_sst2):
   """Elastic: the global batch of a step is the same for any process count (one global stream,
-  each process its rows), so a run of two processes resumed by one from step 8 logs the losses
-  of one process that never stopped."""
+  each process its rows), so a run of two processes resumed by one from step 8, and a run of
+  one resumed by two, log the losses of one process that never stopped."""
   trainer = ['--config=configs/sst2.py:pfeiffer,runlocal', '--config.peft.bottleneck.dim=8',
              f'--config.model={tiny_with_tokenizer}', f'--config.data.data_dir={small_sst2}',
              '--config.test_metric=', '--config.num_steps=12', '--config.checkpoint_every=4',
              '--config.eval_every=0']
   two_devices = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
-  reference = subprocess.run([sys.executable, '-m', 'additive_jax.main', *trainer,
-                              f'--workdir={tmp_path / "reference"}'], cwd=ROOT, env=two_devices,
-                             capture_output=True, text=True, timeout=300)
-  assert reference.returncode == 0, reference.stderr[-3000:]
+  one_device = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
 
-  port, workdir = free_port(), tmp_path / 'elastic'
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
-  workers = [subprocess.Popen(
-      [sys.executable, '-m', 'additive_jax.main', *trainer, f'--workdir={workdir}',
-       '--config.distributed=True', f'--coordinator_address=localhost:{port}',
-       '--num_processes=2', f'--process_id={i}'],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
-  for worker in workers:
-    out, _ = worker.communicate(timeout=300)
-    assert worker.returncode == 0, out[-3000:]
-  # as if the two had stopped after step 8: its checkpoint is the latest
-  assert sorted(os.listdir(workdir / 'checkpoints')) == ['12', '8']
-  shutil.rmtree(workdir / 'checkpoints' / '12')
-  resumed = subprocess.run([sys.executable, '-m', 'additive_jax.main', *trainer,
-                            f'--workdir={workdir}'], cwd=ROOT, env=two_devices,
-                           capture_output=True, text=True, timeout=300)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert 'resumed from step 8' in resumed.stdout
-  losses = [[line['loss'] for line in metric_lines(run) if 'loss' in line]
-            for run in (workdir, tmp_path / 'reference')]
-  assert len(losses[0]) == len(losses[1]) == 12
-  # across processes the gradients are summed by gloo, in one process by XLA: the same batches,
-  # the sums in another order
-  assert max(abs(a - b) / abs(b) for a, b in zip(*losses)) < 1e-5
+  def one_process(workdir):
+    result = subprocess.run([sys.executable, '-m', 'additive_jax.main', *trainer,
+                             f'--workdir={workdir}'], cwd=ROOT, env=two_devices,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+  def two_processes(workdir):
+    port = free_port()
+    workers = [subprocess.Popen(
+        [sys.executable, '-m', 'additive_jax.main', *trainer, f'--workdir={workdir}',
+         '--config.distributed=True', f'--coordinator_address=localhost:{port}',
+         '--num_processes=2', f'--process_id={i}'],
+        cwd=ROOT, env=one_device, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    outputs = [worker.communicate(timeout=300)[0] for worker in workers]
+    for worker, out in zip(workers, outputs):
+      assert worker.returncode == 0, out[-3000:]
+    return outputs[0]
+
+  def stopped_after_8(workdir):  # as if the run had stopped after step 8: the latest checkpoint
+    assert sorted(os.listdir(workdir / 'checkpoints')) == ['12', '8']
+    shutil.rmtree(workdir / 'checkpoints' / '12')
+
+  reference = tmp_path / 'reference'
+  one_process(reference)
+  shrunk, grown = tmp_path / 'two_then_one', tmp_path / 'one_then_two'
+  shutil.copytree(reference, grown)
+  two_processes(shrunk)
+  stopped_after_8(shrunk)
+  assert 'resumed from step 8' in one_process(shrunk)
+  stopped_after_8(grown)
+  assert 'resumed from step 8' in two_processes(grown)
+  expected = [line['loss'] for line in metric_lines(reference) if 'loss' in line]
+  assert len(expected) == 12
+  for run in (shrunk, grown):
+    losses = [line['loss'] for line in metric_lines(run) if 'loss' in line]
+    assert len(losses) == 12
+    # across processes the gradients are summed by gloo, in one process by XLA: the same
+    # batches, the sums in another order
+    assert max(abs(a - b) / abs(b) for a, b in zip(losses, expected)) < 1e-5, run.name
