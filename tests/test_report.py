@@ -1,0 +1,208 @@
+"""experiments/report.py on a sweep root written here: two settings of two seeds and a failed
+point. The table's numbers against ones computed here, the paired bootstrap against a slow loop
+and the normal approximation, refused pairs, and the command through a subprocess."""
+
+import builtins
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from unittest import mock
+
+from etils.epath import testing as epath_testing
+import numpy as np
+import pytest
+
+from cli_helpers import ROOT
+
+# Loaded from its file: experiments/ is not a package on the tests' path (its flags are defined
+# only when it runs as a command).
+_SPEC = importlib.util.spec_from_file_location(
+    'report', os.path.join(ROOT, 'experiments', 'report.py'))
+report = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(report)
+
+ROWS = 300
+PFEIFFER = 'pfeiffer_dim=16'  # the settings' names: the point names without their seed part
+LORA = 'lora_rank=4_lr=0.003'
+PEAK_BYTES = (700 * 2**20, 705 * 2**20)
+
+
+# How hard each test row is, shared by every run: the runs' hits correlate over rows as real
+# ones do, so that a paired interval is much narrower than an unpaired one.
+DIFFICULTY = np.random.default_rng(99).random(ROWS)
+
+
+def hits_of(seed: int, rows: int = ROWS) -> list[int]:
+  noise = np.random.default_rng(seed).random(rows)
+  return ((0.7 * DIFFICULTY[:rows] + 0.3 * noise) < 0.6).astype(int).tolist()
+
+
+def write_sweep(root, lora_rows=ROWS, lora_split='test', recorded_root=None):
+  """A sweep root as experiments/sweep.py and the trainer leave it (its workdirs recorded under
+  `recorded_root`, default `root`); returns the hits written."""
+  points, written = [], {}
+  settings = [(PFEIFFER, 'pfeiffer,runlocal', {'peft.bottleneck.dim': 16}, 1, 120_000),
+              (LORA, 'lora', {'peft.lora.rank': 4, 'peft.lora.alpha': 8,
+                              'peft.lora.optimizer.learning_rate': 3e-3}, 2, 450_000)]
+  for name, arg, overrides, offset, params in settings:
+    for seed in (0, 1):
+      point = f'{name}_seed={seed}'
+      workdir = root / point
+      workdir.mkdir()
+      rows = lora_rows if name == LORA else ROWS
+      hits = written[point] = hits_of(10 * seed + offset, rows)
+      summary = {'trainable_params': params, 'trainable_percent': 100 * params / 134_515_008,
+                 'accuracy_before': 0.5, 'accuracy_after': sum(hits) / rows,
+                 'tokens_per_s': 1000.0 + 100 * seed, 'step_memory_bytes': 600 * 2**20,
+                 'adapter_bytes': 4 * params + 2048, 'eval_loss': 0.4, 'test_step': 40}
+      if name == PFEIFFER:
+        summary['device_peak_bytes'] = PEAK_BYTES[seed]
+      (workdir / 'summary.json').write_text(json.dumps(summary))
+      (workdir / 'test_hits.json').write_text(json.dumps({
+          'metric': 'accuracy', 'split': lora_split if name == LORA else 'test', 'limit': 0,
+          'step': 40, 'hits': hits}))
+      points.append({'name': point, 'arg': arg, 'overrides': {**overrides, 'seed': seed},
+                     'workdir': f'{recorded_root or root}/{point}', 'status': 'done'})
+  points.append({'name': f'{PFEIFFER}_seed=2', 'arg': 'pfeiffer,runlocal',
+                 'overrides': {'peft.bottleneck.dim': 16, 'seed': 2},
+                 'workdir': str(root / f'{PFEIFFER}_seed=2'), 'status': 'failed'})
+  (root / 'sweep.json').write_text(json.dumps({
+      'sweep': 'configs/sweeps/test.py', 'arg': None, 'base': 'configs/sst2.py',
+      'points': points}))
+  return written
+
+
+def accuracy(hits):
+  return sum(hits) / len(hits)
+
+
+@pytest.fixture(scope='module')
+def written(tmp_path_factory):
+  root = tmp_path_factory.mktemp('sweep')
+  hits = write_sweep(root)
+  result, text = report.report(str(root), str(root / 'out' / 'small'), [(PFEIFFER, LORA)])
+  return root, hits, result, text
+
+
+def test_table_rows_are_the_seeds_statistics(written):
+  root, hits, result, text = written
+  lines = {line.split(' | ')[0].lstrip('| '): line for line in text.splitlines()
+           if line.startswith('| ')}
+  for label, name in (('Pfeiffer adapter dim 16', PFEIFFER), ('LoRA r 4 (all 7)', LORA)):
+    values = [accuracy(hits[f'{name}_seed={seed}']) for seed in (0, 1)]
+    assert values[0] != values[1]
+    cell = f'{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f} (n=2)'
+    assert cell in lines[label], (cell, lines[label])
+  assert '| LoRA r 4 (all 7) | lr 3e-3 | 450,000 |' in lines['LoRA r 4 (all 7)']
+  # the allocator's peak where a setting's seeds reported one (marked apart from compiled memory)
+  assert f'| {max(PEAK_BYTES) / 2**20:,.1f} |' in lines['Pfeiffer adapter dim 16']
+  assert '| 600.0 c |' in lines['LoRA r 4 (all 7)']
+  assert '| 1,050 |' in lines['LoRA r 4 (all 7)']  # the median tokens/s of 1,000 and 1,100
+  labels = [r['label'] for r in result['rows']]
+  assert labels == ['Pfeiffer adapter dim 16', 'LoRA r 4 (all 7)']
+  assert 'Zero-shot base: 0.5000 test accuracy' in text
+  assert json.loads((root / 'out' / 'small.json').read_text())['rows'][0]['n'] == 2
+
+
+def test_unfinished_point_is_listed_not_aggregated(written):
+  _, _, result, text = written
+  assert f'Not finished: {PFEIFFER}_seed=2 (failed)' in text
+  assert result['not_finished'] == [{'name': f'{PFEIFFER}_seed=2', 'status': 'failed'}]
+  assert result['rows'][0]['seeds'] == [0, 1]
+
+
+def test_plot_is_png(written):
+  root = written[0]
+  assert (root / 'out' / 'small.png').read_bytes().startswith(b'\x89PNG\r\n\x1a\n')
+  assert (root / 'out' / 'small.md').read_text() == written[3]
+
+
+def slow_bootstrap(per_row, resamples, seed):
+  """One resample at a time, the textbook loop."""
+  rng = np.random.default_rng(seed)
+  means = np.array([per_row[rng.integers(0, len(per_row), len(per_row))].mean()
+                    for _ in range(resamples)])
+  return np.percentile(means, [2.5, 97.5]), np.mean(means <= 0)
+
+
+def test_bootstrap_against_slow_loop_and_normal_approximation(written):
+  _, hits, result, text = written
+  pair = result['pairs'][0]
+  a = np.array([hits[f'{PFEIFFER}_seed={s}'] for s in (0, 1)], dtype=float)
+  b = np.array([hits[f'{LORA}_seed={s}'] for s in (0, 1)], dtype=float)
+  difference = a.mean() - b.mean()  # the plain accuracy difference, over both seeds
+  assert difference > 0.01
+  assert pair['difference'] == pytest.approx(difference, abs=1e-12)
+  assert pair['low'] < difference < pair['high']
+  per_row = a.mean(axis=0) - b.mean(axis=0)
+  (low, high), at_most_zero = slow_bootstrap(per_row, report.RESAMPLES, report.BOOTSTRAP_SEED)
+  # a few Monte Carlo errors apart at most (the same draws, where numpy's stream agrees)
+  assert pair['low'] == pytest.approx(low, abs=0.005)
+  assert pair['high'] == pytest.approx(high, abs=0.005)
+  assert 0.02 < at_most_zero < 0.5  # a fraction that a wrong comparison would move
+  assert pair['at_most_zero'] == pytest.approx(at_most_zero, abs=0.01)
+  # the normal approximation of the paired difference; an unpaired interval is twice as wide
+  half_width = 1.96 * per_row.std(ddof=1) / math.sqrt(ROWS)
+  assert 0.85 < (pair['high'] - pair['low']) / (2 * half_width) < 1.15
+  assert f'| {PFEIFFER} | {LORA} | {difference:+.4f} |' in text
+
+
+def test_bootstrap_chunks_do_not_change_the_statistic(monkeypatch):
+  per_side = np.random.default_rng(3).random((2, 50)) < 0.6
+  whole = report.paired_bootstrap(per_side[:1], per_side[1:], resamples=500)
+  monkeypatch.setattr(report, 'INDEX_ELEMENTS', 50 * 7)  # 7 resamples a draw
+  chunked = report.paired_bootstrap(per_side[:1], per_side[1:], resamples=500)
+  assert chunked['difference'] == whole['difference']
+  assert abs(chunked['high'] - whole['high']) < 0.05 and abs(chunked['low'] - whole['low']) < 0.05
+
+
+@pytest.mark.parametrize('change', [{'lora_rows': ROWS - 1}, {'lora_split': 'dev'}])
+def test_mismatched_hits_are_refused_naming_both(tmp_path, change):
+  write_sweep(tmp_path, **change)
+  with pytest.raises(ValueError, match=f'cannot pair {PFEIFFER} with {LORA}'):
+    report.report(str(tmp_path), str(tmp_path / 'r'), [(PFEIFFER, LORA)])
+  assert not (tmp_path / 'r.md').exists()  # nothing written for a refused pair
+  with pytest.raises(ValueError, match='names 0 finished settings'):
+    report.report(str(tmp_path), str(tmp_path / 'r'), [(PFEIFFER, 'houlsby')])
+
+
+def test_command(tmp_path):
+  # workdirs recorded where the sweep ran, since moved: each is found under ROOT by its name
+  write_sweep(tmp_path, recorded_root='/moved/elsewhere')
+  done = subprocess.run(
+      [sys.executable, '-m', 'experiments.report', str(tmp_path), f'--pair={PFEIFFER},{LORA}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert done.returncode == 0, done.stderr
+  assert '| Pfeiffer adapter dim 16 |' in done.stdout and '## A − B' in done.stdout
+  assert done.stdout == (tmp_path / 'report.md').read_text()
+  assert (tmp_path / 'report.png').read_bytes().startswith(b'\x89PNG')
+  assert json.loads((tmp_path / 'report.json').read_text())['pairs'][0]['a'] == PFEIFFER
+
+
+def test_a_bucket_root_is_read_and_written_through_epath(tmp_path):
+  """gs://bucket redirected to tmp_path/bucket by epath's mock; a bare open of it fails."""
+  def local(path):
+    return str(tmp_path / os.fspath(path).removeprefix('gs://'))
+
+  def redirect(original, path, *args, **kwargs):
+    return original(local(path), *args, **kwargs)
+
+  def guarded_open(path, *args, **kwargs):
+    bucket = isinstance(path, (str, os.PathLike)) and os.fspath(path).startswith('gs:')
+    assert not bucket, f'{path} opened outside etils.epath'
+    return unguarded_open(path, *args, **kwargs)
+
+  unguarded_open = builtins.open
+  (tmp_path / 'bucket').mkdir()
+  write_sweep(tmp_path / 'bucket', recorded_root='gs://bucket')
+  with epath_testing.mock_epath(**{name: redirect for name in (
+      'exists', 'isdir', 'listdir', 'makedirs', 'mkdir', 'open', 'stat')}), \
+      mock.patch.object(builtins, 'open', guarded_open):
+    _, text = report.report('gs://bucket', None, [(PFEIFFER, LORA)])
+  assert (tmp_path / 'bucket' / 'report.md').read_text() == text
+  assert (tmp_path / 'bucket' / 'report.png').read_bytes().startswith(b'\x89PNG')
+  assert 'Not finished' in text and '| Pfeiffer adapter dim 16 |' in text
