@@ -1,19 +1,18 @@
-r"""The table, plots and paired comparisons of a finished (or partly finished) sweep.
+r"""The tables, plot and paired comparisons of a finished (or partly finished) sweep.
 
     python -m experiments.report ROOT [--out=PREFIX] [--pair=A,B ...]
     python -m experiments.report runs/small --out=experiments/results/small --pair=A,B
 
-(A and B: two names from the table's last column; `--pair` repeats)
-
 reads `ROOT/sweep.json` (experiments/sweep.py writes it) and each done point's
-`summary.json` and `test_hits.json`, and writes `PREFIX.md` (printed too), `PREFIX.json`
-(the same numbers) and `PREFIX.png` (the test metric against trainable parameters);
-PREFIX defaults to `ROOT/report`. Paths are etils.epath (`gs://...`).
+`summary.json` and `test_hits.json`; writes `PREFIX.md` (printed too), `PREFIX.json` (the
+same numbers) and `PREFIX.png` (the test metric against trainable parameters), a table and
+a panel per base config (task); PREFIX defaults to `ROOT/report`; paths go through epath.
 
-A *setting* is a point's config argument without `runlocal` and its overrides without
-`seed`; its points are its seeds, one row (metric mean ± std with ddof=1, median tokens/s,
-largest memory). Its *name*, what `--pair` takes, is the point name without its seed part
-(`_seed=1`, `_seed1`), e.g. `pfeiffer_dim=16`; the table's last column lists them.
+A *setting* is a point's base config, its argument without `runlocal` and its overrides
+without `seed`; its points are its seeds, one row (metric mean ± std with ddof=1, median
+tokens/s, largest memory). Its *name* is the point name without its seed part, e.g.
+`pfeiffer_dim=16` (the table's last column); `--pair` takes a name, or the start of one up
+to a `_` that no other name starts with.
 
 The zero-shot base is the mean `<metric>_before` of the points whose methods all start as
 the identity (a zero adapter up-projection or LoRA B, unit (IA)³ scales): their "before" is
@@ -59,7 +58,6 @@ SHOWN_FIELDS = {'bottleneck': ('placement', 'dim', 'reduction_factor'),
                 'prefix': ('num_tokens',), 'ladder': ('reduction',)}
 PLACEMENT_NAMES = {'pfeiffer': 'Pfeiffer adapter', 'houlsby': 'Houlsby adapter',
                    'parallel': 'parallel adapter'}
-LR_KEY = 'optimizer.learning_rate'
 MEMORY_HEADERS = {('peak',): 'peak memory MiB', ('compiled',): 'step memory MiB'}  # else mixed
 MEMORY_NOTE = ("Memory: the device allocator's peak (`device_peak_bytes`) where every seed "
                "reported one, else the compiled train step's (`step_memory_bytes`; marked c in a "
@@ -135,7 +133,8 @@ def settings_text(overrides: dict, words: tuple[str, ...]) -> str:
     for method in keys:
       if key.startswith(f'peft.{method}.'):
         key = ('' if len(keys) == 1 else f'{method} ') + key.removeprefix(f'peft.{method}.')
-    parts.append(f"{key.replace(LR_KEY, 'lr').replace('optimizer.', '')} {number(value)}")
+    parts.append(f"{key.replace('optimizer.learning_rate', 'lr').replace('optimizer.', '')} "
+                 f'{number(value)}')
   return ', '.join(parts)
 
 
@@ -155,6 +154,7 @@ def load_points(root: epath.Path) -> tuple[dict, list[dict], list[dict]]:
       continue
     hits = workdir / 'test_hits.json'
     done.append({**point, 'overrides': point.get('overrides') or {},
+                 'base': point.get('base') or sweep.get('base'),
                  'summary': read_json(workdir / 'summary.json'),
                  'hits': read_json(hits) if hits.exists() else None})
   return sweep, done, unfinished
@@ -179,10 +179,9 @@ def aggregate(words: tuple[str, ...], overrides: dict, members: list[dict], metr
   names = {re.sub(rf'[_.-]*seed[=_-]?{seed}(?![0-9])', '', m['name']) if seed is not None
            else m['name'] for m, seed in zip(members, seeds)}  # each without its seed part
   settings = settings_text(rest, words)
-  but_rate = settings_text({k: v for k, v in rest.items() if not k.endswith(LR_KEY)}, words)
   params = summaries[0]['trainable_params']
   return {
-      'label': label, 'family': family, 'settings': settings, 'settings_but_rate': but_rate,
+      'label': label, 'family': family, 'settings': settings,
       'title': label + (f', {settings}' if settings else ''),
       'names': sorted(n or 'default' for n in names), 'arg': ','.join(words),
       'overrides': overrides, 'points': [m['name'] for m in members], 'seeds': seeds,
@@ -215,10 +214,8 @@ def zero_shot(points: list[dict], metric: str) -> dict | None:
   befores = [p['summary'][f'{metric}_before'] for p in points if f'{metric}_before' in p['summary']
              and set(method_words(p.get('arg'))) <= set(IDENTITY_AT_INIT)
              and method_words(p.get('arg'))]
-  if not befores:
-    return None
   return {'mean': statistics.fmean(befores), 'min': min(befores), 'max': max(befores),
-          'n': len(befores)}
+          'n': len(befores)} if befores else None
 
 
 def paired_bootstrap(hits_a: np.ndarray, hits_b: np.ndarray, resamples: int = RESAMPLES,
@@ -252,20 +249,23 @@ def stacked_hits(row: dict) -> tuple[np.ndarray, dict]:
 
 def compare(rows: list[dict], a: str, b: str) -> dict:
   """The paired bootstrap of the settings named `a` and `b` (see the module docstring)."""
-  def find(name):
-    found = [r for r in rows if name in r['names']]
+  def find(name):  # a setting's name, else the start of one (up to a `_`)
+    found = ([r for r in rows if name in r['names']] or
+             [r for r in rows if any(n.startswith(f'{name}_') for n in r['names'])])
     if len(found) != 1:
-      known = ', '.join(n for r in rows for n in r['names'])
+      known = ', '.join(n for r in (found or rows) for n in r['names'])
       raise ValueError(f'--pair {a},{b}: {name!r} names {len(found)} finished settings (one is '
-                       f'needed); the settings: {known}')
+                       f'needed): {known}')
     return found[0]
-  (hits_a, scored_a), (hits_b, scored_b) = stacked_hits(find(a)), stacked_hits(find(b))
+  row_a, row_b = find(a), find(b)
+  a, b = row_a['names'][0], row_b['names'][0]  # as the table names them
+  (hits_a, scored_a), (hits_b, scored_b) = stacked_hits(row_a), stacked_hits(row_b)
   differ = [f'{k} {scored_a[k]!r} vs {scored_b[k]!r}' for k in scored_a
             if scored_a[k] != scored_b[k]]
   if differ:
     raise ValueError(f'cannot pair {a} with {b}: their test hits differ in {"; ".join(differ)}')
-  return {'a': a, 'b': b, 'seeds_a': len(hits_a), 'seeds_b': len(hits_b),
-          **paired_bootstrap(hits_a, hits_b)}
+  return {'a': a, 'b': b, 'metric': scored_a['metric'], 'seeds_a': len(hits_a),
+          'seeds_b': len(hits_b), **paired_bootstrap(hits_a, hits_b)}
 
 
 def table_line(r: dict, mark_compiled: bool) -> str:
@@ -280,19 +280,27 @@ def table_line(r: dict, mark_compiled: bool) -> str:
           f"{', '.join(r['names'])} |")
 
 
-def markdown(result: dict) -> str:
-  metric, rows, zero = result['metric'], result['rows'], result['zero_shot']
+def task_lines(task: dict) -> list[str]:
+  """One base config's zero-shot line and table."""
+  metric, rows, zero = task['metric'], task['rows'], task['zero_shot']
   kinds = tuple(sorted({r['memory_kind'] for r in rows if r['memory_bytes'] is not None}))
-  memory_header = MEMORY_HEADERS.get(kinds, 'memory MiB')
-  lines = [f"# {result['sweep']} on {result['base']}", '']
+  lines = [f"## {task['base']}: test {metric}", '']
   if zero:
     spread = f", range {zero['min']:.4f}–{zero['max']:.4f}" if zero['max'] > zero['min'] else ''
     lines += [f"Zero-shot base: {zero['mean']:.4f} test {metric} (`{metric}_before` of "
-              f"{zero['n']} runs of methods that start as the identity{spread})", '']
+              f"{zero['n']} run{'s' * (zero['n'] > 1)} of methods that start as the identity"
+              f'{spread})', '']
   lines += [f'| method | settings | trainable params | % of base | test {metric} (mean ± std, n) '
-            f'| train tokens/s | {memory_header} | adapter file | name |', '|---' * 9 + '|']
-  lines += [table_line(r, mark_compiled=len(kinds) > 1) for r in rows]
-  lines += ['', MEMORY_NOTE + ' Tokens/s: the median over seeds. Name: what `--pair` takes.']
+            f"| train tokens/s | {MEMORY_HEADERS.get(kinds, 'memory MiB')} | adapter file | name |",
+            '|---' * 9 + '|']
+  return lines + [table_line(r, mark_compiled=len(kinds) > 1) for r in rows] + ['']
+
+
+def markdown(result: dict) -> str:
+  lines = [f"# {result['sweep']}", '']
+  for task in result['tasks']:
+    lines += task_lines(task)
+  lines += [MEMORY_NOTE + ' Tokens/s: the median over seeds. Name: what `--pair` takes.']
   if result['not_finished']:
     lines += ['', 'Not finished: ' + ', '.join(f"{p['name']} ({p['status']})"
                                                for p in result['not_finished'])]
@@ -300,72 +308,76 @@ def markdown(result: dict) -> str:
     lines += ['', '## A − B, 95% interval over test rows, n seeds A/B', '',
               f"{RESAMPLES:,} resamples of the test rows (numpy seed {BOOTSTRAP_SEED}); a row's "
               "outcome on a side is its hits averaged over that side's seeds.", '',
-              f'| A | B | A − B ({metric}) | 95% interval | resamples ≤ 0 | n seeds A/B '
-              '| rows |', '|---' * 7 + '|']
-    lines += [f"| {p['a']} | {p['b']} | {p['difference']:+.4f} | [{p['low']:+.4f}, "
-              f"{p['high']:+.4f}] | {p['at_most_zero']:.4f} | {p['seeds_a']}/{p['seeds_b']} | "
-              f"{p['rows']} |" for p in result['pairs']]
+              '| A | B | metric | A − B | 95% interval | resamples ≤ 0 | n seeds A/B | rows |',
+              '|---' * 8 + '|']
+    lines += [f"| {p['a']} | {p['b']} | {p['metric']} | {p['difference']:+.4f} | "
+              f"[{p['low']:+.4f}, {p['high']:+.4f}] | {p['at_most_zero']:.4f} | "
+              f"{p['seeds_a']}/{p['seeds_b']} | {p['rows']} |" for p in result['pairs']]
   return '\n'.join(lines) + '\n'
 
 
-def figure_bytes(figure) -> bytes:
+def plot(tasks: list[dict]) -> bytes:
+  """The PNG: a panel per base config (task), one above the other."""
+  figure, panels = plt.subplots(len(tasks), 1, figsize=(10, 4.5 * len(tasks)), squeeze=False,
+                                layout='constrained')
+  for task, axes in zip(tasks, panels[:, 0]):
+    plot_metric(task, axes)
   buffer = io.BytesIO()  # through epath afterwards: savefig cannot write to gs://
   figure.savefig(buffer, format='png', dpi=150, bbox_inches='tight')
   plt.close(figure)
   return buffer.getvalue()
 
 
-def plot_metric(result: dict) -> bytes:
+def plot_metric(task: dict, axes) -> None:
   """The metric against trainable parameters: a line per family through its seed means."""
   families = {}
-  for r in result['rows']:
-    families.setdefault((r['family'], r['settings_but_rate']), []).append(r)
-  lines = []  # a family whose sizes share a parameter count was swept in something else (a rate)
-  for group in families.values():
-    unique = len({r['trainable_params'] for r in group}) == len(group)
-    lines += [group] if unique else [[r] for r in group]
-  figure, axes = plt.subplots(figsize=(7.5, 4.5))
+  for r in task['rows']:  # the rows of a family differ in size alone
+    families.setdefault((r['family'], r['settings']), []).append(r)
   colors, markers = plt.get_cmap('tab10').colors, 'sD^vPX*<>p'  # markers: single settings
-  for i, group in enumerate(lines):
+  for i, group in enumerate(families.values()):
     color, params = colors[i % len(colors)], [r['trainable_params'] for r in group]
     for r in group:
       axes.scatter([r['trainable_params']] * r['n'], r['values'], color=color, alpha=0.3, s=12,
                    zorder=3)
     if len(group) > 1:
       axes.plot(params, [r['mean'] for r in group], 'o-', color=color,
-                label=', '.join(filter(None, (group[0]['family'], group[0]['settings_but_rate']))))
+                label=', '.join(filter(None, (group[0]['family'], group[0]['settings']))))
     else:
       axes.plot(params, [group[0]['mean']], markers[i % len(markers)], color=color, markersize=8,
                 linestyle='none', label=group[0]['title'])
-  if result['zero_shot']:
-    axes.axhline(result['zero_shot']['mean'], color='gray', linestyle='--', label='zero-shot base')
+  if task['zero_shot']:
+    axes.axhline(task['zero_shot']['mean'], color='gray', linestyle='--', label='zero-shot base')
   axes.set_xscale('log')
   axes.set_xlabel('trainable parameters')
-  axes.set_ylabel(f"test {result['metric']} (dots: seeds)")
+  axes.set_ylabel(f"test {task['metric']} (dots: seeds)")
+  axes.set_title(task['base'], fontsize='medium')
   axes.legend(fontsize='small', loc='center left', bbox_to_anchor=(1.01, 0.5))
   axes.grid(alpha=0.3)
-  return figure_bytes(figure)
 
 
 def report(root: str, out: str | None = None, pairs=()) -> tuple[dict, str]:
   """(the JSON written, the Markdown written); nothing is written unless every pair is valid."""
   root = epath.Path(root)
   sweep, points, unfinished = load_points(root)
-  metric = metric_of(points)
-  rows = settings_of(points, metric)
-  compared = [compare(rows, a, b) for a, b in pairs]
-  result = {'root': str(root), 'sweep': sweep.get('sweep'), 'base': sweep.get('base'),
-            'arg': sweep.get('arg'), 'metric': metric, 'zero_shot': zero_shot(points, metric),
-            'rows': rows, 'not_finished': unfinished, 'pairs': compared}
+  tasks = []
+  for base in dict.fromkeys(p['base'] for p in points):  # each its own metric and zero shot
+    members = [p for p in points if p['base'] == base]
+    metric = metric_of(members)
+    tasks.append({'base': base, 'metric': metric, 'zero_shot': zero_shot(members, metric),
+                  'rows': settings_of(members, metric)})
+  compared = [compare([r for t in tasks for r in t['rows']], a, b) for a, b in pairs]
+  result = {'root': str(root), 'sweep': sweep.get('sweep'), 'arg': sweep.get('arg'),
+            'tasks': tasks, 'not_finished': unfinished, 'pairs': compared}
   text = markdown(result)
   prefix = out or str(root / 'report')
   epath.Path(prefix).parent.mkdir(parents=True, exist_ok=True)
   epath.Path(f'{prefix}.md').write_text(text, encoding='utf-8')
-  saved = {**result, 'rows': [{k: v for k, v in r.items() if k not in ('hits', 'order')}
-                              for r in rows]}
+  saved = {**result, 'tasks': [{**t, 'rows': [{k: v for k, v in r.items()
+                                               if k not in ('hits', 'order')} for r in t['rows']]}
+                                for t in tasks]}
   epath.Path(f'{prefix}.json').write_text(json.dumps(saved, indent=1), encoding='utf-8')
-  if rows:
-    epath.Path(f'{prefix}.png').write_bytes(plot_metric(result))
+  if tasks:
+    epath.Path(f'{prefix}.png').write_bytes(plot(tasks))
   return saved, text
 
 

@@ -28,6 +28,7 @@ _SPEC.loader.exec_module(report)
 ROWS = 300
 PFEIFFER = 'pfeiffer_dim=16'  # the settings' names: the point names without their seed part
 LORA = 'lora_rank=4_lr=0.003'
+GSM8K = 'gsm8k_ia3_seed=0'  # a point of a second base config, one seed
 PEAK_BYTES = (700 * 2**20, 705 * 2**20)
 
 
@@ -41,9 +42,10 @@ def hits_of(seed: int, rows: int = ROWS) -> list[int]:
   return ((0.7 * DIFFICULTY[:rows] + 0.3 * noise) < 0.6).astype(int).tolist()
 
 
-def write_sweep(root, lora_rows=ROWS, lora_split='test', recorded_root=None):
+def write_sweep(root, lora_rows=ROWS, lora_split='test', recorded_root=None, gsm8k=False):
   """A sweep root as experiments/sweep.py and the trainer leave it (its workdirs recorded under
-  `recorded_root`, default `root`); returns the hits written."""
+  `recorded_root`, default `root`; with `gsm8k`, one seed of a second task besides); returns the
+  hits written."""
   points, written = [], {}
   settings = [(PFEIFFER, 'pfeiffer,runlocal', {'peft.bottleneck.dim': 16}, 1, 120_000),
               (LORA, 'lora', {'peft.lora.rank': 4, 'peft.lora.alpha': 8,
@@ -70,6 +72,15 @@ def write_sweep(root, lora_rows=ROWS, lora_split='test', recorded_root=None):
   points.append({'name': f'{PFEIFFER}_seed=2', 'arg': 'pfeiffer,runlocal',
                  'overrides': {'peft.bottleneck.dim': 16, 'seed': 2},
                  'workdir': str(root / f'{PFEIFFER}_seed=2'), 'status': 'failed'})
+  if gsm8k:
+    (root / GSM8K).mkdir()
+    (root / GSM8K / 'summary.json').write_text(json.dumps({
+        'trainable_params': 30_000, 'trainable_percent': 0.02, 'exact_match_before': 0.1,
+        'exact_match_after': 0.125, 'tokens_per_s': 500.0, 'step_memory_bytes': 2**30}))
+    (root / GSM8K / 'test_hits.json').write_text(json.dumps({
+        'metric': 'exact_match', 'split': 'test', 'limit': 0, 'step': 40, 'hits': [1, 0] * 4}))
+    points.append({'name': GSM8K, 'arg': 'ia3', 'base': 'configs/gsm8k.py',
+                   'overrides': {'seed': 0}, 'workdir': str(root / GSM8K), 'status': 'done'})
   (root / 'sweep.json').write_text(json.dumps({
       'sweep': 'configs/sweeps/test.py', 'arg': None, 'base': 'configs/sst2.py',
       'points': points}))
@@ -102,17 +113,17 @@ def test_table_rows_are_the_seeds_statistics(written):
   assert f'| {max(PEAK_BYTES) / 2**20:,.1f} |' in lines['Pfeiffer adapter dim 16']
   assert '| 600.0 c |' in lines['LoRA r 4 (all 7)']
   assert '| 1,050 |' in lines['LoRA r 4 (all 7)']  # the median tokens/s of 1,000 and 1,100
-  labels = [r['label'] for r in result['rows']]
+  labels = [r['label'] for r in result['tasks'][0]['rows']]
   assert labels == ['Pfeiffer adapter dim 16', 'LoRA r 4 (all 7)']
   assert 'Zero-shot base: 0.5000 test accuracy' in text
-  assert json.loads((root / 'out' / 'small.json').read_text())['rows'][0]['n'] == 2
+  assert json.loads((root / 'out' / 'small.json').read_text())['tasks'][0]['rows'][0]['n'] == 2
 
 
 def test_unfinished_point_is_listed_not_aggregated(written):
   _, _, result, text = written
   assert f'Not finished: {PFEIFFER}_seed=2 (failed)' in text
   assert result['not_finished'] == [{'name': f'{PFEIFFER}_seed=2', 'status': 'failed'}]
-  assert result['rows'][0]['seeds'] == [0, 1]
+  assert result['tasks'][0]['rows'][0]['seeds'] == [0, 1]
 
 
 def test_plot_is_png(written):
@@ -148,7 +159,7 @@ def test_bootstrap_against_slow_loop_and_normal_approximation(written):
   # the normal approximation of the paired difference; an unpaired interval is twice as wide
   half_width = 1.96 * per_row.std(ddof=1) / math.sqrt(ROWS)
   assert 0.85 < (pair['high'] - pair['low']) / (2 * half_width) < 1.15
-  assert f'| {PFEIFFER} | {LORA} | {difference:+.4f} |' in text
+  assert f'| {PFEIFFER} | {LORA} | accuracy | {difference:+.4f} |' in text
 
 
 def test_bootstrap_chunks_do_not_change_the_statistic(monkeypatch):
@@ -170,16 +181,30 @@ def test_mismatched_hits_are_refused_naming_both(tmp_path, change):
     report.report(str(tmp_path), str(tmp_path / 'r'), [(PFEIFFER, 'houlsby')])
 
 
+def test_each_base_config_has_its_own_table_and_metric(tmp_path):
+  write_sweep(tmp_path, gsm8k=True)
+  result, text = report.report(str(tmp_path), str(tmp_path / 'r'))
+  assert [(t['base'], t['metric']) for t in result['tasks']] == [
+      ('configs/sst2.py', 'accuracy'), ('configs/gsm8k.py', 'exact_match')]
+  gsm8k = text[text.index('## configs/gsm8k.py: test exact_match'):]
+  assert 'Zero-shot base: 0.1000 test exact_match' in gsm8k
+  assert '| (IA)³ |  | 30,000 | 0.02% | 0.1250 (n=1) |' in gsm8k  # one seed: no ± std
+  with pytest.raises(ValueError, match=f'cannot pair {PFEIFFER} with gsm8k_ia3: .*metric'):
+    report.report(str(tmp_path), str(tmp_path / 'r'), [(PFEIFFER, 'gsm8k_ia3')])
+
+
 def test_command(tmp_path):
   # workdirs recorded where the sweep ran, since moved: each is found under ROOT by its name
   write_sweep(tmp_path, recorded_root='/moved/elsewhere')
   done = subprocess.run(
-      [sys.executable, '-m', 'experiments.report', str(tmp_path), f'--pair={PFEIFFER},{LORA}'],
+      # a pair by the start of each name, up to a `_`
+      [sys.executable, '-m', 'experiments.report', str(tmp_path), '--pair=pfeiffer,lora_rank=4'],
       cwd=ROOT, capture_output=True, text=True, timeout=60)
   assert done.returncode == 0, done.stderr
   assert '| Pfeiffer adapter dim 16 |' in done.stdout and '## A − B' in done.stdout
   assert done.stdout == (tmp_path / 'report.md').read_text()
   assert (tmp_path / 'report.png').read_bytes().startswith(b'\x89PNG')
+  assert f'| {PFEIFFER} | {LORA} | accuracy | ' in done.stdout  # the names in full
   assert json.loads((tmp_path / 'report.json').read_text())['pairs'][0]['a'] == PFEIFFER
 
 
