@@ -43,14 +43,13 @@ import numpy as np  # noqa: E402
 from additive_jax import cli  # noqa: E402
 from additive_jax.peft.lora import TARGETS as LORA_TARGETS  # noqa: E402
 from additive_jax.peft.registry import field_types, presets  # noqa: E402
+from additive_jax.eval.metrics import METRICS  # noqa: E402
+from experiments.bootstrap import BOOTSTRAP_SEED, RESAMPLES, compare  # noqa: E402
 
 SEED_KEY = 'seed'
 LOCAL_WORD = 'runlocal'  # shrinks a run; the same setting otherwise
 IDENTITY_AT_INIT = ('pfeiffer', 'houlsby', 'parallel', 'lora', 'ia3')
 FAMILY_ORDER = ('pfeiffer', 'houlsby', 'parallel', 'lora', 'ia3', 'prompt', 'prefix', 'ladder')
-RESAMPLES = 10_000
-BOOTSTRAP_SEED = 0
-INDEX_ELEMENTS = 1 << 22  # resampled row indices drawn at once (32 MiB of int64)
 MiB = 1 << 20
 # the method fields a label shows (the rest of a method's overrides go to the settings column)
 SHOWN_FIELDS = {'bottleneck': ('placement', 'dim', 'reduction_factor'),
@@ -147,8 +146,8 @@ def load_points(root: epath.Path) -> tuple[dict, list[dict], list[dict]]:
     # a root copied elsewhere (down from a bucket) still lists its old absolute workdirs
     workdir = next((w for w in (recorded, root / point['name']) if (w / 'summary.json').exists()),
                    recorded)
-    status = point.get('status', 'pending')
-    if status != 'done' or not (workdir / 'summary.json').exists():
+    if not (workdir / 'summary.json').exists():  # the summary decides: sweep.json may be stale
+      status = point.get('status', 'pending')
       unfinished.append({'name': point['name'],
                          'status': status if status != 'done' else 'done, no summary.json'})
       continue
@@ -160,19 +159,34 @@ def load_points(root: epath.Path) -> tuple[dict, list[dict], list[dict]]:
   return sweep, done, unfinished
 
 
-def metric_of(points: list[dict]) -> str:
-  """The test metric of the sweep's points: the one whose `<metric>_after` each summary has."""
+def metric_of(points: list[dict]) -> tuple[str, str]:
+  """(metric, where it was scored) of the sweep's points: the test metric whose
+  `<metric>_after` the summaries have, else, for runs that read no test split (a learning-rate
+  search), the eval metric their summaries end with (`eval_<metric>`, on the eval split)."""
   names = {k.removesuffix('_after') for p in points for k in p['summary'] if k.endswith('_after')}
+  scored = 'test'
+  if not names:
+    # the eval loss's perplexity is in every summary: the task metric when there is one
+    names = {m for p in points for m in METRICS if f'eval_{m}' in p['summary']}
+    names = names - {'perplexity'} or names
+    scored = 'eval'
   if len(names) > 1:
-    raise ValueError(f'the points report different test metrics: {sorted(names)}')
-  return names.pop() if names else 'accuracy'
+    raise ValueError(f'the points report different {scored} metrics: {sorted(names)}')
+  return (names.pop() if names else 'accuracy'), scored
 
 
-def aggregate(words: tuple[str, ...], overrides: dict, members: list[dict], metric: str) -> dict:
-  """One table row: a setting's seeds summarized."""
+def value_key(metric: str, scored: str) -> str:
+  return f'{metric}_after' if scored == 'test' else f'eval_{metric}'
+
+
+def aggregate(words: tuple[str, ...], overrides: dict, members: list[dict], key: str,
+              common: dict) -> dict:
+  """One table row: a setting's seeds summarized (the `common` overrides left out of its
+  settings column, not of its label)."""
   label, family, rest = describe(words, overrides)
+  rest = {k: v for k, v in rest.items() if k not in common}
   summaries = [m['summary'] for m in members]
-  values = [s.get(f'{metric}_after', np.nan) for s in summaries]  # nan: a run without a test
+  values = [s.get(key, np.nan) for s in summaries]  # nan: a run without the metric
   peak = all('device_peak_bytes' in s for s in summaries)
   memory = [s.get('device_peak_bytes' if peak else 'step_memory_bytes') for s in summaries]
   seeds = [m['overrides'].get(SEED_KEY) for m in members]
@@ -198,14 +212,22 @@ def aggregate(words: tuple[str, ...], overrides: dict, members: list[dict], metr
                 else len(FAMILY_ORDER), family, params, settings)}
 
 
-def settings_of(points: list[dict], metric: str) -> list[dict]:
-  """The table's rows, by family, then trainable parameters."""
-  groups = {}
+def common_overrides(points: list[dict]) -> dict:
+  """The overrides every point has with one value (shown once, not in each row)."""
+  first = points[0]['overrides'] if points else {}
+  return {k: v for k, v in first.items() if k != SEED_KEY and
+          all(k in p['overrides'] and p['overrides'][k] == v for p in points)}
+
+
+def settings_of(points: list[dict], value: str) -> list[dict]:
+  """The table's rows (`value`: the summary key of the metric), by family, then trainable
+  parameters."""
+  groups, common = {}, common_overrides(points)
   for point in points:
     overrides = {k: v for k, v in point['overrides'].items() if k != SEED_KEY}
-    key = (method_words(point.get('arg')), json.dumps(overrides, sort_keys=True))
-    groups.setdefault(key, []).append(point)
-  rows = [aggregate(words, json.loads(text), members, metric)
+    setting = (method_words(point.get('arg')), json.dumps(overrides, sort_keys=True))
+    groups.setdefault(setting, []).append(point)
+  rows = [aggregate(words, json.loads(text), members, value, common)
           for (words, text), members in groups.items()]
   return sorted(rows, key=lambda r: r['order'])
 
@@ -216,56 +238,6 @@ def zero_shot(points: list[dict], metric: str) -> dict | None:
              and method_words(p.get('arg'))]
   return {'mean': statistics.fmean(befores), 'min': min(befores), 'max': max(befores),
           'n': len(befores)} if befores else None
-
-
-def paired_bootstrap(hits_a: np.ndarray, hits_b: np.ndarray, resamples: int = RESAMPLES,
-                     seed: int = BOOTSTRAP_SEED) -> dict:
-  """A − B over rows, from seeds × rows hits of each side: the difference, the 95% percentile
-  interval of the rows resampled with replacement, and the fraction of resamples at most 0."""
-  per_row = hits_a.mean(axis=0) - hits_b.mean(axis=0)
-  rows = per_row.size
-  rng = np.random.default_rng(seed)
-  means = np.empty(resamples)
-  chunk = max(1, INDEX_ELEMENTS // rows)  # resamples per draw, so the index matrix stays bounded
-  for start in range(0, resamples, chunk):
-    stop = min(start + chunk, resamples)
-    means[start:stop] = per_row[rng.integers(0, rows, size=(stop - start, rows))].mean(axis=1)
-  low, high = np.percentile(means, [2.5, 97.5])
-  return {'difference': float(per_row.mean()), 'low': float(low), 'high': float(high),
-          'at_most_zero': float(np.mean(means <= 0)), 'rows': rows, 'resamples': resamples}
-
-
-def stacked_hits(row: dict) -> tuple[np.ndarray, dict]:
-  """A setting's seeds × rows hits and what they were scored on; its seeds must agree."""
-  name, missing = row['names'][0], [p for p, h in zip(row['points'], row['hits']) if h is None]
-  if missing:
-    raise ValueError(f'{name}: {", ".join(missing)} wrote no test_hits.json')
-  scored = [{'metric': h['metric'], 'split': h['split'], 'limit': h['limit'],
-             'rows': len(h['hits'])} for h in row['hits']]
-  if any(s != scored[0] for s in scored):
-    raise ValueError(f'{name}: its seeds were tested on different rows: {scored}')
-  return np.array([h['hits'] for h in row['hits']], dtype=np.float64), scored[0]
-
-
-def compare(rows: list[dict], a: str, b: str) -> dict:
-  """The paired bootstrap of the settings named `a` and `b` (see the module docstring)."""
-  def find(name):  # a setting's name, else the start of one (up to a `_`)
-    found = ([r for r in rows if name in r['names']] or
-             [r for r in rows if any(n.startswith(f'{name}_') for n in r['names'])])
-    if len(found) != 1:
-      known = ', '.join(n for r in (found or rows) for n in r['names'])
-      raise ValueError(f'--pair {a},{b}: {name!r} names {len(found)} finished settings (one is '
-                       f'needed): {known}')
-    return found[0]
-  row_a, row_b = find(a), find(b)
-  a, b = row_a['names'][0], row_b['names'][0]  # as the table names them
-  (hits_a, scored_a), (hits_b, scored_b) = stacked_hits(row_a), stacked_hits(row_b)
-  differ = [f'{k} {scored_a[k]!r} vs {scored_b[k]!r}' for k in scored_a
-            if scored_a[k] != scored_b[k]]
-  if differ:
-    raise ValueError(f'cannot pair {a} with {b}: their test hits differ in {"; ".join(differ)}')
-  return {'a': a, 'b': b, 'metric': scored_a['metric'], 'seeds_a': len(hits_a),
-          'seeds_b': len(hits_b), **paired_bootstrap(hits_a, hits_b)}
 
 
 def table_line(r: dict, mark_compiled: bool) -> str:
@@ -282,15 +254,18 @@ def table_line(r: dict, mark_compiled: bool) -> str:
 
 def task_lines(task: dict) -> list[str]:
   """One base config's zero-shot line and table."""
-  metric, rows, zero = task['metric'], task['rows'], task['zero_shot']
+  metric, rows, zero = f"{task['scored']} {task['metric']}", task['rows'], task['zero_shot']
   kinds = tuple(sorted({r['memory_kind'] for r in rows if r['memory_bytes'] is not None}))
-  lines = [f"## {task['base']}: test {metric}", '']
+  lines = [f"## {task['base']}: {metric}", '']
+  if task['common']:
+    lines += ['Every run: ' + ', '.join(f'`{k}={number(v)}`' for k, v in task['common'].items()),
+              '']
   if zero:
     spread = f", range {zero['min']:.4f}–{zero['max']:.4f}" if zero['max'] > zero['min'] else ''
-    lines += [f"Zero-shot base: {zero['mean']:.4f} test {metric} (`{metric}_before` of "
+    lines += [f"Zero-shot base: {zero['mean']:.4f} {metric} (`{task['metric']}_before` of "
               f"{zero['n']} run{'s' * (zero['n'] > 1)} of methods that start as the identity"
               f'{spread})', '']
-  lines += [f'| method | settings | trainable params | % of base | test {metric} (mean ± std, n) '
+  lines += [f'| method | settings | trainable params | % of base | {metric} (mean ± std, n) '
             f"| train tokens/s | {MEMORY_HEADERS.get(kinds, 'memory MiB')} | adapter file | name |",
             '|---' * 9 + '|']
   return lines + [table_line(r, mark_compiled=len(kinds) > 1) for r in rows] + ['']
@@ -349,7 +324,7 @@ def plot_metric(task: dict, axes) -> None:
     axes.axhline(task['zero_shot']['mean'], color='gray', linestyle='--', label='zero-shot base')
   axes.set_xscale('log')
   axes.set_xlabel('trainable parameters')
-  axes.set_ylabel(f"test {task['metric']} (dots: seeds)")
+  axes.set_ylabel(f"{task['scored']} {task['metric']} (dots: seeds)")
   axes.set_title(task['base'], fontsize='medium')
   axes.legend(fontsize='small', loc='center left', bbox_to_anchor=(1.01, 0.5))
   axes.grid(alpha=0.3)
@@ -362,9 +337,11 @@ def report(root: str, out: str | None = None, pairs=()) -> tuple[dict, str]:
   tasks = []
   for base in dict.fromkeys(p['base'] for p in points):  # each its own metric and zero shot
     members = [p for p in points if p['base'] == base]
-    metric = metric_of(members)
-    tasks.append({'base': base, 'metric': metric, 'zero_shot': zero_shot(members, metric),
-                  'rows': settings_of(members, metric)})
+    metric, scored = metric_of(members)
+    tasks.append({'base': base, 'metric': metric, 'scored': scored,
+                  'common': common_overrides(members),
+                  'zero_shot': zero_shot(members, metric) if scored == 'test' else None,
+                  'rows': settings_of(members, value_key(metric, scored))})
   compared = [compare([r for t in tasks for r in t['rows']], a, b) for a, b in pairs]
   result = {'root': str(root), 'sweep': sweep.get('sweep'), 'arg': sweep.get('arg'),
             'tasks': tasks, 'not_finished': unfinished, 'pairs': compared}

@@ -10,6 +10,9 @@ from additive_jax.train.config import entries_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, 'tests')
+# The environment of a user's shell in the checkout, for `python -m experiments.*` (run from
+# the root, which must be on the path): without the suite's PYTHONSAFEPATH.
+USER_ENV = {k: v for k, v in os.environ.items() if k != 'PYTHONSAFEPATH'}
 
 
 def experiment_config(name, arg):

@@ -2,6 +2,12 @@
 the Llama 3.2 configs whose published trainable counts the tests check."""
 
 import os
+import sys
+
+# experiments/ (the sweep, the report: commands run from the checkout, not part of the
+# package) importable by the tests; appended, so that the installed additive_jax still comes
+# first under PYTHONSAFEPATH=1.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Eight host CPU devices for the sharding tests; a single-device test simply uses
 # the first. Must be set before JAX initializes its backend.

@@ -13,7 +13,7 @@ import pytest
 
 import additive_jax as aj
 from additive_jax.model.llama import abstract_params
-from cli_helpers import ROOT
+from cli_helpers import ROOT, USER_ENV
 from conftest import LLAMA_3_2_1B, SMOLLM2
 
 # Loaded from its file: experiments/ is not a package on the tests' path. It defines its flags
@@ -83,7 +83,7 @@ def test_command_prints_each_table_with_its_formula_and_the_note(tmp_path):
   out = tmp_path / 'tables.md'
   result = subprocess.run([sys.executable, '-m', 'experiments.param_tables',
                            '--model=llama-3.2-1b', '--tables=pfeiffer,ia3', f'--out={out}'],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=USER_ENV, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   text = result.stdout
   assert out.read_text() == text  # --out writes what it prints

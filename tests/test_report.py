@@ -16,7 +16,8 @@ from etils.epath import testing as epath_testing
 import numpy as np
 import pytest
 
-from cli_helpers import ROOT
+from cli_helpers import ROOT, USER_ENV
+from experiments import bootstrap
 
 # Loaded from its file: experiments/ is not a package on the tests' path (its flags are defined
 # only when it runs as a command).
@@ -150,7 +151,8 @@ def test_bootstrap_against_slow_loop_and_normal_approximation(written):
   assert pair['difference'] == pytest.approx(difference, abs=1e-12)
   assert pair['low'] < difference < pair['high']
   per_row = a.mean(axis=0) - b.mean(axis=0)
-  (low, high), at_most_zero = slow_bootstrap(per_row, report.RESAMPLES, report.BOOTSTRAP_SEED)
+  (low, high), at_most_zero = slow_bootstrap(per_row, bootstrap.RESAMPLES,
+                                             bootstrap.BOOTSTRAP_SEED)
   # a few Monte Carlo errors apart at most (the same draws, where numpy's stream agrees)
   assert pair['low'] == pytest.approx(low, abs=0.005)
   assert pair['high'] == pytest.approx(high, abs=0.005)
@@ -164,9 +166,9 @@ def test_bootstrap_against_slow_loop_and_normal_approximation(written):
 
 def test_bootstrap_chunks_do_not_change_the_statistic(monkeypatch):
   per_side = np.random.default_rng(3).random((2, 50)) < 0.6
-  whole = report.paired_bootstrap(per_side[:1], per_side[1:], resamples=500)
-  monkeypatch.setattr(report, 'INDEX_ELEMENTS', 50 * 7)  # 7 resamples a draw
-  chunked = report.paired_bootstrap(per_side[:1], per_side[1:], resamples=500)
+  whole = bootstrap.paired_bootstrap(per_side[:1], per_side[1:], resamples=500)
+  monkeypatch.setattr(bootstrap, "INDEX_ELEMENTS", 50 * 7)  # 7 resamples a draw
+  chunked = bootstrap.paired_bootstrap(per_side[:1], per_side[1:], resamples=500)
   assert chunked['difference'] == whole['difference']
   assert abs(chunked['high'] - whole['high']) < 0.05 and abs(chunked['low'] - whole['low']) < 0.05
 
@@ -199,7 +201,7 @@ def test_command(tmp_path):
   done = subprocess.run(
       # a pair by the start of each name, up to a `_`
       [sys.executable, '-m', 'experiments.report', str(tmp_path), '--pair=pfeiffer,lora_rank=4'],
-      cwd=ROOT, capture_output=True, text=True, timeout=60)
+      cwd=ROOT, env=USER_ENV, capture_output=True, text=True, timeout=60)
   assert done.returncode == 0, done.stderr
   assert '| Pfeiffer adapter dim 16 |' in done.stdout and '## A − B' in done.stdout
   assert done.stdout == (tmp_path / 'report.md').read_text()
@@ -231,3 +233,26 @@ def test_a_bucket_root_is_read_and_written_through_epath(tmp_path):
   assert (tmp_path / 'bucket' / 'report.md').read_text() == text
   assert (tmp_path / 'bucket' / 'report.png').read_bytes().startswith(b'\x89PNG')
   assert 'Not finished' in text and '| Pfeiffer adapter dim 16 |' in text
+
+
+def test_runs_without_a_test_are_reported_by_their_eval_metric(tmp_path):
+  """A learning-rate search reads no test split: its table is the runs' final eval metric,
+  and the overrides every run shares are shown once, not in each row."""
+  points = []
+  for rate, accuracy_on_dev in ((3e-4, 0.898), (1e-3, 0.916)):
+    name = f'houlsby_dim=64_lr={rate}'
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'summary.json').write_text(json.dumps({
+        'trainable_params': 4_000_000, 'trainable_percent': 3.0, 'eval_loss': 0.2,
+        'eval_perplexity': 1.2, 'eval_accuracy': accuracy_on_dev, 'tokens_per_s': 400.0}))
+    points.append({'name': name, 'arg': 'houlsby', 'status': 'pending',  # a stale status
+                   'overrides': {'peft.bottleneck.dim': 64, 'test_metric': '', 'seed': 0,
+                                 'peft.bottleneck.optimizer.learning_rate': rate}})
+  (tmp_path / 'sweep.json').write_text(json.dumps({'sweep': 's.py', 'base': 'configs/sst2.py',
+                                                   'points': points}))
+  _, text = report.report(str(tmp_path), str(tmp_path / 'out'))
+  assert '| eval accuracy (mean ± std, n) |' in text
+  assert 'Every run: `peft.bottleneck.dim=64`, `test_metric=`' in text
+  assert '| Houlsby adapter dim 64 | lr 3e-4 | 4,000,000 | 3% | 0.8980 (n=1) |' in text
+  assert '| Houlsby adapter dim 64 | lr 1e-3 | 4,000,000 | 3% | 0.9160 (n=1) |' in text
+  assert 'Not finished' not in text

@@ -12,7 +12,7 @@ import pytest
 from additive_jax.train.config_checks import check_config
 from experiments import hyper
 from experiments.sweep import load_sweep, point_names
-from cli_helpers import ROOT, experiment_config
+from cli_helpers import ROOT, USER_ENV, experiment_config
 
 SWEEP_FILE = '''
 BASE = 'configs/sst2.py'
@@ -38,7 +38,7 @@ NAMES = ['ia3+runlocal_seed=0', 'ia3+runlocal_seed=1', 'lora+runlocal_rank=2_see
 
 
 def sweep(*args, timeout=900):
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  env = {**USER_ENV, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
   return subprocess.run([sys.executable, '-m', 'experiments.sweep', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
@@ -81,7 +81,7 @@ def test_the_report_reads_the_root(swept, tmp_path):
   _, root, _, _ = swept
   out = tmp_path / 'report'
   result = subprocess.run([sys.executable, '-m', 'experiments.report', str(root), f'--out={out}'],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=USER_ENV, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   table = out.with_suffix('.md').read_text()
   assert table.count('n=2') == 2, table
