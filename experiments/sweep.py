@@ -38,11 +38,6 @@ from etils import epath
 
 from experiments import hyper
 
-_CONFIG = flags.DEFINE_string('config', None, 'the sweep file, FILE or FILE:ARG', required=True)
-_ROOT = flags.DEFINE_string('root', None, 'workdirs go under here; default runs/<sweep name>')
-_DRY_RUN = flags.DEFINE_bool('dry-run', False, 'print every point, its workdir and command')
-_SHARD = flags.DEFINE_string('shard', '0/1', 'i/n: run the points i, i+n, ... of this sweep')
-
 FAILURE = 'sweep_failure.json'
 
 
@@ -168,19 +163,20 @@ def write_index(root: epath.Path, sweep: str, base: str, arg, points, names) -> 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  index, count = shard_of(_SHARD.value)
+  options = flags.FLAGS
+  index, count = shard_of(options.shard)
   try:
-    base, points, arg = load_sweep(_CONFIG.value)
+    base, points, arg = load_sweep(options.config)
     names = point_names(points)
   except ValueError as err:
     sys.exit(f'error: {err}')
-  sweep_file = _CONFIG.value.partition(':')[0]
+  sweep_file = options.config.partition(':')[0]
   default = os.path.join('runs', os.path.splitext(os.path.basename(sweep_file))[0] +
                          (f'_{arg}' if arg else ''))
-  root = epath.Path(_ROOT.value or default)
+  root = epath.Path(options.root or default)
   mine = list(range(index, len(points), count))
   print(f'{len(points)} points; shard {index}/{count}: {len(mine)} of them; root {root}')
-  if _DRY_RUN.value:
+  if options['dry-run'].value:
     for i in mine:
       print(f'{names[i]}  [{status(root / names[i])}]  {root / names[i]}\n  $ '
             f'{shlex.join(command(base, points[i], root / names[i]))}')
@@ -203,4 +199,9 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # flags only as a command, so that tests can import this beside modules owning --dry-run
+  flags.DEFINE_string('config', None, 'the sweep file, FILE or FILE:ARG', required=True)
+  flags.DEFINE_string('root', None, 'workdirs go under here; default runs/<sweep name>')
+  flags.DEFINE_bool('dry-run', False, 'print every point, its workdir and command')
+  flags.DEFINE_string('shard', '0/1', 'i/n: run the points i, i+n, ... of this sweep')
   app.run(main)
