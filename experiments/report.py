@@ -209,7 +209,10 @@ def aggregate(words: tuple[str, ...], overrides: dict, members: list[dict], key:
       'adapter_bytes': max((s.get('adapter_bytes') or 0 for s in summaries), default=0) or None,
       'hits': [m['hits'] for m in members],
       'order': (FAMILY_ORDER.index(words[0]) if words and words[0] in FAMILY_ORDER
-                else len(FAMILY_ORDER), family, params, settings)}
+                else len(FAMILY_ORDER), family, params,
+                # then by the settings' values, as numbers where they are (3e-4 before 1e-3)
+                [(k, (0, v, '') if isinstance(v, (int, float)) else (1, 0, str(v)))
+                 for k, v in sorted(rest.items())])}
 
 
 def common_overrides(points: list[dict]) -> dict:
