@@ -52,12 +52,17 @@ def test_plain_prompts_decode_as_repeated_argmax_of_full_forward_passes(tiny_wit
   prompts = ['Review: a gentle, funny film\nSentiment:', 'The capital of France is']
   new_tokens = 6
   answers = generate(model, variables, tokenizer, prompts, max_new_tokens=new_tokens, chat=False)
+  # one compiled forward for every pass: each is padded on the right to the final length,
+  # which the causal mask keeps from the logits read
+  forward = jax.jit(model.apply)
   for prompt, answer in zip(prompts, answers):
     ids = tokenizer(prompt, add_special_tokens=False)['input_ids']
     out = []
     for _ in range(new_tokens):
-      logits = model.apply(variables, jnp.asarray([ids + out], jnp.int32))
-      token = int(jnp.argmax(logits[0, -1]))
+      sequence = ids + out
+      padded = sequence + [0] * (len(ids) + new_tokens - len(sequence))
+      logits = forward(variables, jnp.asarray([padded], jnp.int32))
+      token = int(jnp.argmax(logits[0, len(sequence) - 1]))
       if token == tokenizer.eos_token_id:
         break
       out.append(token)

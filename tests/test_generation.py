@@ -58,22 +58,27 @@ def tokens(seed, shape=(2, 9)):
 
 
 def cached_logits(model, variables, tokens_BT, prompt_length):
-  """Logits of the prompt in one call (the prefill), then of each later token alone."""
+  """Logits of the prompt in one call (the prefill), then of each later token alone (one
+  compiled step: every decode call has the same shapes)."""
   cache = model.init_cache(tokens_BT.shape[0], tokens_BT.shape[1])
   logits, cache = model.apply(variables, tokens_BT[:, :prompt_length], cache=cache)
-  steps = [logits]
+  steps, decode = [logits], jax.jit(lambda v, t, c: model.apply(v, t, cache=c))
   for t in range(prompt_length, tokens_BT.shape[1]):
-    logits, cache = model.apply(variables, tokens_BT[:, t:t + 1], cache=cache)
+    logits, cache = decode(variables, tokens_BT[:, t:t + 1], cache)
     steps.append(logits)
   return jnp.concatenate(steps, axis=1)
 
 
 def greedy_by_full_passes(model, variables, prompt, new_tokens):
-  """Repeated argmax of the uncached model over the prompt and what it generated so far."""
-  out = []
+  """Repeated argmax of the uncached model over the prompt and what it generated so far. Each
+  pass is padded on the right to the final length, so that one compiled forward serves every
+  step: under the causal mask the padding after a position does not reach its logits."""
+  forward, length, out = jax.jit(model.apply), len(prompt) + new_tokens, []
   for _ in range(new_tokens):
-    logits = model.apply(variables, jnp.asarray([prompt + out], jnp.int32))
-    out.append(int(jnp.argmax(logits[0, -1])))
+    sequence = prompt + out
+    logits = forward(variables, jnp.asarray([sequence + [0] * (length - len(sequence))],
+                                            jnp.int32))
+    out.append(int(jnp.argmax(logits[0, len(sequence) - 1])))
   return out
 
 

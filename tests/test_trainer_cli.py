@@ -150,22 +150,6 @@ def test_two_processes_train_as_one(tmp_path):
                          flat(state.peft))
 
 
-def test_two_process_cli_run_writes_logs_once(tmp_path, tiny_with_tokenizer):
-  port = free_port()
-  logs = [open(tmp_path / f'process{i}.log', 'w+', encoding='utf-8') for i in range(2)]
-  workers = [run_main(tmp_path, f'--config.model={tiny_with_tokenizer}', '--config.distributed=True',
-                      '--config.test_metric=', f'--coordinator_address=localhost:{port}',
-                      '--num_processes=2', f'--process_id={i}', log=logs[i]) for i in range(2)]
-  for worker, log in zip(workers, logs):
-    worker.wait(timeout=300)
-    log.seek(0)
-    assert worker.returncode == 0, log.read()[-3000:]
-  steps = [json.loads(line)['step'] for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()
-           if 'loss' in json.loads(line)]
-  assert steps == [1, 2, 3, 4]  # process 0 alone writes
-  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
-
-
 @pytest.mark.parametrize('config_file', ['sst2', 'gsm8k'])
 def test_every_method_preset_of_every_config_passes_the_checks(config_file):
   """Each experiment (config × method preset) is valid before any weight is read; it trains the
