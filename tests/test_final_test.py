@@ -1,5 +1,5 @@
 """The end of a run: `config.test_checkpoint='best'` tests the checkpoint the eval metric ranks
-best (on its fixed dev subset), not the last; `test_hits.json` holds that test's per-row
+best (on its fixed dev subset), not the last, and `test_before=False` skips the score before; `test_hits.json` holds that test's per-row
 outcomes; `adapter/` holds the trainables tested, which reload to the same accuracy; the
 summary has the step's compiled memory, tokens/s and the adapter's bytes."""
 
@@ -28,7 +28,7 @@ def best_run_config(model, data_dir):
   config.peft.ia3.optimizer.learning_rate = 0.3  # large: the dev accuracy moves between evals
   config.eval_metric, config.eval_metric_limit = 'accuracy', 24
   config.test_metric, config.test_split, config.test_limit = 'accuracy', 'test', 40
-  config.test_checkpoint = 'best'
+  config.test_checkpoint, config.test_before = 'best', False
   return config
 
 
@@ -79,6 +79,13 @@ def saved_tokenizer(model):
 def test_the_summary_has_memory_and_speed(best_run):
   summary = best_run[2]
   assert summary['step_memory_bytes'] > 0 and summary['tokens_per_s'] > 0
+
+
+def test_test_before_false_scores_after_training_only(best_run):
+  workdir, _, summary = best_run
+  assert 'accuracy_before' not in summary and 'accuracy_after' in summary
+  lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [line['step'] for line in lines if 'accuracy' in line] == [6]
 
 
 def test_best_needs_a_kept_best_checkpoint(tiny_with_tokenizer, small_sst2):

@@ -208,7 +208,7 @@ def abstract_like(tree):
 # (the mesh may differ: restore places the state on the new one).
 RESUMABLE_CHANGES = ('log_every', 'eval_every', 'eval_batches', 'checkpoint_every',
                      'keep_checkpoints', 'keep_best', 'test_metric', 'test_split', 'test_limit',
-                     'test_checkpoint',
+                     'test_checkpoint', 'test_before',
                      'max_new_tokens', 'mesh',
                      'rules', 'distributed', 'remat', 'data.data_dir', 'loss_positions',
                      'attention', 'peak_tflops')

@@ -61,6 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.test_metric = ''
   c.test_split = ''                  # ... on this split
   c.test_limit = 0                   # ... a fixed-seed subset of this many rows (0: all)
+  c.test_before = True               # ... also before training (False: after it only)
   # ... after training, of the 'last' state or the 'best' checkpoint by the eval metric
   c.test_checkpoint = 'last'
   # scored with the eval loss every eval_every on data.eval_split, the best checkpoint kept by it

@@ -101,7 +101,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = MetricsWriter(workdir, resumed_from=latest)
   test = functools.partial(task_metric, run, config=config, metric=config.test_metric,
                            split=config.test_split, limit=config.test_limit)
-  if config.test_metric:
+  if config.test_metric and config.test_before:
     name = config.test_metric
     before = logged_value(workdir, name, step=0) if latest is not None else None
     if before is None:  # logged at step 0, so a resumed run reports the same "before"

@@ -17,7 +17,9 @@ The study: Pfeiffer and Houlsby adapters of dim 16 and 64, LoRA of rank 4 and 16
 projections (alpha = 2·rank), (IA)³, prompt tuning, prefix tuning (20 tokens each) and
 ladder side tuning, 2 seeds each. The dev accuracy on the same 500 rows is scored at steps 30
 and 60, the better checkpoint is tested (`test_checkpoint='best'`) on the 872-row test split,
-and each test row's outcome is kept (test_hits.json) for paired comparisons.
+and each test row's outcome is kept (test_hits.json) for paired comparisons. The test split
+is also scored before training in the seed-0 runs (the zero-shot base, for the methods that
+start as the identity).
 """
 
 BASE = 'configs/sst2.py'
@@ -74,4 +76,7 @@ def get_hyper(h, arg=None):
                for preset, sizes in SIZES.items()]),
       *dev, h.fixed('config.eval_every', 30), h.fixed('config.checkpoint_every', 30),
       h.fixed('config.keep_checkpoints', 1), h.fixed('config.keep_best', 1),
-      h.fixed('config.test_checkpoint', 'best'), h.sweep('config.seed', SEEDS)])
+      h.fixed('config.test_checkpoint', 'best'),
+      # the zero-shot score is the same for every seed: scored with seed 0's runs only
+      h.zip([h.sweep('config.seed', SEEDS),
+             h.sweep('config.test_before', [seed == SEEDS[0] for seed in SEEDS])])])
