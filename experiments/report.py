@@ -47,6 +47,9 @@ from additive_jax.eval.metrics import METRICS  # noqa: E402
 from experiments.bootstrap import BOOTSTRAP_SEED, RESAMPLES, compare  # noqa: E402
 
 SEED_KEY = 'seed'
+# keys that vary from run to run of one setting without changing what it trains: a seed's
+# runs are one setting whatever these say (a study scores its zero-shot base in seed 0 alone)
+PER_RUN_KEYS = (SEED_KEY, 'test_before')
 LOCAL_WORD = 'runlocal'  # shrinks a run; the same setting otherwise
 IDENTITY_AT_INIT = ('pfeiffer', 'houlsby', 'parallel', 'lora', 'ia3')
 FAMILY_ORDER = ('pfeiffer', 'houlsby', 'parallel', 'lora', 'ia3', 'prompt', 'prefix', 'ladder')
@@ -190,8 +193,9 @@ def aggregate(words: tuple[str, ...], overrides: dict, members: list[dict], key:
   peak = all('device_peak_bytes' in s for s in summaries)
   memory = [s.get('device_peak_bytes' if peak else 'step_memory_bytes') for s in summaries]
   seeds = [m['overrides'].get(SEED_KEY) for m in members]
-  names = {re.sub(rf'[_.-]*seed[=_-]?{seed}(?![0-9])', '', m['name']) if seed is not None
-           else m['name'] for m, seed in zip(members, seeds)}  # each without its seed part
+  names = {re.sub(r'[_.-]*test_before=(True|False)', '',
+                  re.sub(rf'[_.-]*seed[=_-]?{seed}(?![0-9])', '', m['name']) if seed is not None
+                  else m['name']) for m, seed in zip(members, seeds)}  # without per-run parts
   settings = settings_text(rest, words)
   params = summaries[0]['trainable_params']
   return {
@@ -218,7 +222,7 @@ def aggregate(words: tuple[str, ...], overrides: dict, members: list[dict], key:
 def common_overrides(points: list[dict]) -> dict:
   """The overrides every point has with one value (shown once, not in each row)."""
   first = points[0]['overrides'] if points else {}
-  return {k: v for k, v in first.items() if k != SEED_KEY and
+  return {k: v for k, v in first.items() if k not in PER_RUN_KEYS and
           all(k in p['overrides'] and p['overrides'][k] == v for p in points)}
 
 
@@ -227,7 +231,7 @@ def settings_of(points: list[dict], value: str) -> list[dict]:
   parameters."""
   groups, common = {}, common_overrides(points)
   for point in points:
-    overrides = {k: v for k, v in point['overrides'].items() if k != SEED_KEY}
+    overrides = {k: v for k, v in point['overrides'].items() if k not in PER_RUN_KEYS}
     setting = (method_words(point.get('arg')), json.dumps(overrides, sort_keys=True))
     groups.setdefault(setting, []).append(point)
   rows = [aggregate(words, json.loads(text), members, value, common)

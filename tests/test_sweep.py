@@ -133,7 +133,8 @@ def test_hyper_algebra():
     point_names([{'arg': 'ia3'}, {'arg': 'ia3'}, {'arg': 'lora'}])
 
 
-@pytest.mark.parametrize('spec', ['configs/sweeps/presets.py', 'configs/sweeps/small.py:search',
+@pytest.mark.parametrize('spec', ['configs/sweeps/presets.py', 'configs/sweeps/small.py',
+                                  'configs/sweeps/small.py:search',
                                   'configs/sweeps/full.py:search'])
 def test_every_point_of_the_sweep_files_is_a_valid_config(spec):
   """Each point's config argument and overrides, applied as the command line would, pass the
