@@ -137,6 +137,8 @@ def run_point(argv: list[str], workdir: epath.Path, stop: Stop) -> str:
   returncode = stop.child.wait()
   stop.child = None
   failure = workdir / FAILURE
+  if returncode != 0 and stop.requested:  # killed by the SIGTERM passed on (after its last step,
+    return 'stopped'                      # where the trainer no longer catches it): not a failure
   if returncode == 0:
     if failure.exists():
       failure.unlink()
