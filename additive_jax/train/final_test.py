@@ -14,7 +14,6 @@ loss), so that the test split plays no part in choosing it.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -23,8 +22,10 @@ import jax
 from jax.experimental import multihost_utils
 
 from additive_jax.peft.files import save_adapter
+from additive_jax.peft.files.file_io import write_json
 from additive_jax.train.checkpoint import Checkpoints, abstract_like
 from additive_jax.train.evaluate import task_metric
+
 
 def tested_state(checkpoints: Checkpoints, state, config):
   """(state, its step): the run's last, or the best checkpoint's restored."""
@@ -47,17 +48,11 @@ def test_and_keep(run, state, step: int, config, workdir: str) -> dict:
   out = {f'{metric}_after': result[metric], 'test_step': step}
   if jax.process_index() == 0:
     directory = epath.Path(workdir)
-    _write_json(directory / 'test_hits.json', {
+    write_json(str(directory / 'test_hits.json'), {
         'metric': metric, 'split': config.test_split, 'limit': config.test_limit, 'step': step,
         'hits': result['hits']})
     out['adapter_bytes'] = _save_adapter(directory / 'adapter', run, peft, config.model)
   return out
-
-
-def _write_json(path: epath.Path, value: dict) -> None:
-  staged = path.with_name(path.name + '.tmp')
-  staged.write_text(json.dumps(value), encoding='utf-8')
-  staged.replace(path)
 
 
 def _save_adapter(out: epath.Path, run, peft, base_model: str) -> int:

@@ -22,7 +22,6 @@ a workdir whose checkpoint has its config (up to `checkpoint.RESUMABLE_CHANGES`)
 from __future__ import annotations
 
 import functools
-import json
 import time
 
 from etils import epath
@@ -33,6 +32,7 @@ import tqdm
 
 from additive_jax.data.pipeline import make_train_iterator
 from additive_jax.peft.count import count_methods, format_table
+from additive_jax.peft.files.file_io import write_json
 from additive_jax.train.checkpoint import CheckpointError, Checkpoints, abstract_like, config_changes
 from additive_jax.train.config_checks import check_config
 from additive_jax.eval.metrics import HIGHER_IS_BETTER
@@ -203,8 +203,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer.close()
   summary['wall_time_s'] = time.time() - started
   if jax.process_index() == 0:
-    summary_path = epath.Path(workdir) / 'summary.json'  # written whole, then renamed: complete
-    staged = summary_path.with_name('summary.json.tmp')
-    staged.write_text(json.dumps(summary, indent=2), encoding='utf-8')
-    staged.replace(summary_path)
+    write_json(str(epath.Path(workdir) / 'summary.json'), summary)  # whole, then renamed
   return summary
