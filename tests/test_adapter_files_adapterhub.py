@@ -1,8 +1,8 @@
 """AdapterHub bottleneck adapter files: round trips and errors here, and AdapterHub itself.
 
 AdapterHub pins transformers 4.57, so the cross-check against it runs in its own
-venv (tests/adapterhub/run.sh: about 80 s on 2 cores when it creates the venv,
-25 s once it exists; it needs PyPI for `adapters` and transformers 4.57).
+venv (tests/adapterhub/run.sh: about 35 s on 2 cores when it creates the venv,
+24 s once it exists; it needs PyPI for `adapters` and transformers 4.57).
 ADDITIVE_JAX_ADAPTERHUB=0 skips it.
 """
 
@@ -145,7 +145,7 @@ def test_adapterhub_itself_reads_ours_and_we_read_its():
   result = subprocess.run(['bash', os.path.join(REPOSITORY, 'tests', 'adapterhub', 'run.sh')],
                           env={**os.environ, 'MAIN_PYTHON': sys.executable},
                           capture_output=True, text=True, check=False,
-                          timeout=1200)  # a first run installs AdapterHub's venv (about a minute)
+                          timeout=1200)  # a first run creates AdapterHub's venv
   print(result.stdout)
   assert result.returncode == 0, result.stdout + result.stderr[-3000:]
   assert result.stdout.count('max relative error') == 7

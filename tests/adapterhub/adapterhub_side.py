@@ -20,6 +20,11 @@ import safetensors.numpy
 import torch
 import transformers
 
+# The point of the venv: AdapterHub on the transformers it pins, not on the main environment's.
+assert transformers.__version__.startswith('4.57.'), transformers.__version__
+print(f'AdapterHub {adapters.__version__} on transformers {transformers.__version__}, '
+      f'torch {torch.__version__}')
+
 THEIRS = {'seq_bn': adapters.SeqBnConfig(reduction_factor=8, non_linearity='gelu'),
           'double_seq_bn': adapters.DoubleSeqBnConfig(reduction_factor=12),
           'par_bn': adapters.ParBnConfig(reduction_factor=16)}
