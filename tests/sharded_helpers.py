@@ -1,4 +1,4 @@
-"""Shared by the sharded-trainer tests and the two-process worker: a few steps of the trainer on
+"""Shared by the sharded-trainer tests: a few steps of the trainer on
 a mesh, and the comparison of the trainables two runs end with."""
 
 import jax
@@ -45,16 +45,14 @@ def setup(checkpoint, mesh, accumulation=1, rules=RULES):
   return step, state, params, fallback
 
 
-def train(checkpoint, mesh, accumulation=1, local_rows=slice(None)):
-  """(losses, final state, params before, params after, the fallback report) of STEPS steps;
-  this process feeds `local_rows` of each global batch (all of them with one process)."""
+def train(checkpoint, mesh, accumulation=1):
+  """(losses, final state, params before, params after, the fallback report) of STEPS steps."""
   step, state, params, fallback = setup(checkpoint, mesh, accumulation)
   config_vocab = params['embed_tokens']['embedding'].shape[0]
   before = jax.tree.map(np.asarray, params)
   losses = []
   for batch in batches(config_vocab):
-    local = {name: rows[local_rows] for name, rows in batch.items()}
-    state, metrics = step(state, params, global_batch(local, mesh))
+    state, metrics = step(state, params, global_batch(batch, mesh))
     losses.append(float(metrics['loss']))
   return losses, state, before, params, fallback
 

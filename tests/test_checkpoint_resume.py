@@ -22,6 +22,7 @@ from additive_jax.train.checkpoint import CheckpointError, Checkpoints
 from additive_jax.train.loop import train_and_evaluate
 from cli_helpers import ROOT, in_process_config, run_main
 from conftest import free_port
+from sharded_helpers import assert_same_trainables, flat
 
 STEPS = 6
 
@@ -221,7 +222,8 @@ def test_a_run_resumes_with_another_process_count_with_the_same_batches(tmp_path
                                                                        small_sst2):
   """Elastic: the global batch of a step is the same for any process count (one global stream,
   each process its rows), so a run of two processes resumed by one from step 8, and a run of
-  one resumed by two, log the losses of one process that never stopped."""
+  one resumed by two, log the losses of one process that never stopped and end with its
+  trainable values. (The first is also two processes training as one: steps 1–8.)"""
   trainer = ['--config=configs/sst2.py:pfeiffer,runlocal', '--config.peft.bottleneck.dim=8',
              f'--config.model={tiny_with_tokenizer}', f'--config.data.data_dir={small_sst2}',
              '--config.test_metric=', '--config.num_steps=12', '--config.checkpoint_every=4',
@@ -253,6 +255,14 @@ def test_a_run_resumes_with_another_process_count_with_the_same_batches(tmp_path
     assert sorted(os.listdir(workdir / 'checkpoints')) == ['12', '8']
     shutil.rmtree(workdir / 'checkpoints' / '12')
 
+  def final_trainables(workdir):  # read onto this process's first device, whoever wrote them
+    checkpoints = Checkpoints(str(workdir / 'checkpoints'), read_only=True)
+    on_one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    saved = checkpoints.manager.item_metadata(12).state.tree
+    state = checkpoints.restore(12, jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=on_one_device), saved))
+    return flat(state['peft'])
+
   reference = tmp_path / 'reference'
   one_process(reference)
   shrunk, grown = tmp_path / 'two_then_one', tmp_path / 'one_then_two'
@@ -270,3 +280,4 @@ def test_a_run_resumes_with_another_process_count_with_the_same_batches(tmp_path
     # across processes the gradients are summed by gloo, in one process by XLA: the same
     # batches, the sums in another order
     assert max(abs(a - b) / abs(b) for a, b in zip(losses, expected)) < 1e-5, run.name
+    assert_same_trainables(final_trainables(run), final_trainables(reference))

@@ -1,12 +1,11 @@
-"""The trainer end to end: `python -m additive_jax.main`, bad configs refused before any compute,
-and a two-process `jax.distributed` run on localhost."""
+"""The trainer end to end: `python -m additive_jax.main` and bad configs refused before any compute.
+(Two `jax.distributed` processes training as one: test_checkpoint_resume.py's elastic test.)"""
 
 import json
 import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -14,18 +13,16 @@ from additive_jax.model.load import load_config
 from additive_jax.peft.count import count_leaves
 from additive_jax.peft.registry import presets
 from additive_jax.train.config_checks import check_config
-from additive_jax.train.mesh import make_mesh
-from cli_helpers import ROOT, TESTS, experiment_config, run_main, sst2_config
-from conftest import free_port, save_tiny_hf_llama
-from sharded_helpers import assert_same_trainables, flat, train
+from cli_helpers import ROOT, experiment_config, run_main, sst2_config
 
 # The method each preset names, by its key.
 PRESET_KEYS = {'pfeiffer': 'bottleneck', 'houlsby': 'bottleneck', 'parallel': 'bottleneck',
                'ia3': 'ia3', 'lora': 'lora', 'prompt': 'prompt', 'prefix': 'prefix', 'ladder': 'ladder'}
 
 
-def test_main_trains_evaluates_logs_and_checkpoints(tmp_path, tiny_with_tokenizer):
-  result = run_main(tmp_path, f'--config.model={tiny_with_tokenizer}',
+def test_main_trains_evaluates_logs_and_checkpoints(tmp_path, tiny_with_tokenizer, small_sst2):
+  data = f'--config.data.data_dir={small_sst2}'
+  result = run_main(tmp_path, f'--config.model={tiny_with_tokenizer}', data,
                     '--config.peft.bottleneck.optimizer.learning_rate=0.003')
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.splitlines()[0].split() == ['method', 'trainable', '%', 'of', 'base', 'fp32', 'bf16']
@@ -46,7 +43,7 @@ def test_main_trains_evaluates_logs_and_checkpoints(tmp_path, tiny_with_tokenize
   assert 'checkpoint_manager.py' not in result.stderr
   # The same command again resumes the finished run: no step is trained, the accuracy before
   # training is the one logged at step 0, not a score of the trained adapter.
-  again = run_main(tmp_path, f'--config.model={tiny_with_tokenizer}',
+  again = run_main(tmp_path, f'--config.model={tiny_with_tokenizer}', data,
                    '--config.peft.bottleneck.optimizer.learning_rate=0.003')
   assert again.returncode == 0, again.stderr[-3000:]
   assert 'resumed from step 4' in again.stdout
@@ -122,32 +119,6 @@ def test_a_missing_data_file_is_named(tmp_path):
   config.data.data_dir = str(tmp_path)
   with pytest.raises(FileNotFoundError, match=f'no data file {tmp_path}/sst2/train.tsv'):
     check_config(config)
-
-
-def test_two_processes_train_as_one(tmp_path):
-  """Two processes, one CPU device each, each feeding half of every global batch: both end with
-  the same trainable values, and those of one process fed the whole batches."""
-  checkpoint = str(tmp_path / 'tiny')
-  save_tiny_hf_llama(checkpoint, vocab_size=128, num_hidden_layers=2)
-  port = free_port()
-  env = {**os.environ, 'PYTHONPATH': TESTS, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
-  logs = [open(tmp_path / f'worker{i}.log', 'w+', encoding='utf-8') for i in range(2)]
-  # Output to files, not pipes: a worker blocked on a full pipe would stall the other in a collective.
-  workers = [subprocess.Popen([sys.executable, os.path.join(TESTS, 'distributed_worker.py'), checkpoint,
-                               str(port), str(i), str(tmp_path / f'worker{i}.json')],
-                              cwd=ROOT, env=env, stdout=logs[i], stderr=subprocess.STDOUT)
-             for i in range(2)]
-  for worker, log in zip(workers, logs):
-    worker.wait(timeout=300)
-    log.seek(0)
-    assert worker.returncode == 0, log.read()[-3000:]
-  first, second = (json.loads((tmp_path / f'worker{i}.json').read_text()) for i in range(2))
-  assert first['losses'] == second['losses'] and first['peft'] == second['peft']
-
-  losses, state, *_ = train(checkpoint, make_mesh((1, 1, 1), devices=jax.devices()[:1]))
-  np.testing.assert_allclose(first['losses'], losses, rtol=1e-5)
-  assert_same_trainables({path: np.asarray(value) for path, value in first['peft'].items()},
-                         flat(state.peft))
 
 
 @pytest.mark.parametrize('config_file', ['sst2', 'gsm8k'])
