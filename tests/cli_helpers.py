@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from additive_jax.train.config import entries_of
+from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, 'tests')
@@ -31,7 +32,7 @@ def run_main(workdir, *overrides, log=None):
   """The CLI's CompletedProcess; with `log` (a file), a running Popen writing to it instead."""
   args = [sys.executable, '-m', 'additive_jax.main', '--config=configs/sst2.py:pfeiffer,runlocal',
           f'--workdir={workdir}', '--config.peft.bottleneck.dim=8', *overrides]
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  env = {**os.environ, 'XLA_FLAGS': xla_flags(1)}
   if log is not None:
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
   return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -11,8 +11,22 @@ sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Eight host CPU devices for the sharding tests; a single-device test simply uses
 # the first. Must be set before JAX initializes its backend.
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+#
+# The tests compile with LLVM's optimization of the machine code off (level 0). XLA's own passes
+# over the program (fusion, layout, sharding, buffer assignment) all still run, so the tests
+# check the programs a run executes; what level 0 gives up is the speed of the code, which the
+# suite does not measure (benchmarks/ does, at the default level). It halves most tests'
+# compile time, which is most of the suite's time on 2 cores.
+FAST_COMPILE = '--xla_backend_optimization_level=0'
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a process the tests start: `devices` host CPU devices, compiled as the
+  tests' own programs are."""
+  return f'{FAST_COMPILE} --xla_force_host_platform_device_count={devices}'
+
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + xla_flags(8)).strip()
 
 # JAX's persistent compilation cache, through the environment so that the subprocesses the
 # tests start (the CLI, multi-process runs) share it too. Every program is kept, however quick

@@ -21,7 +21,7 @@ from additive_jax.peft import IA3, Bottleneck
 from additive_jax.train.checkpoint import CheckpointError, Checkpoints
 from additive_jax.train.loop import train_and_evaluate
 from cli_helpers import ROOT, in_process_config, run_main
-from conftest import free_port
+from conftest import free_port, xla_flags
 from sharded_helpers import assert_same_trainables, flat
 
 STEPS = 6
@@ -105,7 +105,7 @@ def run_script(script, workdir, overrides, **env):
   """The CLI run by `script` (one of the above) on one device, with `env` added."""
   args = [sys.executable, '-c', script, '--config=configs/sst2.py:pfeiffer,runlocal',
           f'--workdir={workdir}', '--config.peft.bottleneck.dim=8', *overrides]
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1', **env}
+  env = {**os.environ, 'XLA_FLAGS': xla_flags(1), **env}
   return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -197,7 +197,7 @@ def test_one_of_two_processes_signalled_both_stop_at_one_step_and_save_it(tmp_pa
             '--config.num_steps=400', '--config.checkpoint_every=1000', '--config.eval_every=0',
             '--config.distributed=True', f'--coordinator_address=localhost:{port}',
             '--num_processes=2']
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+  env = {**os.environ, 'XLA_FLAGS': xla_flags(1),
          'SIGTERM_DURING_STEP': '3'}
   logs = [open(tmp_path / f'process{i}.log', 'w+', encoding='utf-8') for i in range(2)]
   workers = [subprocess.Popen(
@@ -228,8 +228,8 @@ def test_a_run_resumes_with_another_process_count_with_the_same_batches(tmp_path
              f'--config.model={tiny_with_tokenizer}', f'--config.data.data_dir={small_sst2}',
              '--config.test_metric=', '--config.num_steps=12', '--config.checkpoint_every=4',
              '--config.eval_every=0']
-  two_devices = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
-  one_device = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  two_devices = {**os.environ, 'XLA_FLAGS': xla_flags(2)}
+  one_device = {**os.environ, 'XLA_FLAGS': xla_flags(1)}
 
   def one_process(workdir):
     result = subprocess.run([sys.executable, '-m', 'additive_jax.main', *trainer,

@@ -14,7 +14,7 @@ from additive_jax.export import export_run
 from additive_jax.train.loop import train_and_evaluate
 from additive_jax.train.restore import restore_run
 from cli_helpers import ROOT, in_process_config
-from conftest import save_tiny_hf_llama
+from conftest import save_tiny_hf_llama, xla_flags
 
 PROMPT = 'Review: a gentle, funny and moving film\nSentiment:'
 
@@ -33,7 +33,7 @@ def workdir(tmp_path_factory, tiny_with_tokenizer, small_sst2):
 
 
 def run_generate(*args):
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  env = {**os.environ, 'XLA_FLAGS': xla_flags(1)}
   return subprocess.run([sys.executable, '-m', 'additive_jax.generate', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
 

@@ -12,7 +12,7 @@ import sys
 
 import additive_jax
 from cli_helpers import ROOT
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, xla_flags
 
 PACKAGE = os.path.join(ROOT, 'additive_jax')
 NOISE = ('PyTorch was not found', 'Unable to initialize backend', 'Traceback', 'INFO:absl')
@@ -37,7 +37,7 @@ def test_every_package_folder_is_a_package():
 def run(args, cwd):
   """A command of the installed package, with the data folder left to its default."""
   env = {name: value for name, value in os.environ.items() if name != 'ADDITIVE_JAX_DATA'}
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+  env['XLA_FLAGS'] = xla_flags(1)
   return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
                         timeout=600, env=env)
 

@@ -16,12 +16,12 @@ import pytest
 
 from additive_jax import launch, launch_backends
 from cli_helpers import ROOT
-from conftest import free_port
+from conftest import free_port, xla_flags
 
 # The command line as a user's shell has it: none of the test process's 8 devices, and the
 # checkout's root on the path as `python -m` puts it there.
 CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'PYTHONSAFEPATH')}
-ONE_DEVICE = 'XLA_FLAGS=--xla_force_host_platform_device_count=1'
+ONE_DEVICE = 'XLA_FLAGS=' + xla_flags(1)
 JAX_TPU = launch_backends.jax_tpu_requirement(os.path.join(ROOT, 'setup.py'))
 
 
@@ -255,7 +255,7 @@ class Reference:
     self.process = subprocess.Popen(
         [sys.executable, '-m', 'additive_jax.main', *args], cwd=ROOT, stdout=log,
         stderr=subprocess.STDOUT, env={**CLEAN_ENV,
-                                       'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+                                       'XLA_FLAGS': xla_flags(2)})
     self.workdir = args[-1].split('=', 1)[1]
 
   def losses(self):
@@ -279,7 +279,8 @@ def test_local_backend_trains_as_one_process_does(tmp_path, tiny_with_tokenizer,
                                                   reference):
   workdir = tmp_path / 'run'
   result = run_launch('local', '--processes=2', f'--logs={tmp_path / "logs"}', '--',
-                      *trainer_args(tiny_with_tokenizer, small_sst2, workdir), timeout=300)
+                      *trainer_args(tiny_with_tokenizer, small_sst2, workdir), timeout=300,
+                      env={**CLEAN_ENV, 'XLA_FLAGS': xla_flags(1)})  # the caller's, kept
   assert result.returncode == 0, result.stderr[-3000:]
   assert '[process 0] ' in result.stdout  # process 0 streamed, every line marked
   for i in range(2):

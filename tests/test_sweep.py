@@ -13,6 +13,7 @@ from additive_jax.train.config_checks import check_config
 from experiments import hyper
 from experiments.sweep import load_sweep, point_names
 from cli_helpers import ROOT, USER_ENV, experiment_config
+from conftest import xla_flags
 
 SWEEP_FILE = '''
 BASE = 'configs/sst2.py'
@@ -38,7 +39,7 @@ NAMES = ['ia3+runlocal_seed=0', 'ia3+runlocal_seed=1', 'lora+runlocal_rank=2_see
 
 
 def sweep(*args, timeout=900):
-  env = {**USER_ENV, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  env = {**USER_ENV, 'XLA_FLAGS': xla_flags(1)}
   return subprocess.run([sys.executable, '-m', 'experiments.sweep', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

@@ -23,7 +23,7 @@ from additive_jax.eval.subsets import subset
 from additive_jax.model.llama import Llama
 from additive_jax.train.config_checks import check_config
 from cli_helpers import ROOT, sst2_config
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, xla_flags
 
 # Four topics whose words take two or more tokens, two of them sharing the first (' World').
 LABELS = {'1': ' World News', '2': ' World Sports', '3': ' Business News', '4': ' Science Desk'}
@@ -65,7 +65,7 @@ def news_run(tmp_path_factory, tiny_with_tokenizer):
   result = subprocess.run(
       [sys.executable, '-m', 'additive_jax.main', f'--config={config_file}', f'--workdir={workdir}',
        f'--config.data.data_dir={root / "data"}'], cwd=ROOT, capture_output=True, text=True,
-      timeout=600, env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})
+      timeout=600, env={**os.environ, 'XLA_FLAGS': xla_flags(1)})
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir, config_file, json.loads((workdir / 'summary.json').read_text()), root / 'data'
 
@@ -81,7 +81,7 @@ def test_the_evaluate_command_reproduces_the_runs_final_accuracy(news_run):
   result = subprocess.run(
       [sys.executable, '-m', 'additive_jax.evaluate', f'--workdir={workdir}', '--split=test',
        '--metric=accuracy,perplexity'], cwd=ROOT, capture_output=True, text=True, timeout=600,
-      env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+      env={**os.environ, 'XLA_FLAGS': xla_flags(1),
            'ADDITIVE_JAX_DATA': str(data)})
   assert result.returncode == 0, result.stderr[-3000:]
   record = json.loads((workdir / 'eval_test.json').read_text())

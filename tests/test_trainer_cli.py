@@ -14,6 +14,7 @@ from additive_jax.peft.count import count_leaves
 from additive_jax.peft.registry import presets
 from additive_jax.train.config_checks import check_config
 from cli_helpers import ROOT, experiment_config, run_main, sst2_config
+from conftest import xla_flags
 
 # The method each preset names, by its key.
 PRESET_KEYS = {'pfeiffer': 'bottleneck', 'houlsby': 'bottleneck', 'parallel': 'bottleneck',
@@ -151,7 +152,7 @@ def test_gsm8k_smoke_run_with_the_chat_template(tmp_path, tiny_with_tokenizer):
        f'--workdir={tmp_path}', f'--config.model={tiny_with_tokenizer}', '--config.seq_len=128',
        '--config.data.over_long=drop'],
       cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'})
+      env={**os.environ, 'XLA_FLAGS': xla_flags(1)})
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'dropped' in result.stdout
   summary = json.loads((tmp_path / 'summary.json').read_text())

@@ -13,12 +13,24 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 
 from etils import epath
 import jax
 import numpy as np
-import tensorboardX
-from tensorboardX import record_writer
+
+if 'torch' in sys.modules:
+  import tensorboardX
+else:
+  # tensorboardX imports torch where it is installed (1.5–3 s at every start on 2 cores) only to
+  # accept torch tensors in add_scalar, and this writer passes it floats: torch is hidden from
+  # that one import (the import then falls back as it does without torch), then unhidden.
+  sys.modules['torch'] = None
+  try:
+    import tensorboardX
+  finally:
+    del sys.modules['torch']
+from tensorboardX import record_writer  # noqa: E402
 
 
 class MetricsWriter:
