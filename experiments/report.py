@@ -63,7 +63,8 @@ PLACEMENT_NAMES = {'pfeiffer': 'Pfeiffer adapter', 'houlsby': 'Houlsby adapter',
 MEMORY_HEADERS = {('peak',): 'peak memory MiB', ('compiled',): 'step memory MiB'}  # else mixed
 MEMORY_NOTE = ("Memory: the device allocator's peak (`device_peak_bytes`) where every seed "
                "reported one, else the compiled train step's (`step_memory_bytes`; marked c in a "
-               'column of both), the largest over seeds.')
+               'column of both), the largest over the seeds that trained a step (a run resumed '
+               'after its last step measures neither speed nor memory).')
 
 
 def read_json(path: epath.Path) -> dict:
@@ -190,8 +191,11 @@ def aggregate(words: tuple[str, ...], overrides: dict, members: list[dict], key:
   rest = {k: v for k, v in rest.items() if k not in common}
   summaries = [m['summary'] for m in members]
   values = [s.get(key, np.nan) for s in summaries]  # nan: a run without the metric
-  peak = all('device_peak_bytes' in s for s in summaries)
-  memory = [s.get('device_peak_bytes' if peak else 'step_memory_bytes') for s in summaries]
+  # Speed and memory over the seeds that measured them: a run resumed after its last step
+  # trains no step and measures neither.
+  trained = [s for s in summaries if s.get('tokens_per_s') is not None] or summaries
+  peak = all('device_peak_bytes' in s for s in trained)
+  memory = [s.get('device_peak_bytes' if peak else 'step_memory_bytes') for s in trained]
   seeds = [m['overrides'].get(SEED_KEY) for m in members]
   names = {re.sub(r'[_.-]*test_before=(True|False)', '',
                   re.sub(rf'[_.-]*seed[=_-]?{seed}(?![0-9])', '', m['name']) if seed is not None
@@ -206,8 +210,8 @@ def aggregate(words: tuple[str, ...], overrides: dict, members: list[dict], key:
       'values': values, 'n': len(values), 'mean': statistics.fmean(values),
       'std': statistics.stdev(values) if len(values) > 1 else None,
       'trainable_params': params, 'trainable_percent': summaries[0]['trainable_percent'],
-      'tokens_per_s': (float(np.median([s['tokens_per_s'] for s in summaries]))
-                       if all('tokens_per_s' in s for s in summaries) else None),
+      'tokens_per_s': (float(np.median([s['tokens_per_s'] for s in trained]))
+                       if all(s.get('tokens_per_s') is not None for s in trained) else None),
       'memory_bytes': max(memory) if None not in memory else None,
       'memory_kind': 'peak' if peak else 'compiled',
       'adapter_bytes': max((s.get('adapter_bytes') or 0 for s in summaries), default=0) or None,

@@ -259,17 +259,20 @@ def test_runs_without_a_test_are_reported_by_their_eval_metric(tmp_path):
 
 
 def test_seeds_that_differ_in_test_before_are_one_setting(tmp_path):
+  """...and a seed resumed after its last step (no step trained, so no speed or memory measured)
+  leaves those columns to the seed that measured them."""
   points = []
   for seed, after in ((0, 0.9), (1, 0.8)):
     name = f'ia3_lr=0.03_seed={seed}_test_before={seed == 0}'
     (tmp_path / name).mkdir()
     summary = {'trainable_params': 57_600, 'trainable_percent': 0.04, 'accuracy_after': after,
-               **({'accuracy_before': 0.7856} if seed == 0 else {})}
+               **({'accuracy_before': 0.7856, 'tokens_per_s': 400.0,
+                   'step_memory_bytes': 2**30} if seed == 0 else {})}
     (tmp_path / name / 'summary.json').write_text(json.dumps(summary))
     points.append({'name': name, 'arg': 'ia3', 'overrides': {
         'peft.ia3.optimizer.learning_rate': 0.03, 'seed': seed, 'test_before': seed == 0}})
   (tmp_path / 'sweep.json').write_text(json.dumps({'sweep': 's.py', 'base': 'configs/sst2.py',
                                                    'points': points}))
   _, text = report.report(str(tmp_path), str(tmp_path / 'out'))
-  assert '| (IA)³ |  | 57,600 | 0.04% | 0.8500 ± 0.0707 (n=2) |' in text, text
+  assert '| (IA)³ |  | 57,600 | 0.04% | 0.8500 ± 0.0707 (n=2) | 400 | 1,024.0 |' in text, text
   assert '| ia3_lr=0.03 |' in text and 'Zero-shot base: 0.7856' in text
