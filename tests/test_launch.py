@@ -90,7 +90,8 @@ def test_local_dry_run():
   out = dry_run('local', '--processes=2', '--port=12345', '--dry-run', '--',
                 '--config=configs/sst2.py:lora,runlocal', '--workdir=/tmp/run')
   assert out == ''.join(
-      f'env {ONE_DEVICE} PYTHONUNBUFFERED=1 PYTHON -m additive_jax.main '
+      'env XLA_FLAGS=--xla_force_host_platform_device_count=1 PYTHONUNBUFFERED=1 PYTHON -m '
+      'additive_jax.main '
       '--config=configs/sst2.py:lora,runlocal --workdir=/tmp/run --config.distributed=True '
       f'--coordinator_address=localhost:12345 --num_processes=2 --process_id={i}\n'
       for i in range(2))
