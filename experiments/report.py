@@ -193,13 +193,12 @@ def aggregate(words: tuple[str, ...], overrides: dict, members: list[dict], key:
   values = [s.get(key, np.nan) for s in summaries]  # nan: a run without the metric
   # Speed and memory over the seeds that measured them: a run resumed after its last step
   # trains no step and measures neither.
-  trained = [s for s in summaries if s.get('tokens_per_s') is not None] or summaries
-  peak = all('device_peak_bytes' in s for s in trained)
-  memory = [s.get('device_peak_bytes' if peak else 'step_memory_bytes') for s in trained]
+  measured = [s for s in summaries if s.get('tokens_per_s') is not None]
+  peak = all('device_peak_bytes' in s for s in measured or summaries)
+  memory = [s.get('device_peak_bytes' if peak else 'step_memory_bytes')
+            for s in measured or summaries]
   seeds = [m['overrides'].get(SEED_KEY) for m in members]
-  names = {re.sub(r'[_.-]*test_before=(True|False)', '',
-                  re.sub(rf'[_.-]*seed[=_-]?{seed}(?![0-9])', '', m['name']) if seed is not None
-                  else m['name']) for m, seed in zip(members, seeds)}  # without per-run parts
+  names = {setting_name(m) for m in members}
   settings = settings_text(rest, words)
   params = summaries[0]['trainable_params']
   return {
@@ -210,8 +209,8 @@ def aggregate(words: tuple[str, ...], overrides: dict, members: list[dict], key:
       'values': values, 'n': len(values), 'mean': statistics.fmean(values),
       'std': statistics.stdev(values) if len(values) > 1 else None,
       'trainable_params': params, 'trainable_percent': summaries[0]['trainable_percent'],
-      'tokens_per_s': (float(np.median([s['tokens_per_s'] for s in trained]))
-                       if all(s.get('tokens_per_s') is not None for s in trained) else None),
+      'tokens_per_s': (float(np.median([s['tokens_per_s'] for s in measured]))
+                       if measured else None),
       'memory_bytes': max(memory) if None not in memory else None,
       'memory_kind': 'peak' if peak else 'compiled',
       'adapter_bytes': max((s.get('adapter_bytes') or 0 for s in summaries), default=0) or None,
@@ -221,6 +220,16 @@ def aggregate(words: tuple[str, ...], overrides: dict, members: list[dict], key:
                 # then by the settings' values, as numbers where they are (3e-4 before 1e-3)
                 [(k, (0, v, '') if isinstance(v, (int, float)) else (1, 0, str(v)))
                  for k, v in sorted(rest.items())])}
+
+
+def setting_name(point: dict) -> str:
+  """A point's name without its per-run parts (`_seed=1`, `_test_before=False`)."""
+  name = point['name']
+  for key in PER_RUN_KEYS:
+    if key in point['overrides']:
+      value = re.escape(str(point['overrides'][key]))
+      name = re.sub(rf'[_.-]*{key}[=_-]?{value}(?![0-9A-Za-z])', '', name)
+  return name
 
 
 def common_overrides(points: list[dict]) -> dict:
