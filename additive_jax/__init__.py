@@ -22,7 +22,11 @@ _PUBLIC = {'peft': 'additive_jax.peft',
            'KVCache': 'additive_jax.model.llama',
            'Llama': 'additive_jax.model.llama',
            'load_model': 'additive_jax.model.load',
-           'load_tokenizer': 'additive_jax.model.tokenizer'}
+           'load_tokenizer': 'additive_jax.model.tokenizer',
+           'generate': 'additive_jax.eval.decode',
+           'Sampling': 'additive_jax.eval.sampling',
+           'restore_run': 'additive_jax.train.restore',
+           'train_and_evaluate': 'additive_jax.train.loop'}
 __all__ = sorted(_PUBLIC)
 
 

@@ -12,9 +12,9 @@ import sys
 
 from absl import app, flags
 
-from additive_jax import cli
+from additive_jax import command
 from additive_jax.model.load import load_config
-from additive_jax.peft.count import count_methods, format_table
+from additive_jax.peft.param_count import count_methods, format_table
 from additive_jax.model.hooks import check_methods
 from additive_jax.peft.registry import parse_method
 
@@ -40,4 +40,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  command.run(main)

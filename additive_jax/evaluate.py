@@ -20,7 +20,7 @@ from absl import app, flags
 from etils import epath
 import ml_collections
 
-from additive_jax import cli
+from additive_jax import command
 from additive_jax.data.config import data_config
 from additive_jax.eval.metrics import Settings, check_metric, score
 from additive_jax.model.llama import Llama
@@ -93,4 +93,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  command.run(main)

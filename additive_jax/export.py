@@ -34,7 +34,7 @@ import numpy as np
 
 from absl import app, flags
 
-from additive_jax import cli
+from additive_jax import command
 from additive_jax.model.llama import Llama
 from additive_jax.model.load import load_config, load_model
 from additive_jax.peft.files import AdapterFileError, save_adapter, save_merged
@@ -116,4 +116,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  command.run(main)

@@ -27,9 +27,9 @@ import sys
 from absl import app, flags
 from etils import epath
 
-from additive_jax import cli
+from additive_jax import command
 from additive_jax.data.readers import read_jsonl
-from additive_jax.eval.generate import generate
+from additive_jax.eval.decode import generate
 from additive_jax.eval.sampling import Sampling
 from additive_jax.model.llama import Llama
 from additive_jax.model.load import load_config, load_model
@@ -153,4 +153,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  command.run(main)

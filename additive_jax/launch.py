@@ -45,7 +45,7 @@ import time
 
 from absl import flags
 
-from additive_jax import cli
+from additive_jax import command
 from additive_jax import launch_backends as backends
 
 _TPU = flags.DEFINE_string('tpu', None, 'tpu: the TPU VM (pod slice) name')
@@ -285,4 +285,4 @@ def main(argv):
 
 if __name__ == '__main__':
   sys.argv, _TRAINER_ARGS = split_trainer_args(sys.argv)
-  cli.run(main)
+  command.run(main)

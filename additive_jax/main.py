@@ -16,7 +16,7 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from additive_jax import cli
+from additive_jax import command
 from additive_jax.train.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file', lock_config=True)
@@ -46,4 +46,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  command.run(main)

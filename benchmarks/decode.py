@@ -12,7 +12,7 @@ after it, reported as ms per generated token (the decode loop's time over its
 warmed up (ours compiled) by one whole decode first; decode_sides.py says where
 the timestamps come from.
 
-* ours: `additive_jax.eval.generate.generate_ids` (a jitted prefill, then a
+* ours: `additive_jax.eval.decode.generate_ids` (a jitted prefill, then a
   jitted step per token), without a method;
 * transformers: `LlamaForCausalLM.generate(do_sample=False, max_new_tokens=N,
   min_new_tokens=N)` with its KV cache, eager torch with as many threads as
@@ -64,7 +64,7 @@ import numpy as np
 from absl import app, flags
 
 import decode_sides  # beside this file, on the path of a script run from here
-from additive_jax import cli
+from additive_jax import command
 
 # --methods name -> (the variant timed, the variant its ratio is taken to), both in VARIANTS
 METHODS = {name: (name, 'base') for name in (
@@ -285,4 +285,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  command.run(main)

@@ -1,9 +1,10 @@
 """The processes of benchmarks/decode.py: our decoder and transformers' `generate`, each its own.
 
-`Side(name, setup)` spawns a fresh interpreter running `serve`, which builds the
-side (`OursDecoder` or `TheirsDecoder`), warms it up (one whole decode, which
-compiles ours) and answers `decode(variant)` calls over a pipe. An idle side
-blocks on the pipe, so it takes no CPU while another side is timed.
+`Side(label, kind, setup)` spawns a fresh interpreter (`side_process.Side`)
+running `serve`, which builds the side (`OursDecoder` or `TheirsDecoder`), warms
+it up (one whole decode, which compiles ours) and answers `decode(variant)`
+calls over a pipe. An idle side blocks on the pipe, so it takes no CPU while
+another side is timed.
 
 A decode is timed from the outside of the public call, by a callback that each
 new token reaches as soon as the host has it: ours through `generate_ids`'
@@ -17,11 +18,12 @@ token).
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 import time
 import traceback
 
 import numpy as np
+
+import side_process  # beside this file, on the path of a script run from here
 
 LORA_ALL = "LoRA(rank=16, alpha=32, targets=('q', 'k', 'v', 'o', 'gate', 'up', 'down'))"
 
@@ -128,7 +130,7 @@ class OursDecoder:
     return model, variables, None, prompts
 
   def decode(self, name: str) -> dict:
-    from additive_jax.eval.generate import generate_ids
+    from additive_jax.eval.decode import generate_ids
 
     model, variables, adapter_ids, prompts = self.built[name]
     stamps = []
@@ -207,43 +209,9 @@ def serve(conn, side: str, setup: dict) -> None:
     conn.send(('error', traceback.format_exc()))
 
 
-class Side:
-  """One side's process and the pipe to it; `start` returns at once, `wait_ready` takes the
-  report (so that several sides warm up at the same time)."""
+class Side(side_process.Side):
+  """A decoder side (`OursDecoder` if `kind` is 'ours', else `TheirsDecoder`) in its own
+  process."""
 
   def __init__(self, label: str, kind: str, setup: dict):
-    context = multiprocessing.get_context('spawn')  # a fresh interpreter: no memory shared
-    self.label = label
-    self.conn, child_conn = context.Pipe()
-    self.process = context.Process(target=serve, args=(child_conn, kind, setup))
-    self.process.start()
-    child_conn.close()
-    self.report = None
-
-  def wait_ready(self) -> dict:
-    self.report = self.answer()
-    return self.report
-
-  def call(self, method: str, *args):
-    self.conn.send((method, args))
-    return self.answer()
-
-  def answer(self):
-    try:
-      status, value = self.conn.recv()
-    except EOFError:
-      self.process.join()
-      raise RuntimeError(f'{self.label} exited (code {self.process.exitcode})') from None
-    if status == 'error':
-      raise RuntimeError(f'{self.label} failed:\n{value}')
-    return value
-
-  def close(self):
-    if self.process.is_alive():
-      try:
-        self.conn.send(('finish', ()))
-      except (BrokenPipeError, OSError):
-        pass
-    self.process.join(timeout=60)
-    if self.process.is_alive():
-      self.process.kill()
+    super().__init__(label, serve, kind, setup)

@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import additive_jax as aj  # noqa: E402
-from additive_jax import cli  # noqa: E402
+from additive_jax import command  # noqa: E402
 from additive_jax.model.llama import Llama  # noqa: E402
 from additive_jax.peft.registry import parse_method  # noqa: E402
 from additive_jax.train.config import RULES  # noqa: E402
@@ -99,4 +99,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  command.run(main)

@@ -38,7 +38,6 @@ run on our side alone (HF PEFT has neither). Writes the table as JSON to `--out`
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import statistics
 import sys
@@ -47,7 +46,8 @@ import time
 
 from absl import app, flags
 
-import train_step_sides  # beside this file, on the path of a script run from here
+import side_process  # beside this file, on the path of a script run from here
+import train_step_sides
 
 LORA_ALL = "('q', 'k', 'v', 'o', 'gate', 'up', 'down')"
 # name -> (our method, why HF PEFT has no counterpart or None)
@@ -142,36 +142,15 @@ def base_checkpoint(scratch: str) -> str:
   return directory
 
 
-class Side:
-  """One side's process (train_step_sides.serve) and the pipe to it."""
-
-  def __init__(self, name: str, setup: dict):
-    context = multiprocessing.get_context('spawn')  # a fresh interpreter: no memory shared
-    self.name = name
-    self.conn, child_conn = context.Pipe()
-    self.process = context.Process(target=train_step_sides.serve, args=(child_conn, name, setup))
-    self.process.start()
-    child_conn.close()
-    self.report = self.answer()
-
-  def call(self, method: str, *args):
-    self.conn.send((method, args))
-    return self.answer()
-
-  def answer(self):
-    try:
-      status, value = self.conn.recv()
-    except EOFError:
-      self.process.join()
-      raise RuntimeError(f'the {self.name} side exited (code {self.process.exitcode})') from None
-    if status == 'error':
-      raise RuntimeError(f'the {self.name} side failed:\n{value}')
-    return value
-
-  def close(self):
-    self.process.join(timeout=60)
-    if self.process.is_alive():
-      self.process.kill()
+def start_side(name: str, setup: dict) -> side_process.Side:
+  """One side (train_step_sides.serve), warmed up: its report is in `.report`."""
+  side = side_process.Side(name, train_step_sides.serve, name, setup)
+  try:
+    side.wait_ready()
+  except BaseException:
+    side.close()
+    raise
+  return side
 
 
 def real_batches(data: str, batch: int, seq_len: int, count: int) -> list[dict]:
@@ -209,34 +188,34 @@ def measure_method(name: str, hf_dir: str, batches: list | None) -> dict:
   method, theirs_missing = METHODS[name]
   setup = {'hf_dir': hf_dir, 'batches': batches, 'dtype': _DTYPE.value, 'warmup': _WARMUP.value}
   with tempfile.TemporaryDirectory() as adapter_dir:
-    sides = [Side('ours', {**setup, 'method': method,
-                           'adapter_dir': None if theirs_missing else adapter_dir})]
+    sides = [start_side('ours', {**setup, 'method': method,
+                                 'adapter_dir': None if theirs_missing else adapter_dir})]
     try:
       ours = sides[0].report
       if not theirs_missing:
-        sides.append(Side('theirs', {
+        sides.append(start_side('theirs', {
             **setup, 'dtype': ours['dtype'], 'adapter_dir': adapter_dir,
             'device': 'cpu' if ours['platform'] == 'cpu' else 'cuda',
             'threads': len(os.sched_getaffinity(0)), 'learning_rate': ours['learning_rate']}))
-      seconds = {side.name: [] for side in sides}
+      seconds = {side.label: [] for side in sides}
       for repeat in range(_REPEATS.value):
         for side in sides if repeat % 2 == 0 else sides[::-1]:
-          seconds[side.name] += side.call('time_steps', _STEPS.value)
-      finals = {side.name: side.call('finish') for side in sides}
+          seconds[side.label] += side.call('time_steps', _STEPS.value)
+      finals = {side.label: side.call('finish') for side in sides}
     finally:
       for side in sides:
         side.close()
   tokens = _BATCH.value * _SEQ_LEN.value
   result = {'name': name, 'theirs_missing': theirs_missing}
   for side in sides:
-    report = {**side.report, **finals[side.name], 'step_s': seconds[side.name]}
-    report['median_step_s'] = statistics.median(seconds[side.name])
-    report['best_step_s'] = min(seconds[side.name])
+    report = {**side.report, **finals[side.label], 'step_s': seconds[side.label]}
+    report['median_step_s'] = statistics.median(seconds[side.label])
+    report['best_step_s'] = min(seconds[side.label])
     report['tokens_per_s'] = tokens / report['median_step_s']
-    if side.name == 'ours':
+    if side.label == 'ours':
       report['model_flops_per_s'] = report['step_flops'] / report['median_step_s']
-    report['memory_bytes'] = memory_bytes(side.name, report, ours['platform'] == 'cpu')
-    result[side.name] = report
+    report['memory_bytes'] = memory_bytes(side.label, report, ours['platform'] == 'cpu')
+    result[side.label] = report
   if not theirs_missing:
     result['speed_ours_over_theirs'] = (result['ours']['tokens_per_s']
                                         / result['theirs']['tokens_per_s'])

@@ -11,7 +11,7 @@ tuning; each row gives the trainable parameters, their % of the base, and the
 adapter file's size in fp32 and bf16. Below the Llama tables, a note on the
 figures commonly quoted wrongly for it.
 
-Every count comes from `additive_jax.peft.count`: the leaves the method's own
+Every count comes from `additive_jax.peft.param_count`: the leaves the method's own
 init builds, traced with `jax.eval_shape` (no weights), checked against the
 method's `num_params` formula as count checks them. The formula printed above
 each table is the tool's own literal: it is evaluated on every row and must
@@ -36,11 +36,11 @@ from flax import traverse_util
 import ml_dtypes
 import numpy as np
 
-from additive_jax import cli
+from additive_jax import command
 from additive_jax.model import embedded
 from additive_jax.model.config import LlamaConfig
 from additive_jax.model.load import load_config
-from additive_jax.peft.count import count_methods, leaf_shapes
+from additive_jax.peft.param_count import count_methods, leaf_shapes
 from additive_jax.peft.files import aj_format
 from additive_jax.peft.files.file_io import write_tensors
 from additive_jax.peft.registry import parse_method, presets
@@ -257,7 +257,7 @@ def wrong_figures_note(config: LlamaConfig) -> str:
 
 
 def method_note() -> str:
-  return ('Every count is `additive_jax.peft.count` on the method built from its constructor call '
+  return ('Every count is `additive_jax.peft.param_count` on the method built from its constructor call '
           '(its leaves, traced with `jax.eval_shape`, equal to its `num_params` formula), and the '
           'formula printed above each table is evaluated on every row and gives the same figure. '
           'File sizes are measured: each adapter is written in our format (the writer of '
@@ -309,4 +309,4 @@ if __name__ == '__main__':
   # The flags exist only when this runs as a command, so that the tables can be imported (the
   # tests do) into a process where other modules own --model and --out (additive_jax.export).
   define_flags()
-  cli.run(main)
+  command.run(main)

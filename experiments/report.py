@@ -40,7 +40,7 @@ matplotlib.use('Agg')  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from additive_jax import cli  # noqa: E402
+from additive_jax import command  # noqa: E402
 from additive_jax.peft.lora import TARGETS as LORA_TARGETS  # noqa: E402
 from additive_jax.peft.registry import field_types, presets  # noqa: E402
 from additive_jax.eval.metrics import METRICS  # noqa: E402
@@ -392,4 +392,4 @@ if __name__ == '__main__':
   # flags only as a command, so that tests can import this beside modules owning --out
   flags.DEFINE_string('out', None, 'output path without extension (default ROOT/report)')
   flags.DEFINE_multi_string('pair', [], 'A,B: two setting names to compare (paired bootstrap)')
-  cli.run(main)
+  command.run(main)

@@ -10,7 +10,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file
 
 from additive_jax.model.llama import Llama
-from additive_jax.peft.count import leaf_shapes
+from additive_jax.peft.param_count import leaf_shapes
 from additive_jax.peft.files import save_adapter
 
 

@@ -51,7 +51,7 @@ def finalize_or_die(self, directory):
 
 Checkpoints.save = save_and_wait
 ocp.StandardCheckpointHandler.finalize = finalize_or_die
-main.cli.run(main.main)
+main.command.run(main.main)
 """
 
 
@@ -72,7 +72,7 @@ def signalled_at(*args):
   return global_batch(*args)
 
 loop.global_batch = signalled_at
-main.cli.run(main.main)
+main.command.run(main.main)
 """
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from additive_jax.model.config import LlamaConfig
 from additive_jax.peft.bottleneck import Bottleneck
-from additive_jax.peft.count import count_methods
+from additive_jax.peft.param_count import count_methods
 from additive_jax.peft.ia3 import IA3
 from additive_jax.peft.ladder import LadderSide
 from additive_jax.peft.lora import LoRA

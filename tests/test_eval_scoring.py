@@ -9,7 +9,7 @@ import torch
 
 import additive_jax as aj
 from additive_jax.eval.classify import choice_logprobs
-from additive_jax.eval.generate import generate
+from additive_jax.eval.decode import generate
 from additive_jax.model.llama import Llama
 from conftest import relative_error
 

@@ -1,5 +1,5 @@
 """Fuzzed command lines: `--config.<key>=<value>` overrides of random keys and values, parsed by
-additive_jax/cli.py as every command parses them.
+additive_jax/command.py as every command parses them.
 
 The property: the flags parse, or the command exits with its one-line error (`SystemExit`
 whose message is `error: ...` on a single line); a traceback (a RecursionError from a deeply
@@ -17,18 +17,18 @@ from hypothesis import strategies as st
 from ml_collections import config_flags
 import pytest
 
-from additive_jax import cli
+from additive_jax import command
 from cli_helpers import ROOT, sst2_config
 from fuzz_helpers import fuzz
 
 CONFIG_FILE = os.path.join(ROOT, 'configs', 'sst2.py')
-KEYS = cli._config_keys(sst2_config())
+KEYS = command._config_keys(sst2_config())
 # ml_collections loads the config file with the deprecated load_module, once per command line
 pytestmark = pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
 
 
 def parse(overrides: list[str]) -> list[str]:
-  """`cli.parse_flags` of a main.py command line with `overrides`."""
+  """`command.parse_flags` of a main.py command line with `overrides`."""
   flag_values = absl.flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, 'experiment config file',
                                   flag_values=flag_values, lock_config=True)
@@ -37,7 +37,7 @@ def parse(overrides: list[str]) -> list[str]:
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(absl.flags, 'FLAGS', flag_values)
     patch.setattr(sys, 'argv', argv)  # where config_flags looks for the overrides
-    return cli.parse_flags(argv)
+    return command.parse_flags(argv)
 
 
 def one_line_error_or_parsed(overrides: list[str]) -> str | None:

@@ -25,7 +25,7 @@ import pytest
 import additive_jax as aj
 from additive_jax.model.config import ConfigError
 from additive_jax.model.convert import ModelLoadError
-from additive_jax.peft.count import leaf_shapes
+from additive_jax.peft.param_count import leaf_shapes
 from additive_jax.peft.files import AdapterFileError, load_adapter
 from additive_jax.peft.files.aj_format import flat_leaves
 from conftest import TINY

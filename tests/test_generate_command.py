@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import additive_jax as aj
-from additive_jax.eval.generate import generate
+from additive_jax.eval.decode import generate
 from additive_jax.export import export_run
 from additive_jax.train.loop import train_and_evaluate
 from additive_jax.train.restore import restore_run

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import additive_jax as aj
-from additive_jax.eval.generate import generate_ids
+from additive_jax.eval.decode import generate_ids
 from additive_jax.eval.sampling import Sampling, filtered_logits, next_tokens
 from additive_jax.model.config import LlamaConfig
 from additive_jax.model.llama import Llama

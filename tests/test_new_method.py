@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 import additive_jax as aj
-from additive_jax.eval.generate import generate
+from additive_jax.eval.decode import generate
 from additive_jax.export import export_run
 from additive_jax.model.llama import KVCache, Llama
-from additive_jax.peft.count import count_methods
+from additive_jax.peft.param_count import count_methods
 from additive_jax.train.config import default_config, with_methods
 from additive_jax.train.config_checks import check_config
 from additive_jax.train.loop import train_and_evaluate

@@ -22,7 +22,7 @@ from transformers.activations import get_activation
 
 from additive_jax.model.llama import Llama
 from additive_jax.peft.bottleneck import Bottleneck
-from additive_jax.peft.count import count_leaves
+from additive_jax.peft.param_count import count_leaves
 from conftest import LLAMA_3_2_1B, relative_error
 
 DIM = 5

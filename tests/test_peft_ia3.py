@@ -11,7 +11,7 @@ import torch
 
 from additive_jax.model.hf_checkpoint import load_hf_directory
 from additive_jax.model.llama import Llama
-from additive_jax.peft.count import count_leaves
+from additive_jax.peft.param_count import count_leaves
 from additive_jax.peft.ia3 import IA3
 from adapter_files_helpers import peft_model_holding
 from conftest import LLAMA_3_2_1B, LLAMA_3_2_3B, relative_error, save_tiny_hf_llama

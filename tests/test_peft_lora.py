@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from additive_jax.model.llama import Llama
-from additive_jax.peft.count import count_leaves
+from additive_jax.peft.param_count import count_leaves
 from additive_jax.peft.lora import LoRA
 from adapter_files_helpers import peft_model_holding
 from conftest import LLAMA_3_2_1B, relative_error

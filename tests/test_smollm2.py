@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import additive_jax as aj
-from additive_jax.eval.generate import generate
+from additive_jax.eval.decode import generate
 
 PROMPTS = ['The quick brown fox jumps over the lazy dog.',
            'What is the capital of France? The capital of France is',

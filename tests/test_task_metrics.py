@@ -17,7 +17,7 @@ import additive_jax as aj
 from additive_jax.data.config import data_config
 from additive_jax.data.pipeline import make_eval_batches
 from additive_jax.eval.exact_match import Extractor
-from additive_jax.eval.generate import generate
+from additive_jax.eval.decode import generate
 from additive_jax.eval.metrics import Settings, score
 from additive_jax.eval.subsets import subset
 from additive_jax.model.llama import Llama

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from additive_jax.model.load import load_config
-from additive_jax.peft.count import count_leaves
+from additive_jax.peft.param_count import count_leaves
 from additive_jax.peft.registry import presets
 from additive_jax.train.config_checks import check_config
 from cli_helpers import ROOT, experiment_config, run_main, sst2_config

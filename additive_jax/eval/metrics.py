@@ -26,7 +26,7 @@ from additive_jax.data.pipeline import make_eval_batches
 from additive_jax.data.sources import read_split, source_spec
 from additive_jax.eval.accuracy import classification_accuracy
 from additive_jax.eval.exact_match import Extractor, answer_hits
-from additive_jax.eval.generate import generate
+from additive_jax.eval.decode import generate
 from additive_jax.eval.perplexity import perplexity
 from additive_jax.eval.subsets import subset
 from additive_jax.peft.merge import inference_form

@@ -46,11 +46,6 @@ def require_number(method: str, name: str, value) -> None:
     raise ValueError(f'{method} {name} must be a number, got {value!r}')
 
 
-def require_choice(method: str, name: str, value, choices) -> None:
-  if value not in choices:
-    raise ValueError(f'{method} {name} must be one of {tuple(choices)}, got {value!r}')
-
-
 @dataclasses.dataclass(frozen=True)
 class Method(Hooks):
   """Base class of the methods in `aj.peft`; frozen so a model config can hash it."""

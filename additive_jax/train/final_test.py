@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from additive_jax.peft.files import save_adapter
 from additive_jax.peft.files.file_io import write_json
 from additive_jax.train.checkpoint import Checkpoints, abstract_like
-from additive_jax.train.evaluate import task_metric
+from additive_jax.train.eval_loss import task_metric
 
 
 def tested_state(checkpoints: Checkpoints, state, config):

@@ -31,17 +31,17 @@ import numpy as np
 import tqdm
 
 from additive_jax.data.pipeline import make_train_iterator
-from additive_jax.peft.count import count_methods, format_table
+from additive_jax.peft.param_count import count_methods, format_table
 from additive_jax.peft.files.file_io import write_json
 from additive_jax.train.checkpoint import CheckpointError, Checkpoints, abstract_like, config_changes
 from additive_jax.train.config_checks import check_config
 from additive_jax.eval.metrics import HIGHER_IS_BETTER
-from additive_jax.train.evaluate import LossEvaluator, task_metric
+from additive_jax.train.eval_loss import LossEvaluator, task_metric
 from additive_jax.train.final_test import test_and_keep, tested_state
 from additive_jax.train.flops import logit_positions, peak_flops, train_step_flops
 from additive_jax.train.loss_budget import derive_budget
 from additive_jax.train.mesh import global_batch
-from additive_jax.train.metrics import MetricsWriter, logged_value
+from additive_jax.train.metrics_log import MetricsWriter, logged_value
 from additive_jax.train.optimizer import learning_rates
 from additive_jax.train.preemption import Preemption
 from additive_jax.train.prepare import build

@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from additive_jax.model.load import load_config
-from additive_jax.peft.count import leaf_shapes
+from additive_jax.peft.param_count import leaf_shapes
 from additive_jax.train.checkpoint import CheckpointError, Checkpoints
 from additive_jax.train.config_checks import methods_of
-from additive_jax.train.metrics import logged_value
+from additive_jax.train.metrics_log import logged_value
 from additive_jax.train.optimizer import run_optimizer
 from additive_jax.train.step import TrainState
 

@@ -23,7 +23,7 @@ import os
 import numpy as np
 from flax import traverse_util
 
-from additive_jax.peft.count import leaf_shapes
+from additive_jax.peft.param_count import leaf_shapes
 from additive_jax.peft.files.file_io import (AdapterFileError, join_problems, read_json,
                                              read_tensors, shape_problems, write_json,
                                              write_tensors)
