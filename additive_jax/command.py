@@ -1,11 +1,14 @@
 """What every command does the same way: a quiet start and one-line errors for bad flags.
 
-`run(main)` stands in for `absl.app.run(main)`. Before JAX or transformers is
-imported it silences what reads like an error and is not (transformers'
-"PyTorch was not found", absent on a tokenizer-only install; TensorFlow's and
-JAX's probe for a TPU), keeps Orbax's INFO lines out of the log (its warnings
-stay), and parses the flags so that a bad `--config.<key>` override is one line
-naming the key and the nearest valid one, instead of a traceback.
+Every command imports this module first, and `run(main)` stands in for
+`absl.app.run(main)`. Importing it, before JAX or transformers is imported,
+silences what reads like an error and is not (transformers' "PyTorch was not
+found", which a user's install without torch prints at its import; TensorFlow's
+and JAX's probe for a TPU). `run` keeps Orbax's INFO lines out of the log (its
+warnings stay) and parses the flags so that a bad `--config.<key>` override is
+one line naming the key and the nearest valid one, instead of a traceback.
+What a user is meant to read is printed; the log carries warnings and errors
+(and INFO lines with `--verbosity=0`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ QUIET_ENVIRONMENT = {
     'TRANSFORMERS_VERBOSITY': 'error',
     'TF_CPP_MIN_LOG_LEVEL': '2',               # tensorflow_datasets' TensorFlow, if installed
 }
+
+
+for _name, _value in QUIET_ENVIRONMENT.items():
+  os.environ.setdefault(_name, _value)
 
 
 def _keep_record(record: logging.LogRecord) -> bool:
@@ -99,7 +106,10 @@ def _nests_too_deeply(arg: str) -> bool:
 
 def parse_flags(argv: list[str]) -> list[str]:
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    if not flags.FLAGS['verbosity'].present:  # INFO lines (TFDS's, ours) with --verbosity=0
+      absl_logging.set_verbosity(absl_logging.WARNING)
+    return rest
   # config_flags lets a missing key's KeyError or AttributeError through, unwrapped, and
   # ast.literal_eval's SyntaxError or RecursionError for a literal like '(((...' or '----1'
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError, SyntaxError,
@@ -109,7 +119,5 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run(main) -> None:
-  for name, value in QUIET_ENVIRONMENT.items():
-    os.environ.setdefault(name, value)
   absl_logging.get_absl_handler().addFilter(_keep_record)
   app.run(main, flags_parser=parse_flags)

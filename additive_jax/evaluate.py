@@ -27,6 +27,7 @@ from additive_jax.model.llama import Llama
 from additive_jax.model.load import load_model
 from additive_jax.model.tokenizer import load_tokenizer
 from additive_jax.train.restore import restore_run
+from additive_jax.train.workdir import RunFolder
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'a run to score')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', 'latest', "the run's checkpoint: latest, best or a step")
@@ -53,7 +54,7 @@ def setup():
     settings = Settings(batch_size=config.batch_size, seq_len=config.seq_len,
                         max_new_tokens=_MAX_NEW_TOKENS.value or config.max_new_tokens,
                         answer_regex=config.answer_regex)
-    output = _OUTPUT.value or str(epath.Path(_WORKDIR.value) / f'eval_{split}.json')
+    output = _OUTPUT.value or str(RunFolder(_WORKDIR.value).eval_output(split))
     return (config.model, run.peft, run.methods, config.data, split, metrics, settings, output,
             {'workdir': _WORKDIR.value, 'step': run.step})
   if not _SOURCE.value:

@@ -1,8 +1,10 @@
 """Adapter files from a run's checkpoint.
 
-    python -m additive_jax.export --workdir=DIR --format=aj|hf_peft|adapterhub|merged [--step=N] [--out=DIR]
+    python -m additive_jax.export --workdir=DIR --format=aj|hf_peft|adapterhub|merged \
+        [--checkpoint=latest|best|STEP] [--out=DIR]
 
-Reads the run's config from its latest checkpoint (or `--step`) and restores the
+Reads the run's config from the checkpoint `--checkpoint` names (`train.workdir`: the
+latest, the one the trainer kept as best, or a step) and restores the
 trainable partition onto one device, whatever mesh trained it
 (`train.restore.restore_run`: no base weight is read, except for `merged`, which
 folds (IA)³ / LoRA into the base).
@@ -23,6 +25,7 @@ The export itself is written into a temporary folder beside `--out` and renamed
 into place when complete; a failure leaves `--out` as it was.
 """
 
+from additive_jax import command  # first: it quiets what later imports print
 import os
 import sys
 import tempfile
@@ -34,11 +37,11 @@ import numpy as np
 
 from absl import app, flags
 
-from additive_jax import command
 from additive_jax.model.llama import Llama
 from additive_jax.model.load import load_config, load_model
 from additive_jax.peft.files import AdapterFileError, save_adapter, save_merged
 from additive_jax.train.restore import abstract_train_state, restore_run
+from additive_jax.train.workdir import RunFolder
 
 FORMATS = ('aj', 'hf_peft', 'adapterhub', 'merged')
 
@@ -46,19 +49,20 @@ _WORKDIR = flags.DEFINE_string('workdir', None, "the run's workdir (holding chec
                                required=True)
 _FORMAT = flags.DEFINE_enum('format', None, FORMATS, 'the adapter format, or a merged HF checkpoint',
                             required=True)
-_STEP = flags.DEFINE_integer('step', None, 'the checkpoint to export; default: the latest')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', 'latest',
+                                  "the run's checkpoint to export: latest, best or a step")
 _OUT = flags.DEFINE_string('out', None, 'output directory; default: WORKDIR/export/<format>_<step>')
 
 
-def export_run(workdir: str, format: str, step: int | None = None, out: str | None = None) -> str:
-  """Writes the trainables of checkpoint `step` (default: the latest) of the run in `workdir`
+def export_run(workdir: str, format: str, checkpoint: str | int | None = 'latest',
+               out: str | None = None) -> str:
+  """Writes the trainables of the run in `workdir` at `checkpoint` ('latest', 'best' or a step)
   in `format`; returns the directory written."""
   if format not in FORMATS:
     raise ValueError(f'format must be one of {FORMATS}, got {format!r}')
-  checkpoint = 'latest' if step is None else step
   saved = restore_run(workdir, checkpoint, trainables=False)
   model_config = load_config(saved.config['model'])
-  out = epath.Path(out or epath.Path(workdir) / 'export' / f'{format}_{saved.step}')
+  out = epath.Path(out or RunFolder(workdir).export(format, saved.step))
   if out.is_file():
     raise ValueError(f'--out={out} is a file; give a directory')
   _check_writable(format, saved, model_config)
@@ -109,7 +113,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   try:
-    out = export_run(_WORKDIR.value, _FORMAT.value, _STEP.value, _OUT.value)
+    out = export_run(_WORKDIR.value, _FORMAT.value, _CHECKPOINT.value, _OUT.value)
   except (ValueError, OSError) as err:  # bad input: one clear line, no traceback
     sys.exit(f'error: {err}')
   print(f'wrote {out}')

@@ -8,6 +8,7 @@
         --adapter=neg=out/b --prompts=prompts.jsonl --output=answers.jsonl
 
 `--workdir` reads a run's trainables (`--checkpoint=latest|best|STEP`) and its base;
+`--model` alone generates with the base (a zero-shot baseline);
 `--adapter=[NAME=]DIR` reads adapter files (ours, HF PEFT or AdapterHub, detected
 from the files) for the base `--model`, and may be given several times: the
 adapters, of one method set, are stacked and every prompt runs its own in the
@@ -86,16 +87,19 @@ def read_prompts(path: str, names: list[str]) -> list[tuple[str, int]]:
 
 
 def load_adapters():
-  """(base path, {name: (methods, peft)}, the run's chat default) from the flags."""
-  if bool(_WORKDIR.value) == bool(_ADAPTERS.value):
-    raise app.UsageError('give --workdir=DIR (a run) or --adapter=DIR with --model (adapter files)')
+  """(base path, {name: (methods, peft)}, the run's chat default, the run's checkpoint in words)
+  from the flags."""
+  if _WORKDIR.value and _ADAPTERS.value:
+    raise app.UsageError('give --workdir=DIR (a run) or --adapter=DIR (adapter files), not both')
   if _WORKDIR.value:
     run = restore_run(_WORKDIR.value, _CHECKPOINT.value)
     model = _MODEL.value or run.config['model']
-    return model, {'run': (run.methods, run.peft)}, run.config['data']['template'] == 'chat'
+    return (model, {'run': (run.methods, run.peft)}, run.config['data']['template'] == 'chat',
+            f'{_WORKDIR.value}: step {run.step} ({_CHECKPOINT.value})')
   if not _MODEL.value:
-    raise app.UsageError('--adapter needs --model, the base the adapters were trained on')
-  return _MODEL.value, dict(named_adapters(_ADAPTERS.value)), False
+    raise app.UsageError('give --workdir=DIR (a run), --adapter=DIR with --model (adapter files) '
+                         'or --model alone (the base)')
+  return _MODEL.value, dict(named_adapters(_ADAPTERS.value)), False, None
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
@@ -113,12 +117,12 @@ def main(argv):
     raise app.UsageError('give --prompt="..." or --prompts=FILE.jsonl')
   try:
     sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value)
-    base, sources, run_chat = load_adapters()
+    base, sources, run_chat, checkpoint = load_adapters()
     config = load_config(base)  # the adapters are checked against it before a weight is read
     adapters = {name: source if isinstance(source, tuple) else load_adapter(source, config)
                 for name, source in sources.items()}
-    names = list(adapters)
-    methods, peft = stack(list(adapters.values()), config)
+    names = list(adapters) or ['base']  # no adapter: the base alone
+    methods, peft = stack(list(adapters.values()), config) if adapters else ((), None)
     if _PROMPT.value is not None:
       rows = [(_PROMPT.value, index) for index in range(len(names))]
     else:
@@ -127,14 +131,18 @@ def main(argv):
     tokenizer = load_tokenizer(base)
   except (ValueError, OSError) as err:
     sys.exit(f'error: {err}')
+  if checkpoint:  # which step `latest` or `best` meant, beside the completion, not in it
+    print(checkpoint, file=sys.stderr)
   chat = run_chat if _CHAT.value is None else _CHAT.value
   streaming = _PROMPT.value is not None and len(names) == 1
   stream = (lambda row, text: print(text, end='', flush=True)) if streaming else None
   try:
-    texts = generate(Llama(config, peft=methods), {'params': params, 'peft': peft}, tokenizer,
+    variables = {'params': params} if peft is None else {'params': params, 'peft': peft}
+    texts = generate(Llama(config, peft=methods), variables, tokenizer,
                      [prompt for prompt, _ in rows], max_new_tokens=_MAX_NEW_TOKENS.value,
                      chat=chat, sampling=sampling, stop=_STOP.value,
-                     adapter_ids=[index for _, index in rows], on_text=stream)
+                     adapter_ids=None if peft is None else [index for _, index in rows],
+                     on_text=stream)
   except ValueError as err:
     sys.exit(f'error: {err}')
   if streaming:

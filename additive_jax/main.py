@@ -10,13 +10,13 @@ is found automatically on TPU pods and clusters, or given with
 `--coordinator_address`, `--num_processes`, `--process_id`.
 """
 
+from additive_jax import command  # first: it quiets what later imports print
 import sys
 
 from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from additive_jax import command
 from additive_jax.train.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'experiment config file', lock_config=True)

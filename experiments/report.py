@@ -44,6 +44,7 @@ from additive_jax import command  # noqa: E402
 from additive_jax.peft.lora import TARGETS as LORA_TARGETS  # noqa: E402
 from additive_jax.peft.registry import field_types, presets  # noqa: E402
 from additive_jax.eval.metrics import METRICS  # noqa: E402
+from additive_jax.train.workdir import RunFolder  # noqa: E402
 from experiments.bootstrap import BOOTSTRAP_SEED, RESAMPLES, compare  # noqa: E402
 
 SEED_KEY = 'seed'
@@ -148,18 +149,17 @@ def load_points(root: epath.Path) -> tuple[dict, list[dict], list[dict]]:
   for point in sweep['points']:
     recorded = epath.Path(point.get('workdir') or root / point['name'])
     # a root copied elsewhere (down from a bucket) still lists its old absolute workdirs
-    workdir = next((w for w in (recorded, root / point['name']) if (w / 'summary.json').exists()),
-                   recorded)
-    if not (workdir / 'summary.json').exists():  # the summary decides: sweep.json may be stale
+    folder = next((f for f in map(RunFolder, (recorded, root / point['name']))
+                   if f.summary.exists()), RunFolder(recorded))
+    if not folder.summary.exists():  # the summary decides: sweep.json may be stale
       status = point.get('status', 'pending')
       unfinished.append({'name': point['name'],
                          'status': status if status != 'done' else 'done, no summary.json'})
       continue
-    hits = workdir / 'test_hits.json'
     done.append({**point, 'overrides': point.get('overrides') or {},
                  'base': point.get('base') or sweep.get('base'),
-                 'summary': read_json(workdir / 'summary.json'),
-                 'hits': read_json(hits) if hits.exists() else None})
+                 'summary': folder.read_summary(),
+                 'hits': read_json(folder.test_hits) if folder.test_hits.exists() else None})
   return sweep, done, unfinished
 
 

@@ -36,6 +36,7 @@ import time
 from absl import app, flags
 from etils import epath
 
+from additive_jax.train.workdir import RunFolder
 from experiments import hyper
 
 FAILURE = 'sweep_failure.json'
@@ -97,11 +98,12 @@ def command(base: str, point: dict, workdir: epath.Path) -> list[str]:
 
 
 def status(workdir: epath.Path) -> str:
-  if (workdir / 'summary.json').exists():
+  folder = RunFolder(workdir)
+  if folder.summary.exists():
     return 'done'
   if (workdir / FAILURE).exists():
     return 'failed'
-  return 'interrupted' if (workdir / 'checkpoints').exists() else 'pending'
+  return 'interrupted' if folder.checkpoints.exists() else 'pending'
 
 
 def shard_of(text: str) -> tuple[int, int]:
@@ -142,7 +144,7 @@ def run_point(argv: list[str], workdir: epath.Path, stop: Stop) -> str:
   if returncode == 0:
     if failure.exists():
       failure.unlink()
-    return status(workdir) if (workdir / 'summary.json').exists() else 'stopped'
+    return status(workdir) if RunFolder(workdir).summary.exists() else 'stopped'
   workdir.mkdir(parents=True, exist_ok=True)
   failure.write_text(json.dumps({'returncode': returncode, 'command': argv, 'time': time.time(),
                                  'output_tail': ''.join(tail)}, indent=2), encoding='utf-8')

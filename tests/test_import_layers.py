@@ -8,6 +8,7 @@ nothing of the project.
 """
 
 import ast
+import collections
 import os
 
 import pytest
@@ -71,3 +72,10 @@ def test_a_module_imports_only_its_own_or_an_earlier_layer(module, path):
     assert at_top, f'{path}:{line}: {module} imports {name} inside a function'
     if layer(module) == 0:
       raise AssertionError(f'{path}:{line}: the config module {module} imports {name}')
+
+
+def test_no_two_modules_share_a_file_name():
+  """One name, one thing: a reader who looks for `decode` or `metrics_log` finds one file (each
+  layer's config.py and the packages' __init__.py aside)."""
+  names = collections.Counter(os.path.basename(path) for _, path in modules())
+  assert not {name for name, n in names.items() if n > 1} - {'__init__.py', 'config.py'}, names

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 
-from absl import logging
 import grain
 import ml_collections
 
@@ -59,7 +58,7 @@ def _rows_per_process(batch_size: int, process_count: int) -> int:
 
 def _shard(data_config, split: str, tokenizer, seq_len: int, process_index: int,
            process_count: int, cache_dir: str | None):
-  """This process's records, the split's size, the shard's census (logged), the record encoder."""
+  """This process's records, the split's size, the shard's census, the record encoder."""
   check_policy(data_config.over_long)  # before a first preparation of the data, not after
   spec = source_spec(data_config.source)
   check_template(spec, data_config.template)
@@ -71,8 +70,6 @@ def _shard(data_config, split: str, tokenizer, seq_len: int, process_index: int,
   path = spec.path(data_config.data_dir, split)
   report = length_census(source, range(len(source))[shard_slice], encoder, seq_len + 1,
                          data_config.over_long, path)
-  logging.info('%s %s, shard %d of %d: %s', spec.name, split, process_index, process_count,
-               report)
   return records, len(source), report, EncodeRecord(encoder, seq_len + 1, data_config.over_long)
 
 

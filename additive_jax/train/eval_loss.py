@@ -7,7 +7,6 @@ with a prefix's reparameterization evaluated once (`peft.inference_form`).
 
 from __future__ import annotations
 
-from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -27,7 +26,7 @@ class LossEvaluator:
 
   def __init__(self, run: Run, config: ml_collections.ConfigDict, budget: int | None = None):
     self.run = run
-    self.batches, _ = make_eval_batches(
+    self.batches, self.report = make_eval_batches(
         config.data, run.tokenizer, batch_size=config.batch_size, seq_len=config.seq_len,
         process_index=jax.process_index(), process_count=jax.process_count())
     self.count = min(config.eval_batches or len(self.batches), len(self.batches))
@@ -56,6 +55,4 @@ def task_metric(run: Run, state, config: ml_collections.ConfigDict, metric: str,
   model, variables = inference_form(run.model, {'params': run.params, 'peft': state.peft})
   result = score(metric, model, variables, run.tokenizer, config.data, split, limit,
                  metric_settings(config), progress=jax.process_index() == 0, hits=hits)
-  logging.info('%s on %s %s: %.4f (%s)', metric, config.data.source.name, split, result[metric],
-               ', '.join(f'{k} {v:g}' for k, v in result.items() if k not in (metric, 'hits')))
   return result

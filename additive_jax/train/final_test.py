@@ -25,6 +25,7 @@ from additive_jax.peft.files import save_adapter
 from additive_jax.peft.files.file_io import write_json
 from additive_jax.train.checkpoint import Checkpoints, abstract_like
 from additive_jax.train.eval_loss import task_metric
+from additive_jax.train.workdir import RunFolder
 
 
 def tested_state(checkpoints: Checkpoints, state, config):
@@ -39,7 +40,7 @@ def tested_state(checkpoints: Checkpoints, state, config):
   return checkpoints.restore(best, abstract_like(state)), best
 
 
-def test_and_keep(run, state, step: int, config, workdir: str) -> dict:
+def test_and_keep(run, state, step: int, config, folder: RunFolder) -> dict:
   """{metric}_after, test_step and adapter_bytes for the summary; the files above written."""
   metric = config.test_metric
   result = task_metric(run, state, config, metric, config.test_split, config.test_limit,
@@ -47,11 +48,10 @@ def test_and_keep(run, state, step: int, config, workdir: str) -> dict:
   peft = multihost_utils.process_allgather(state.peft, tiled=True)  # every process's leaves
   out = {f'{metric}_after': result[metric], 'test_step': step}
   if jax.process_index() == 0:
-    directory = epath.Path(workdir)
-    write_json(str(directory / 'test_hits.json'), {
+    write_json(str(folder.test_hits), {
         'metric': metric, 'split': config.test_split, 'limit': config.test_limit, 'step': step,
         'hits': result['hits']})
-    out['adapter_bytes'] = _save_adapter(directory / 'adapter', run, peft, config.model)
+    out['adapter_bytes'] = _save_adapter(folder.adapter, run, peft, config.model)
   return out
 
 

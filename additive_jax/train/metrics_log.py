@@ -1,4 +1,4 @@
-"""Metrics to TensorBoard event files and a JSON-lines log in the workdir.
+"""Metrics to TensorBoard event files and a JSON-lines log in the run folder (`train.workdir`).
 
 Only process 0 writes (every process computes the same replicated metrics).
 The JSON log is appended line by line and flushed, so a killed run keeps every
@@ -32,22 +32,22 @@ else:
     del sys.modules['torch']
 from tensorboardX import record_writer  # noqa: E402
 
+from additive_jax.train.workdir import RunFolder  # noqa: E402
+
 
 class MetricsWriter:
   """`write(step, metrics)` to both; `resumed_from=k` (a run resuming from checkpoint k) first
   forgets what a killed run logged after step k, which the resumed run logs again."""
 
-  def __init__(self, workdir: str, resumed_from: int | None = None):
+  def __init__(self, folder: RunFolder, resumed_from: int | None = None):
     self.enabled = jax.process_index() == 0
     if self.enabled:
-      workdir = epath.Path(workdir)
-      workdir.mkdir(parents=True, exist_ok=True)
-      log_path = workdir / 'metrics.jsonl'
+      folder.path.mkdir(parents=True, exist_ok=True)
+      log_path = folder.metrics_log
       if resumed_from is not None:
         _forget_after(log_path, resumed_from)
       purge = None if resumed_from is None else resumed_from + 1  # TensorBoard hides steps ≥ it
-      self._tensorboard = tensorboardX.SummaryWriter(str(workdir / 'tensorboard'),
-                                                     purge_step=purge)
+      self._tensorboard = tensorboardX.SummaryWriter(str(folder.tensorboard), purge_step=purge)
       self._log = log_path.open('a', encoding='utf-8')
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
@@ -60,7 +60,7 @@ class MetricsWriter:
     self._log.flush()
 
   def close(self) -> None:
-    if self.enabled:
+    if self.enabled and not self._log.closed:
       self._tensorboard.close()
       self._log.close()
 
@@ -104,12 +104,3 @@ def _forget_after(path: epath.Path, step: int) -> None:
   staged.write_text(''.join(kept), encoding='utf-8')
   staged.replace(path)
 
-
-def logged_value(workdir: str, name: str, step: int) -> float | None:
-  """The value of `name` logged at `step` in the workdir's metrics.jsonl, if any."""
-  path = epath.Path(workdir) / 'metrics.jsonl'
-  if not path.exists():
-    return None
-  with path.open(encoding='utf-8') as f:
-    lines = [json.loads(line) for line in f if line.endswith('\n')]
-  return next((line[name] for line in lines if line['step'] == step and name in line), None)
