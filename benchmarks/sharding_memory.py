@@ -28,7 +28,8 @@ from additive_jax import command  # noqa: E402
 from additive_jax.model.llama import Llama  # noqa: E402
 from additive_jax.peft.registry import parse_method  # noqa: E402
 from additive_jax.train.config import RULES  # noqa: E402
-from additive_jax.train.mesh import make_mesh, place  # noqa: E402
+from additive_jax.model.load import place  # noqa: E402
+from additive_jax.train.mesh import make_mesh  # noqa: E402
 from additive_jax.train.model_state import base_shardings, create_train_state  # noqa: E402
 from additive_jax.train.optimizer import make_optimizer, method_settings  # noqa: E402
 from additive_jax.train.step import jit_train_step  # noqa: E402

@@ -10,7 +10,8 @@ from jax.sharding import PartitionSpec as P
 from additive_jax.model.config import LlamaConfig
 from additive_jax.model.llama import Llama
 from additive_jax.train.config import RULES
-from additive_jax.train.mesh import make_mesh, place, shardings_for
+from additive_jax.model.load import place
+from additive_jax.train.mesh import make_mesh, shardings_for
 
 
 def test_mesh_shapes_and_errors():

@@ -8,8 +8,9 @@ distribution at the prompt's last position.
 The LM head runs only at the positions that predict a choice's tokens
 (`logits_at`), never over the whole row.
 
-Batches are right-padded to a multiple of 16 tokens so that a whole evaluation
-compiles a handful of shapes, not one per length. With `adapter_ids` (one per
+Rows are batched by length (sorted first, the scores put back in the given
+order) and right-padded to a multiple of 16 tokens, so that little of a batch is
+padding and a whole evaluation compiles a handful of shapes, not one per length. With `adapter_ids` (one per
 prompt), `variables['peft']` is a stack of adapters (`aj.peft.stack`) and each
 prompt is scored with its own, in the same calls.
 """
@@ -62,11 +63,12 @@ def _pad(rows: list[list[int]], pad_id: int):
   for i, row in enumerate(rows):
     tokens[i, :len(row)] = row
     mask[i, :len(row)] = 1
-  return jnp.asarray(tokens), jnp.asarray(mask)
+  return jax.device_put(tokens), jax.device_put(mask)  # placed explicitly, like every input
 
 
-def _ids(adapter_ids, rows) -> jnp.ndarray | None:
-  return None if adapter_ids is None else jnp.asarray([adapter_ids[i] for i in rows], jnp.int32)
+def _ids(adapter_ids, rows) -> jax.Array | None:
+  return None if adapter_ids is None else jax.device_put(
+      np.asarray([adapter_ids[i] for i in rows], np.int32))
 
 
 def choice_logprobs(model, variables, prompt_ids: Sequence[list[int]], choice_ids: Sequence[list[int]],
@@ -77,22 +79,30 @@ def choice_logprobs(model, variables, prompt_ids: Sequence[list[int]], choice_id
     raise ValueError(f'{len(adapter_ids)} adapter ids for {len(prompt_ids)} prompts')
   if all(len(ids) == 1 for ids in choice_ids):
     columns = [ids[0] for ids in choice_ids]
-    scores = []
-    for start in tqdm.tqdm(range(0, len(prompt_ids), batch_size), desc='scoring', disable=not progress):
-      tokens, mask = _pad(prompt_ids[start:start + batch_size], pad_id)
-      ids = _ids(adapter_ids, range(start, start + len(tokens)))
-      scores.append(np.asarray(_next_token_logprobs(model, variables, ids, tokens, mask))[:, columns])
-    return np.concatenate(scores).astype(np.float64)
+    scores = np.zeros((len(prompt_ids), len(choice_ids)), np.float64)
+    for rows in tqdm.tqdm(_by_length(prompt_ids, batch_size), desc='scoring', disable=not progress):
+      tokens, mask = _pad([prompt_ids[i] for i in rows], pad_id)
+      logp = _next_token_logprobs(model, variables, _ids(adapter_ids, rows), tokens, mask)
+      scores[rows] = np.asarray(logp)[:, columns]
+    return scores
   # Multi-token choices: one row per (prompt, choice), scored over the choice's positions.
   rows = [(i, c, p + ids, len(p)) for i, p in enumerate(prompt_ids) for c, ids in enumerate(choice_ids)]
   span = max(map(len, choice_ids))  # the positions that predict a choice's tokens
   scores = np.zeros((len(prompt_ids), len(choice_ids)), np.float64)
-  for start in tqdm.tqdm(range(0, len(rows), batch_size), desc='scoring', disable=not progress):
-    batch = rows[start:start + batch_size]
+  for picked in tqdm.tqdm(_by_length([seq for _, _, seq, _ in rows], batch_size), desc='scoring',
+                          disable=not progress):
+    batch = [rows[k] for k in picked]
     tokens, mask = _pad([seq for _, _, seq, _ in batch], pad_id)
     ids = _ids(adapter_ids, [i for i, _, _, _ in batch])
-    starts = jnp.asarray([prompt_len - 1 for _, _, _, prompt_len in batch], jnp.int32)
+    starts = jax.device_put(np.asarray([prompt_len - 1 for *_, prompt_len in batch], np.int32))
     logp = np.asarray(_span_logprobs(model, variables, ids, tokens, mask, starts, span))
     for row, (i, c, seq, prompt_len) in enumerate(batch):
       scores[i, c] = logp[row, :len(seq) - prompt_len].sum()
   return scores
+
+
+def _by_length(sequences: Sequence[list[int]], batch_size: int) -> list[np.ndarray]:
+  """Indices of `sequences` in batches of similar lengths (shortest first): a batch is padded to
+  its longest row, so sorting first pads far less than batching in the given order."""
+  order = np.argsort([len(seq) for seq in sequences], kind='stable')
+  return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]

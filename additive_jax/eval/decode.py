@@ -16,6 +16,12 @@ With `adapter_ids` (one per prompt), `variables['peft']` is a stack of adapters
 (`aj.peft.stack`) and every row runs its own, in the same calls
 (`peft.stack.apply_mixed`).
 
+Every host input (the prompts' tokens and mask, the adapter ids, the seed) is
+placed on the device explicitly, once, and the cache is made on the device, so
+a decode step moves nothing from the host but what it must: with the weights
+already there (`aj.load_model` places them), nothing at all
+(`jax.transfer_guard_host_to_device('disallow')` holds around the loop).
+
 A row stops at an EOS token, at the first `stop` string in its text (which is
 cut there and not returned) or after `max_new_tokens`. `on_text(row, text)`
 receives each row's text as it grows (a stop string's possible beginning held
@@ -66,6 +72,12 @@ def _decode_step(model: Llama, sampling: Sampling, per_row: bool, variables, tok
   return next_tokens(logits_B1V[:, -1], draw, sampling), position_B + 1, cache, key
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _empty_cache(model: Llama, batch: int, max_tokens: int):
+  """`model.init_cache`, made on the device (eagerly, each zero would come from the host)."""
+  return model.init_cache(batch, max_tokens)
+
+
 def check_length(model: Llama, prompt_tokens: int, max_new_tokens: int) -> None:
   """Refuses a prompt and budget the model's positions cannot hold."""
   extra = model.num_virtual_tokens + sum(m.num_prefix_tokens for m in model.peft)
@@ -95,12 +107,13 @@ def generate_ids(model: Llama, variables, prompt_ids: Sequence[list[int]], *, ma
     tokens[row, length - len(ids):], mask[row, length - len(ids):] = ids, True
   per_row = adapter_ids is not None
   if per_row:  # each row's adapter leaves, gathered once for every step
-    variables = {'params': variables['params'],
-                 'peft': jax.jit(rows_of)(variables['peft'], jnp.asarray(adapter_ids, jnp.int32))}
-  cache = model.init_cache(len(prompt_ids), length + max_new_tokens)
-  key = jax.random.key(sampling.seed)
-  token_B, position_B, cache, key = _prefill(model, sampling, per_row, variables, tokens, mask,
-                                             cache, key)
+    variables = {'params': variables['params'], 'peft': jax.jit(rows_of)(
+        variables['peft'], jax.device_put(np.asarray(adapter_ids, np.int32)))}
+  cache = _empty_cache(model, len(prompt_ids), length + max_new_tokens)
+  key = jax.random.key(jax.device_put(np.uint32(sampling.seed)))
+  token_B, position_B, cache, key = _prefill(model, sampling, per_row, variables,
+                                             jax.device_put(tokens), jax.device_put(mask), cache,
+                                             key)
   out = [[] for _ in prompt_ids]
   done = np.zeros(len(prompt_ids), bool)
   eos = set(eos_ids)

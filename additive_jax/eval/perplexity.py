@@ -37,7 +37,7 @@ def _row_losses(model, variables, batch):
 def perplexity(model, variables, batches) -> dict[str, float]:
   sums, counts = [], []
   for batch in batches:
-    row_sum, row_count = _row_losses(model, variables, batch)
+    row_sum, row_count = _row_losses(model, variables, jax.device_put(batch))  # placed once
     sums.append(np.asarray(row_sum, np.float64))
     counts.append(np.asarray(row_count, np.float64))
   sums, counts = np.concatenate(sums), np.concatenate(counts)

@@ -86,11 +86,3 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   sharding = batch_sharding(mesh)
   return {name: jax.make_array_from_process_local_data(sharding, rows)
           for name, rows in local_batch.items()}
-
-
-def place(tree, shardings):
-  """Puts host (numpy) arrays on the mesh shard by shard: no device ever holds a whole copy."""
-  def put(array, sharding):
-    array = np.asarray(array)
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
-  return jax.tree.map(put, tree, shardings)

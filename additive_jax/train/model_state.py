@@ -14,8 +14,8 @@ from jax.sharding import Mesh
 
 from additive_jax.model.config import LlamaConfig
 from additive_jax.model.llama import Llama, abstract_variables
-from additive_jax.model.load import load_model
-from additive_jax.train.mesh import Rules, place, replicated, shardings_for
+from additive_jax.model.load import load_config, load_model
+from additive_jax.train.mesh import Rules, replicated, shardings_for
 from additive_jax.train.step import TrainState
 
 
@@ -26,9 +26,9 @@ def base_shardings(config: LlamaConfig, mesh: Mesh, rules: Rules):
 
 def load_base(path: str, mesh: Mesh, rules: Rules, **overrides):
   """(config, params on the mesh, their shardings, the replicated-instead report)."""
-  config, host_params = load_model(path, **overrides)
-  shardings, fallback = base_shardings(config, mesh, rules)
-  return config, place(host_params, shardings), shardings, fallback
+  shardings, fallback = base_shardings(load_config(path, **overrides), mesh, rules)
+  config, params = load_model(path, shardings=shardings, **overrides)
+  return config, params, shardings, fallback
 
 
 def create_train_state(model: Llama, params, optimizer, rng, mesh: Mesh, tokenizer=None):

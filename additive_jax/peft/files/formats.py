@@ -27,6 +27,8 @@ the base `config` and names the tensor, the shape found and the shape needed.
 
 from __future__ import annotations
 
+import jax
+
 from etils import epath
 
 from additive_jax.peft.files import adapterhub, aj_format, hf_peft
@@ -87,7 +89,8 @@ def detect_format(directory: str) -> str:
 def load_adapter(directory: str, config, format: str | None = None, expected_methods=None,
                  allow_pickle: bool = False):
   """(methods, peft) from `directory`, for the base `config`: `Llama(config, peft=methods)`
-  applies `{'params': params, 'peft': peft}`. `format` is detected when None."""
+  applies `{'params': params, 'peft': peft}`. `format` is detected when None. The leaves are
+  placed on the default device once, as `load_model`'s weights are."""
   format = format or detect_format(directory)
   if format == 'aj':
     methods, peft = aj_format.load(directory, config)
@@ -104,4 +107,4 @@ def load_adapter(directory: str, config, format: str | None = None, expected_met
     raise AdapterFileError(
         f'{directory} holds {", ".join(m.call_string() for m in methods)}, not the expected '
         f'{", ".join(m.call_string() for m in expected_methods)}')
-  return methods, peft
+  return methods, jax.device_put(peft)
