@@ -19,7 +19,7 @@ __version__ = importlib.metadata.version('additive_jax')
 # public name -> the module that defines it
 _PUBLIC = {'peft': 'additive_jax.peft',
            'LlamaConfig': 'additive_jax.model.config',
-           'KVCache': 'additive_jax.model.llama',
+           'KVCache': 'additive_jax.model.kv_cache',
            'Llama': 'additive_jax.model.llama',
            'load_model': 'additive_jax.model.load',
            'load_tokenizer': 'additive_jax.model.tokenizer',

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from additive_jax.model.llama import KVCache, Llama
+from additive_jax.model.kv_cache import KVCache
+from additive_jax.model.llama import Llama
 from conftest import TINY as CONFIG
 
 V = CONFIG.vocab_size

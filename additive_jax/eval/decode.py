@@ -50,7 +50,8 @@ def _forward(model, variables, per_row: bool, tokens, **kwargs):
   return apply_per_row(model, variables['params'], variables['peft'], tokens, **kwargs)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'sampling', 'per_row'))
+@functools.partial(jax.jit, static_argnames=('model', 'sampling', 'per_row'),
+                   donate_argnames='cache')
 def _prefill(model: Llama, sampling: Sampling, per_row: bool, variables, tokens_BT, mask_BT, cache,
              key):
   positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from additive_jax.model.attention import attend_on_mesh
 from additive_jax.model.config import REMAT_POLICIES, LlamaConfig
 from additive_jax.model.hooks import Hooks, check_methods, init_methods
+from additive_jax.model.kv_cache import KVCache
 from additive_jax.model.rope import apply_rotary, rotary_tables
 
 # The logical axes of the residual stream [B, T, D] and the logits [B, T, V].
@@ -51,31 +52,6 @@ class _LogicalWeight(nn.LogicallyPartitioned):
 
 def _init(axes: tuple[str, ...], init=nn.initializers.normal(0.02)):
   return lambda *args: _LogicalWeight(init(*args), axes)
-
-
-@flax.struct.dataclass
-class KVCache:
-  """Keys and values of every layer, for decoding one step at a time.
-
-  `valid` marks filled, non-padding slots; `end` is the number of slots written
-  (the same for the whole batch; left-pad prompts to align them). `methods` holds
-  the decoding state of methods that keep their own (`Hooks.init_cache`); `fresh`
-  (static) is True until the first call fills the cache, the prefill, which is
-  when vectors a method prepends enter. `Llama.init_cache` makes one for a model.
-  """
-  k_LBSKH: jax.Array
-  v_LBSKH: jax.Array
-  valid_BS: jax.Array
-  end: jax.Array
-  methods: dict = flax.struct.field(default_factory=dict)
-  fresh: bool = flax.struct.field(pytree_node=False, default=True)
-
-  @classmethod
-  def create(cls, config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32,
-             methods: dict | None = None) -> KVCache:
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-               jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32), methods or {})
 
 
 @flax.struct.dataclass
@@ -120,7 +96,7 @@ class Attention(nn.Module):
   methods: Sequence[Hooks]
 
   @nn.compact
-  def __call__(self, x_BTD, p, kv, ctx: AttentionContext):
+  def __call__(self, x_BTD, p, kv, ctx: AttentionContext, layer=None):
     cfg = self.config
 
     def projection(name, heads, heads_axes):
@@ -138,12 +114,17 @@ class Attention(nn.Module):
     q_BTNH = apply_rotary(q_BTNH, ctx.cos_BTH, ctx.sin_BTH)
     k_BTKH = apply_rotary(k_BTKH, ctx.cos_BTH, ctx.sin_BTH)
 
-    if kv is not None:  # write this step's keys into the cache, attend over all slots
-      k_cache, v_cache = kv
+    if kv is not None and layer is None:  # this layer's cache: write this step's keys, attend
+      k_cache, v_cache = kv                # over all slots
       start = (0, ctx.cache_end, 0, 0)
       k_BTKH = jax.lax.dynamic_update_slice(k_cache, k_BTKH.astype(k_cache.dtype), start)
       v_BTKH = jax.lax.dynamic_update_slice(v_cache, v_BTKH.astype(v_cache.dtype), start)
       kv = (k_BTKH, v_BTKH)
+    elif kv is not None:  # every layer's cache [L, B, S, K, H], carried: written in place
+      start = (layer, 0, ctx.cache_end, 0, 0)
+      kv = tuple(jax.lax.dynamic_update_slice(cache, new[None].astype(cache.dtype), start)
+                 for cache, new in zip(kv, (k_BTKH, v_BTKH)))
+      k_BTKH, v_BTKH = (jax.lax.dynamic_index_in_dim(cache, layer, keepdims=False) for cache in kv)
     keys_BSKH, values_BSKH = k_BTKH, v_BTKH
     for method in self.methods:  # prefixes enter as a cache would: no rotary
       prefix = method.prefix_kv(p[method.key])
@@ -198,23 +179,33 @@ def _add_deltas(r, f, deltas):
 
 
 class Block(nn.Module):
-  """One decoder layer; scanned over the `layers` axis by `Llama`."""
+  """One decoder layer; scanned over the `layers` axis by `Llama`. `kv`: this layer's cache
+  (k, v) [B, S, K, H] each, or None. With `carry_cache` (decoding), the scan carries
+  `(x_BTD, every layer's cache, layer index)` instead of `x_BTD`, and the layer writes its
+  new keys into the carried buffers in place: no layer's cache is copied into a new one."""
   config: LlamaConfig
   methods: Sequence[Hooks]
   keep_tap: bool = False
+  carry_cache: bool = False
 
   @nn.compact
   def __call__(self, x_BTD, p, kv, ctx: AttentionContext):
+    layer = None
+    if self.carry_cache:
+      x_BTD, kv, layer = x_BTD
     r_BTD = x_BTD
     f_BTD, kv = Attention(self.config, self.methods, name='self_attn')(
-        _rms_norm(self.config, 'input_layernorm')(x_BTD), p, kv, ctx)
+        _rms_norm(self.config, 'input_layernorm')(x_BTD), p, kv, ctx, layer)
     x_BTD = _add_deltas(r_BTD, f_BTD, [m.attn_delta(p[m.key], r_BTD, f_BTD) for m in self.methods])
     r_BTD = x_BTD
     f_BTD = MLP(self.config, self.methods, name='mlp')(
         _rms_norm(self.config, 'post_attention_layernorm')(x_BTD), p)
     x_BTD = _add_deltas(r_BTD, f_BTD, [m.mlp_delta(p[m.key], r_BTD, f_BTD) for m in self.methods])
     x_BTD = nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)
-    return x_BTD, (kv, x_BTD if self.keep_tap else None)
+    tap = x_BTD if self.keep_tap else None
+    if self.carry_cache:
+      return (x_BTD, kv, layer + 1), (None, tap)
+    return x_BTD, (kv, tap)
 
 
 class Llama(nn.Module):
@@ -302,13 +293,17 @@ class Llama(nn.Module):
     if cfg.remat != 'none':
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     layers = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
-                     in_axes=(0, 0, nn.broadcast), length=cfg.num_layers,
+                     in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                      metadata_params={nn.PARTITION_NAME: 'layers'})
     layer_inputs = {m.key: m.layer_inputs(trees[m.key], cfg) for m in methods}
-    kv = None if cache is None else (cache.k_LBSKH, cache.v_LBSKH)
     wants_taps = any(m.wants_taps for m in methods)
-    x_BTD, (kv, taps_LBTD) = layers(cfg, methods, wants_taps, name='layers')(
-        x_BTD, layer_inputs, kv, ctx)
+    if cache is None:
+      x_BTD, (_, taps_LBTD) = layers(cfg, methods, wants_taps, name='layers')(
+          x_BTD, layer_inputs, None, ctx)
+    else:  # the cache carried through the layers, updated in place (Block)
+      carry = (x_BTD, (cache.k_LBSKH, cache.v_LBSKH), jnp.zeros((), jnp.int32))
+      (x_BTD, kv, _), (_, taps_LBTD) = layers(cfg, methods, wants_taps, True, name='layers')(
+          carry, layer_inputs, None, ctx)
     taps = (embedded_BTD, taps_LBTD) if wants_taps else None  # the embeddings, each layer's output
     x_BTD = _rms_norm(cfg, 'norm')(x_BTD)
     states = {} if cache is None else dict(cache.methods)

@@ -51,7 +51,8 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from additive_jax.model.llama import KVCache, Llama
+from additive_jax.model.kv_cache import KVCache
+from additive_jax.model.llama import Llama
 from additive_jax.peft.base import Method, require_positive_int
 
 

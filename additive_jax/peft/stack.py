@@ -27,7 +27,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from additive_jax.model.llama import KVCache
+from additive_jax.model.kv_cache import KVCache
 from additive_jax.peft.base import Method
 
 
