@@ -29,7 +29,8 @@ from additive_jax.data.config import data_config
 from additive_jax.data.packing import pad_fraction
 from additive_jax.data.pipeline import make_train_iterator
 
-import train_step_sides  # beside this file, on the path of a script run from here
+import machine as machine_lib  # beside this file, on the path of a script run from here
+import train_step_sides
 
 _BATCHES = flags.DEFINE_integer('batches', 200, 'batches timed after the first')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'rows per batch')
@@ -84,21 +85,6 @@ def train_step(batches: list) -> dict:
           'best_step_s': min(seconds)}
 
 
-def cpu() -> dict:
-  """The CPU as /proc/cpuinfo names it (platform.processor() is only 'x86_64'), and the cores
-  this process may run on."""
-  fields = {}
-  try:
-    with open('/proc/cpuinfo', encoding='utf-8') as f:
-      for line in f:
-        key, _, value = line.partition(':')
-        fields.setdefault(key.strip(), value.strip())
-  except OSError:
-    pass
-  return {'model_name': fields.get('model name'), 'family': fields.get('cpu family'),
-          'model': fields.get('model'), 'cores': len(os.sched_getaffinity(0))}
-
-
 def main(argv):
   del argv
   load_before = os.getloadavg()[0]  # other work on the machine slows both down
@@ -109,7 +95,7 @@ def main(argv):
   results = [packed, padded]
   for r in results:
     r['batch_time_vs_train_step'] = r['ms_per_batch'] / 1e3 / step['median_step_s']
-  machine = {**cpu(), 'load_average_before': load_before,
+  machine = {**machine_lib.cpu(), 'load_average_before': load_before,
              'load_average_after': os.getloadavg()[0]}
   print(f'SST-2 train, batch {_BATCH_SIZE.value} x {_SEQ_LEN.value}, {_BATCHES.value} batches; '
         f'{machine["model_name"]} (family {machine["family"]}, model {machine["model"]}), '

@@ -13,7 +13,14 @@ warmed up (ours compiled) by one whole decode first; decode_sides.py says where
 the timestamps come from.
 
 * ours: `additive_jax.eval.decode.generate_ids` (a jitted prefill, then a
-  jitted step per token), without a method;
+  jitted step per token), without a method, on the base as a user loads it
+  (`aj.load_model('smollm2-135m-instruct')`: the GGUF, with no placement of the
+  benchmark's own; `--hf_dir` instead names a checkpoint both sides read);
+* the generate command as a user types it, after the rounds, in processes of its
+  own: `python -m additive_jax.generate --model=... --prompt=... --max_new_tokens=N`
+  end to end (start, load, compile, decode, print), and the same with one new
+  token; the difference over the tokens it printed is the command's own decode
+  rate (`--command_tokens`, `--command_rounds`);
 * transformers: `LlamaForCausalLM.generate(do_sample=False, max_new_tokens=N,
   min_new_tokens=N)` with its KV cache, eager torch with as many threads as
   JAX's CPU client (the cores this process may run on), on the same weights:
@@ -44,7 +51,8 @@ the pair's order reversed in odd rounds: with every method, 25 decodes a round.
 A ratio is taken within a round, to its reference's run next to it (so that a
 drift of the machine's load moves both), and its median over rounds is
 reported with its min–max. Writes the settings, the command, versions, the
-machine and every raw timing to `--out` (after every round).
+machine (`machine.py`: the CPU's name, family and model) and every raw timing to
+`--out` (after every round).
 """
 
 from __future__ import annotations
@@ -53,7 +61,6 @@ import concurrent.futures
 import datetime
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -64,6 +71,7 @@ import numpy as np
 from absl import app, flags
 
 import decode_sides  # beside this file, on the path of a script run from here
+import machine as machine_lib
 from additive_jax import command
 
 # --methods name -> (the variant timed, the variant its ratio is taken to), both in VARIANTS
@@ -85,6 +93,11 @@ _WRITE_HF_DIR = flags.DEFINE_string('write_hf_dir', None,
                                     'only write SmolLM2-135M-Instruct as an HF checkpoint here')
 _OUT = flags.DEFINE_string('out', os.path.join(HERE, 'results', 'decode_cpu.json'),
                            'JSON results')
+_COMMAND_TOKENS = flags.DEFINE_integer('command_tokens', 256, 'the generate command: new tokens '
+                                       'at most (0: not timed)', lower_bound=0)
+_COMMAND_ROUNDS = flags.DEFINE_integer('command_rounds', 2, 'the generate command: runs of each '
+                                       'length', lower_bound=1)
+COMMAND_PROMPT = 'Once upon a time, in a small town by the sea, there lived'
 
 
 def write_smollm2(directory: str) -> None:
@@ -207,13 +220,31 @@ def table(rows: list[dict]) -> str:
   return '\n'.join(lines)
 
 
-def cpu_model() -> str:
-  """The CPU's name as /proc/cpuinfo gives it (platform.processor() is only 'x86_64')."""
-  try:
-    with open('/proc/cpuinfo', encoding='utf-8') as f:
-      return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-  except (OSError, StopIteration):
-    return platform.machine()
+def command_timing(model: str) -> dict:
+  """The generate command, end to end: the wall time of one new token and of
+  `--command_tokens`, interleaved, and the decode rate between them."""
+  from additive_jax.model.tokenizer import load_tokenizer
+  tokenizer = load_tokenizer(model)
+
+  def run(new_tokens: int) -> tuple[float, int]:
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, '-m', 'additive_jax.generate', f'--model={model}',
+                          f'--prompt={COMMAND_PROMPT}', f'--max_new_tokens={new_tokens}'],
+                         capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - started
+    return wall, len(tokenizer(out.stdout.rstrip('\n'), add_special_tokens=False)['input_ids'])
+
+  short, long = [], []
+  for _ in range(_COMMAND_ROUNDS.value):
+    short.append(run(1))
+    long.append(run(_COMMAND_TOKENS.value))
+  one_s = statistics.median(w for w, _ in short)
+  many_s, tokens = statistics.median(w for w, _ in long), long[0][1]
+  return {'prompt': COMMAND_PROMPT, 'max_new_tokens': _COMMAND_TOKENS.value,
+          'tokens_printed': tokens, 'wall_s_one_token': one_s, 'wall_s': many_s,
+          'runs': {'one_token': short, 'long': long},
+          'ms_per_token': 1000 * (many_s - one_s) / max(tokens - 1, 1),
+          'tokens_per_s_end_to_end': tokens / many_s}
 
 
 def leading_agreement(ours: list[int], theirs: list[int]) -> int:
@@ -232,26 +263,27 @@ def main(argv):
     raise app.UsageError(f'unknown methods {unknown}; known: {", ".join(METHODS)}')
   load_before = os.getloadavg()
   hf_dir = base_checkpoint()
+  model = _HF_DIR.value or 'smollm2-135m-instruct'  # ours: as a user names it
   threads = len(os.sched_getaffinity(0))  # JAX's CPU client uses every core it may run on
-  shape = {'hf_dir': hf_dir, 'prompt_tokens': _PROMPT_TOKENS.value,
-           'new_tokens': _NEW_TOKENS.value}
+  shape = {'prompt_tokens': _PROMPT_TOKENS.value, 'new_tokens': _NEW_TOKENS.value}
+  ours = {**shape, 'model': model}
   variants = ['base'] + sorted({v for m in _METHODS.value for v in METHODS[m]} - {'base'})
-  sides = {'ours': decode_sides.Side('ours', 'ours', {**shape, 'variants': variants}),
-           'theirs': decode_sides.Side('transformers', 'theirs', {**shape, 'threads': threads}),
-           'ours_again': decode_sides.Side('ours again', 'ours', {**shape, 'variants': ['base']})}
+  sides = {'ours': decode_sides.Side('ours', 'ours', {**ours, 'variants': variants}),
+           'theirs': decode_sides.Side('transformers', 'theirs',
+                                       {**shape, 'hf_dir': hf_dir, 'threads': threads}),
+           'ours_again': decode_sides.Side('ours again', 'ours', {**ours, 'variants': ['base']})}
   try:
     reports = {name: side.wait_ready() for name, side in sides.items()}  # warming up together
     floor = MemoryFloor(reports['ours']['base_bytes'], threads)
     record = {
-        'settings': {**shape, 'rounds': _ROUNDS.value, 'methods': _METHODS.value,
+        'settings': {**shape, 'model': model, 'hf_dir': hf_dir, 'rounds': _ROUNDS.value,
+                     'methods': _METHODS.value,
                      'threads': threads, 'floor_reads_per_round': FLOOR_READS,
                      'variants': {v: vars(decode_sides.VARIANTS[v]) for v in variants}},
         'command': ' '.join(sys.argv),
         'versions': {**reports['ours']['versions'], **reports['theirs']['versions'],
                      'numpy': np.__version__},
-        'machine': {'cpu_count': os.cpu_count(), 'cores_usable': threads,
-                    'processor': cpu_model(),
-                    'load_average_before': load_before},
+        'machine': {**machine_lib.cpu(), 'load_average_before': load_before},
         'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
         'sides': reports}
 
@@ -269,16 +301,24 @@ def main(argv):
   finally:
     for side in sides.values():
       side.close()
+  if _COMMAND_TOKENS.value:  # the sides closed: the command has the machine to itself
+    record['generate_command'] = command_timing(model)
   record['rows'] = summarize(raw)
   ours_tokens = reports['ours']['first_row_tokens']['base']
   record['greedy_tokens_agreeing'] = leading_agreement(
       ours_tokens, reports['theirs']['first_row_tokens']['theirs'])
   save(raw)
+  print(machine_lib.caption({**record['machine'], 'versions': record['versions']}))
   print(f'{reports["ours"]["device"]}, fp32, batch 1, {_PROMPT_TOKENS.value}-token prompt, '
         f'{_NEW_TOKENS.value} new tokens, {_ROUNDS.value} rounds, {threads} threads, weights '
         f'{reports["ours"]["base_bytes"] / 1e6:.0f} MB, load average {load_before[0]:.1f} -> '
         f'{os.getloadavg()[0]:.1f}')
   print(table(record['rows']))
+  if 'generate_command' in record:
+    timed = record['generate_command']
+    print(f'the generate command: {timed["tokens_printed"]} tokens in {timed["wall_s"]:.1f} s '
+          f'end to end ({timed["wall_s_one_token"]:.1f} s for one token): '
+          f'{timed["ms_per_token"]:.1f} ms a token')
   print(f'greedy tokens: ours and transformers agree on the first '
         f'{record["greedy_tokens_agreeing"]} of {len(ours_tokens)}')
   print(f'wrote {_OUT.value}')

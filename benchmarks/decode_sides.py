@@ -6,7 +6,9 @@ it up (one whole decode, which compiles ours) and answers `decode(variant)`
 calls over a pipe. An idle side blocks on the pipe, so it takes no CPU while
 another side is timed.
 
-A decode is timed from the outside of the public call, by a callback that each
+Our side loads its base as a user does (`aj.load_model('smollm2-135m-instruct')`,
+the GGUF, no placement of its own); transformers reads an HF checkpoint of the same
+weights. A decode is timed from the outside of the public call, by a callback that each
 new token reaches as soon as the host has it: ours through `generate_ids`'
 `on_tokens`, theirs through a `generate` streamer. Prefill: from the call to
 the first new token (host set-up included: padding, the methods' inference
@@ -72,15 +74,14 @@ def timing(started: float, stamps: list[float]) -> dict:
 class OursDecoder:
   """additive_jax's `generate_ids`, greedy, on every variant asked for, all in this process."""
 
-  def __init__(self, hf_dir, variants, prompt_tokens, new_tokens):
+  def __init__(self, model, variants, prompt_tokens, new_tokens):
     import jax
 
     import additive_jax as aj
 
     self.jax, self.aj, self.new_tokens = jax, aj, new_tokens
-    self.config, host_params = aj.load_model(hf_dir)
-    # on the device once: a numpy tree would be copied into every jitted call
-    self.params = jax.device_put(host_params)
+    # as a user loads it (the embedded default: its GGUF), with no placement of our own
+    self.config, self.params = aj.load_model(model)
     self.built, warmup_s, tokens = {}, {}, {}
     for name in variants:
       self.built[name] = self.build(VARIANTS[name], prompt_tokens)

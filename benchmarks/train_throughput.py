@@ -46,7 +46,8 @@ import time
 
 from absl import app, flags
 
-import side_process  # beside this file, on the path of a script run from here
+import machine as machine_lib  # beside this file, on the path of a script run from here
+import side_process
 import train_step_sides
 
 LORA_ALL = "('q', 'k', 'v', 'o', 'gate', 'up', 'down')"
@@ -302,6 +303,7 @@ def main(argv):
         results[-1]['ours']['gemm_flops'] = gemm
       print(progress(results[-1]), flush=True)
       out = save(results, load_before)  # after every method: a cut-short run keeps its rows
+  print(machine_lib.caption(machine_lib.describe()))
   print(f'{results[0]["ours"]["device"]}, {results[0]["ours"]["dtype"]}, batch {_BATCH.value} x '
         f'{_SEQ_LEN.value} tokens, {_REPEATS.value} x {_STEPS.value} timed steps a side, '
         f'{len(os.sched_getaffinity(0))} CPU threads, load average {load_before:.1f} -> '
@@ -325,8 +327,8 @@ def save(results: list[dict], load_before: float) -> str:
                                    f'train_throughput_{platform}.json')
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, 'w', encoding='utf-8') as f:
-    json.dump({'settings': settings, 'command': ' '.join(sys.argv), 'results': results}, f,
-              indent=2)
+    json.dump({'settings': settings, 'command': ' '.join(sys.argv),
+               'machine': machine_lib.describe(), 'results': results}, f, indent=2)
   return out
 
 
