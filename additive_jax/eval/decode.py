@@ -83,10 +83,13 @@ def _widened(model: Llama, variables):
   memory while decoding. Computing in bf16 too (`dtype`) is left as it is."""
   if model.config.param_dtype != jnp.bfloat16 or model.config.dtype != jnp.float32:
     return model, variables
-  widen = jax.jit(lambda tree: jax.tree.map(
-      lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, tree))
   return (Llama(model.config.replace(param_dtype=jnp.float32), peft=model.peft),
-          {**variables, 'params': widen(variables['params'])})
+          {**variables, 'params': _to_fp32(variables['params'])})
+
+
+@jax.jit  # one program per tree structure, compiled once, not a new lambda at every decode
+def _to_fp32(tree):
+  return jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, tree)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
