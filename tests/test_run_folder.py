@@ -139,7 +139,10 @@ def test_a_step_that_raises_leaves_the_log_on_disk_and_nothing_open(
   with pytest.raises(RuntimeError, match='a device failed'):
     loop.train_and_evaluate(config, str(tmp_path))
   # tqdm's monitor is one thread for every bar of the process, started with the first
-  left = [t.name for t in set(threading.enumerate()) - before if t.name != 'tqdm_monitor']
+  started = [t for t in set(threading.enumerate()) - before if t.name != 'tqdm_monitor']
+  for thread in started:  # a closed thread pool lets its threads finish the item in hand
+    thread.join(timeout=10)
+  left = [t.name for t in started if t.is_alive()]
   assert not left, f'threads left running: {left}'
   folder = RunFolder(str(tmp_path))
   assert [line['step'] for line in folder.logged_lines()] == [1, 2]

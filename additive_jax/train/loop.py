@@ -97,6 +97,8 @@ def prepare(config, workdir: str, closing: contextlib.ExitStack) -> Session:
   iterator, length_report = make_train_iterator(
       config.data, run.tokenizer, batch_size=config.batch_size, seq_len=config.seq_len,
       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
+  # Its prefetch thread stops with the run, however the run ends.
+  closing.callback(iterator.close)
   say(f'{config.data.source.name} {config.data.split}: {length_report}')
   budget = derive_budget(config.loss_positions, iterator, config.seq_len)
   say(f'logits at {budget} loss positions a row' if budget else 'logits at every position')
