@@ -1,7 +1,7 @@
 """Task metrics of a finished run, or of a base model alone.
 
     python -m additive_jax.evaluate --workdir=DIR [--checkpoint=latest|best|STEP] [--split=test]
-        [--metric=accuracy,exact_match,perplexity] [--limit=N]
+        [--metric=accuracy,exact_match,perplexity] [--limit=N] [--decode_rows=64]
     python -m additive_jax.evaluate --model=smollm2-135m-instruct --source=sst2 --split=test \\
         --metric=accuracy [--template=plain|chat] [--output=zero_shot.json]
 
@@ -39,6 +39,8 @@ _METRICS = flags.DEFINE_list('metric', None, "metrics (default: a run's test met
 _LIMIT = flags.DEFINE_integer('limit', 0, 'a fixed-seed subset of this many rows (0: all)')
 _OUTPUT = flags.DEFINE_string('output', None, "the JSON written (default: a run's eval_<split>.json)")
 _MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', None, 'exact_match: the budget')
+_DECODE_ROWS = flags.DEFINE_integer('decode_rows', Settings.decode_rows,
+                                    'exact_match: prompts decoded together', lower_bound=1)
 
 
 def setup():
@@ -53,7 +55,7 @@ def setup():
     metrics = _METRICS.value or [config.test_metric or config.eval_metric or 'perplexity']
     settings = Settings(batch_size=config.batch_size, seq_len=config.seq_len,
                         max_new_tokens=_MAX_NEW_TOKENS.value or config.max_new_tokens,
-                        answer_regex=config.answer_regex)
+                        answer_regex=config.answer_regex, decode_rows=_DECODE_ROWS.value)
     output = _OUTPUT.value or str(RunFolder(_WORKDIR.value).eval_output(split))
     return (config.model, run.peft, run.methods, config.data, split, metrics, settings, output,
             {'workdir': _WORKDIR.value, 'step': run.step})
@@ -63,7 +65,8 @@ def setup():
   data.source.name = _SOURCE.value
   data.template = _TEMPLATE.value
   metrics = _METRICS.value or ['perplexity']
-  settings = Settings(max_new_tokens=_MAX_NEW_TOKENS.value or Settings.max_new_tokens)
+  settings = Settings(max_new_tokens=_MAX_NEW_TOKENS.value or Settings.max_new_tokens,
+                      decode_rows=_DECODE_ROWS.value)
   return (_MODEL.value, None, (), data, _SPLIT.value or 'test', metrics, settings, _OUTPUT.value,
           {'model': _MODEL.value})
 
