@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from additive_jax.model import attention, flash_pallas
+from additive_jax.model import attention, flash_pallas, verified_kernels
 
 B, T, N, K, H = 3, 45, 4, 2, 16
 BLOCK = 16
@@ -214,14 +214,31 @@ def test_cudnn_matches_xla(num_prefix, num_virtual):
 
 
 def test_resolve():
-  assert attention.resolve('auto', 'cpu') == 'xla'
-  assert attention.resolve('auto', 'gpu') == 'cudnn'
-  assert attention.resolve('auto', 'tpu') == 'splash'
-  assert attention.resolve('auto') == attention.resolve('auto', jax.default_backend())
+  # no kernel has run on a GPU or a TPU yet: 'auto' is 'xla' on every backend
+  assert verified_kernels.CHECKED == ()
+  for backend in ('cpu', 'gpu', 'tpu'):
+    assert attention.resolve('auto', backend, 'NVIDIA H100 80GB HBM3') == 'xla'
+  assert attention.resolve('auto') == 'xla'
   for name in attention.IMPLEMENTATIONS[1:]:
     assert attention.resolve(name, 'tpu') == name
   with pytest.raises(ValueError, match="'flash'.*auto, xla, cudnn, splash, pallas"):
     attention.resolve('flash')
+
+
+def test_auto_takes_a_kernel_only_where_the_table_lists_it():
+  h100 = verified_kernels.Checked('cudnn', 'gpu', 'NVIDIA H100', '0.11', '0.12', '2026-12-07',
+                                  'device_check.json')
+  pallas_v5 = verified_kernels.Checked('pallas', 'tpu', 'TPU v5', '0.10.2', '0.11', '2026-12-07',
+                                       'device_check.json')
+  table = (h100, pallas_v5)
+  auto = lambda *where: verified_kernels.auto_kernel(*where, checked=table)
+  assert auto('gpu', 'NVIDIA H100 80GB HBM3', '0.11.2') == 'cudnn'
+  assert auto('gpu', 'NVIDIA H100 80GB HBM3', '0.10.2') == 'xla'   # another jax
+  assert auto('gpu', 'NVIDIA H100 80GB HBM3', '0.12.0') == 'xla'
+  assert auto('gpu', 'NVIDIA A100-SXM4-40GB', '0.11.2') == 'xla'   # another device kind
+  assert auto('tpu', 'TPU v5 lite', '0.10.2') == 'pallas'          # splash preferred, unlisted
+  assert auto('cpu', 'cpu', '0.10.2') == 'xla'
+  assert verified_kernels.version('0.11.2.dev20261201') == (0, 11, 2)
 
 
 # Lowering for the accelerators, done here on CPU: Pallas's Triton and Mosaic lowerings and

@@ -11,8 +11,10 @@ unpacked padded row passes its attention mask (1 token, 0 padding). Scores are s
 1/√H, the softmax runs in fp32, GQA maps query head n to kv head n // (N / K). The mask is
 built inside each implementation from the segment ids: none crosses the layer scan.
 
-Which backend gets which (`resolve('auto')`), and what each cannot do:
-  'xla'    CPU. Plain jnp: the [B, T, S] mask built from the segment ids (XLA fuses the
+'auto' is 'xla' unless `model/verified_kernels.py` lists the backend's preferred kernel
+(GPU: 'cudnn', then 'pallas'; TPU: 'splash', then 'pallas') as run on this device kind
+under this jax; none is listed yet, so 'auto' is 'xla' everywhere. What each can do:
+  'xla'    Any backend. Plain jnp: the [B, T, S] mask built from the segment ids (XLA fuses the
            compare into the softmax) and jax.nn.dot_product_attention under jax.checkpoint,
            so the [B, N, T, S] scores are recomputed in the backward, never stored. Any
            dtype; memory O(T·S) per head within the layer.
@@ -38,34 +40,56 @@ Which backend gets which (`resolve('auto')`), and what each cannot do:
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import warnings
 
 import jax
 import jax.numpy as jnp
-from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
-from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-from additive_jax.model import flash_pallas
 from additive_jax.model.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
+from additive_jax.model.verified_kernels import auto_kernel
 
-_AUTO = {'cpu': 'xla', 'gpu': 'cudnn', 'tpu': 'splash'}
+# The kernels' modules, imported when a kernel is first traced, never with the package: two
+# are private or moving jax API (the cuDNN packed layout; Pallas's ops), and an import error
+# at package import would stop a CPU run that never uses them.
+_MODULES = {'cudnn': 'jax._src.cudnn.fused_attention_stablehlo',
+            'splash': 'jax.experimental.pallas.ops.tpu.splash_attention',
+            'pallas': 'additive_jax.model.flash_pallas'}
+
+
+class KernelUnavailable(ValueError):
+  """A named attention kernel this jax cannot provide."""
+
+
+def kernel_module(name: str):
+  """The module behind kernel `name`, or KernelUnavailable in one line."""
+  try:
+    return importlib.import_module(_MODULES[name])
+  except ImportError as err:
+    raise KernelUnavailable(
+        f'attention {name!r} needs {_MODULES[name]}, which cannot be imported with jax '
+        f'{jax.__version__} ({type(err).__name__}: {err}); use --config.attention=xla') from None
 
 # The jax whose cudnn/fused_attention_stablehlo.py the packed-layout call was written against.
 _CUDNN_CHECKED_JAX = '0.10.2'
 _CUDNN_MAX_SEGMENTS = 16  # runs of equal ids a row: a static shape of cuDNN's packed layout
 
 
-def resolve(implementation: str, backend: str | None = None) -> str:
-  """'auto' → the best for the backend (jax.default_backend() if None): cpu → 'xla',
-  gpu → 'cudnn' (which hands what it cannot do to 'pallas'), tpu → 'splash'. Other names are
+def resolve(implementation: str, backend: str | None = None, device_kind: str | None = None) -> str:
+  """'auto' → the kernel `verified_kernels.auto_kernel` allows on this backend, device kind and
+  jax (default: jax's default backend and its first device), else 'xla'. Other names are
   returned as they are; an unknown one raises ValueError naming the valid ones."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'unknown attention implementation {implementation!r}; '
                      f'valid: {", ".join(IMPLEMENTATIONS)}')
   if implementation != 'auto':
     return implementation
-  return _AUTO.get(backend or jax.default_backend(), 'xla')
+  if backend is None:
+    backend = jax.default_backend()
+  if device_kind is None:
+    device_kind = jax.devices(backend)[0].device_kind if backend == jax.default_backend() else ''
+  return auto_kernel(backend, device_kind, jax.__version__)
 
 
 def attend(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, num_prefix: int = 0, num_virtual: int = 0,
@@ -91,8 +115,8 @@ def attend(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, num_prefix: int = 0, num_v
   if implementation == 'xla':
     return _xla(*args, num_prefix, num_virtual)
   if implementation == 'pallas':
-    return flash_pallas.flash_attention(*args, num_prefix=num_prefix, num_virtual=num_virtual,
-                                        interpret=interpret)
+    return kernel_module('pallas').flash_attention(*args, num_prefix=num_prefix,
+                                                   num_virtual=num_virtual, interpret=interpret)
   if implementation == 'splash':
     return _splash(*args, num_prefix, num_virtual, interpret)
   return _cudnn(*args, num_prefix, num_virtual)
@@ -150,6 +174,7 @@ def _dense(q_BTNH, k_BSKH, v_BSKH, mask_TS=None):
 def _splash_kernel(heads: int, length: int, interpret: bool, save_residuals: bool = False):
   """Causal splash attention for one row, length a multiple of 128. Built inside every traced
   function that calls it, never cached: its block tables become arrays of that trace."""
+  splash = kernel_module('splash')
   block = next(b for b in (512, 256, 128) if length % b == 0)
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                             block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
@@ -165,7 +190,8 @@ def _splash_with_lse(q_NLH, k_KLH, v_KLH, ids_L, static):
   log-sum-exp has no gradient (its vjp raises 'Higher-order AD not supported'), nor has the
   cuDNN or XLA one of jax.nn.dot_product_attention: the backward below supplies it."""
   kernel = _splash_kernel(*static, save_residuals=True)
-  out_NLH, (lse_NL,) = kernel(q_NLH, k_KLH, v_KLH, splash.SegmentIds(ids_L, ids_L))
+  ids = kernel_module('splash').SegmentIds(ids_L, ids_L)
+  out_NLH, (lse_NL,) = kernel(q_NLH, k_KLH, v_KLH, ids)
   return out_NLH, lse_NL
 
 
@@ -179,7 +205,7 @@ def _splash_with_lse_backward(static, residuals, cotangents):
   from the kernel itself (two more forward passes and one backward than plain splash)."""
   q_NLH, k_KLH, v_KLH, ids_L = residuals
   d_out_NLH, d_lse_NL = cotangents
-  kernel, ids = _splash_kernel(*static), splash.SegmentIds(ids_L, ids_L)
+  kernel, ids = _splash_kernel(*static), kernel_module('splash').SegmentIds(ids_L, ids_L)
   _, pull = jax.vjp(lambda q, k, v: kernel(q, k, v, ids), q_NLH, k_KLH, v_KLH)
   dq_NLH, dk_KLH, dv_KLH = pull(d_out_NLH)
   mean_key_NLH, pull_values = jax.vjp(lambda w: kernel(q_NLH, k_KLH, w, ids), k_KLH)
@@ -207,8 +233,8 @@ def _splash(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, num_prefix, num_virtual, int
           rows(v_BSKH[:, shared:]), ids_BL)
   static = (heads, padded, interpret)
   if not shared:  # splash alone, its log-sum-exp unneeded
-    kernel = _splash_kernel(*static)
-    out_BNLH = jax.vmap(lambda q, k, v, ids: kernel(q, k, v, splash.SegmentIds(ids, ids)))(*args)
+    kernel, segments = _splash_kernel(*static), kernel_module('splash').SegmentIds
+    out_BNLH = jax.vmap(lambda q, k, v, ids: kernel(q, k, v, segments(ids, ids)))(*args)
     return out_BNLH.swapaxes(1, 2)[:, :tokens].astype(q_BTNH.dtype)
   out_BNLH, lse_BNL = jax.vmap(_splash_with_lse, in_axes=(0, 0, 0, 0, None))(*args, static)
   out_BTNH = out_BNLH.swapaxes(1, 2)[:, :tokens]
@@ -239,6 +265,7 @@ def _cudnn_handover(dtype, head_dim: int, num_shared: int) -> str | None:
   if jax.__version__ != _CUDNN_CHECKED_JAX:
     return (f'the packed layout is private jax API, checked in jax {_CUDNN_CHECKED_JAX}, '
             f'not {jax.__version__}: re-read jax/_src/cudnn/fused_attention_stablehlo.py')
+  cudnn_attention = kernel_module('cudnn')
   try:
     version = cudnn_attention.check_cudnn_version()
   except RuntimeError as error:  # no cuDNN (e.g. ROCm)
@@ -264,7 +291,7 @@ def _segment_runs(segment_ids_BT, max_runs: int):
 
 def _cudnn(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, num_prefix, num_virtual):
   heads, head_dim = q_BTNH.shape[2:]
-  pallas = functools.partial(flash_pallas.flash_attention, num_prefix=num_prefix,
+  pallas = functools.partial(kernel_module('pallas').flash_attention, num_prefix=num_prefix,
                              num_virtual=num_virtual)
   reason = _cudnn_handover(q_BTNH.dtype, head_dim, num_prefix + num_virtual)
   if reason:
@@ -277,6 +304,7 @@ def _cudnn(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, num_prefix, num_virtual):
     # upstream in jax PR #39521): under GQA each kv head is repeated to the query heads here.
     group = heads // k_BSKH.shape[2]
     k_BSNH, v_BSNH = (jnp.repeat(x, group, axis=2) for x in (k_BSKH, v_BSKH))
+    cudnn_attention = kernel_module('cudnn')
     return cudnn_attention.dot_product_attention(
         q_BTNH, k_BSNH, v_BSNH, q_seqlen=lengths_BR, kv_seqlen=lengths_BR, q_offsets=offsets_BR,
         kv_offsets=offsets_BR, scale=1 / math.sqrt(head_dim),

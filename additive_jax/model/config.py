@@ -33,6 +33,15 @@ REMAT_POLICIES = {'none': None, 'full': None,
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
+def compute_dtype_name(name: str, backend: str | None = None) -> str:
+  """A config's compute dtype by name; 'auto' is bfloat16 on a GPU or TPU (their products'
+  fast path) and float32 on a CPU (XLA:CPU widens bf16 operands to fp32 for its products, so
+  bf16 buys nothing there but rounding)."""
+  if name != 'auto':
+    return name
+  return 'bfloat16' if (backend or jax.default_backend()) in ('gpu', 'tpu') else 'float32'
+
+
 class ConfigError(ValueError):
   """A model configuration that cannot describe a supported Llama."""
 

@@ -32,7 +32,7 @@ RULES = (('layers', None), ('vocab', 'tensor'), ('embed', 'fsdp'), ('q_heads', '
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = 'smollm2-135m-instruct'  # HF checkpoint dir, .gguf file, or the embedded default
-  c.dtype = 'float32'                # compute dtype; 'bfloat16' on accelerators
+  c.dtype = 'auto'                   # compute dtype: 'auto' is bfloat16 on GPU/TPU, float32 on CPU
   c.param_dtype = 'float32'          # storage dtype of the frozen base
   c.remat = 'none'                   # 'none' | 'full' | 'dots': activation checkpointing policy
   c.attention = 'auto'               # 'auto' | 'xla' | 'cudnn' | 'splash' | 'pallas' (model/attention.py)

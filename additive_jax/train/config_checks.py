@@ -52,7 +52,8 @@ def _check_values(config) -> None:
   if config.keep_checkpoints < 1:
     raise ValueError(f'config.keep_checkpoints must be ≥ 1 (the latest is what resumes), '
                      f'got {config.keep_checkpoints!r}')
-  for key, allowed in (('dtype', DTYPES), ('param_dtype', DTYPES), ('remat', REMAT_POLICIES),
+  for key, allowed in (('dtype', (*DTYPES, 'auto')), ('param_dtype', DTYPES),
+                       ('remat', REMAT_POLICIES),
                        ('attention', ATTENTION_IMPLEMENTATIONS)):
     if config[key] not in allowed:
       raise ValueError(f'config.{key} must be one of {", ".join(allowed)}, got {config[key]!r}')

@@ -19,6 +19,7 @@ import time
 import jax
 import numpy as np
 
+from additive_jax.model.config import compute_dtype_name
 from additive_jax.train.flops import logit_positions, peak_flops, train_step_flops
 from additive_jax.train.optimizer import learning_rates
 
@@ -32,7 +33,8 @@ class LogWindow:
                                       rows=config.batch_size, seq_len=config.seq_len)
     self.positions_of = functools.partial(logit_positions, config.batch_size, config.seq_len,
                                           budget, config.accumulation)
-    self.peak = peak_flops(jax.devices()[0].device_kind, config.dtype, config.peak_tflops)
+    self.peak = peak_flops(jax.devices()[0].device_kind, compute_dtype_name(config.dtype),
+                           config.peak_tflops)
     self.pending, self.speeds, self.tick = [], [], time.time()
     self.overflows = self.skipped = 0
 

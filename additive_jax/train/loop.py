@@ -94,6 +94,7 @@ def prepare(config, workdir: str, closing: contextlib.ExitStack) -> Session:
   counts = count_methods(methods, run.model.config)
   say = print if jax.process_index() == 0 else (lambda *_: None)
   say(format_table(counts, run.model.config.num_base_params))
+  say(run.compute)
   iterator, length_report = make_train_iterator(
       config.data, run.tokenizer, batch_size=config.batch_size, seq_len=config.seq_len,
       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())

@@ -11,19 +11,33 @@ process, where that service does not run, installs its own SIGTERM handler.
 
 from __future__ import annotations
 
+import importlib
 import signal
 
+from absl import logging
 import jax
-from jax._src import distributed
 from jax.experimental import multihost_utils
+
+
+def _sync_service_running() -> bool:
+  """Whether JAX's preemption service runs in this process. Its state is private jax API
+  (`jax._src.distributed`), read here, when a run starts, so that a jax which moves it
+  costs the shared stop and nothing else."""
+  try:
+    distributed = importlib.import_module('jax._src.distributed')
+    return distributed.global_state.preemption_sync_manager is not None
+  except (ImportError, AttributeError) as err:
+    logging.warning('preemption: jax %s has no jax._src.distributed.global_state.'
+                    'preemption_sync_manager (%s); each process hears SIGTERM alone',
+                    jax.__version__, err)
+    return False
 
 
 class Preemption:
   """`preemption.reached(step)` after every step, on every process; `close()` at the end."""
 
   def __init__(self):
-    self.synced = (jax.process_count() > 1
-                   and distributed.global_state.preemption_sync_manager is not None)
+    self.synced = jax.process_count() > 1 and _sync_service_running()
     self.requested = False
     self.previous = None
     if not self.synced:
