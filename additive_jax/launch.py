@@ -19,7 +19,7 @@ one a line, and runs nothing.
 copied to every worker (`gcloud compute tpus tpu-vm scp --worker=all`) and
 unpacked into --repo_dir; uncommitted changes are not shipped (a dirty tree is
 warned about). Then one `gcloud ... ssh --worker=<i>` per worker, all at once,
-installs the project with `jax[tpu]` (and any --pip packages) into a venv in
+installs the project with its `tpu` extra (and any --pip packages) into a venv in
 --repo_dir, kills this user's previous trainer and libtpu's lock, and starts the
 trainer, where `jax.distributed.initialize()` finds its coordinator itself. The
 worker count comes from `gcloud compute tpus tpu-vm describe`, or --num_workers.

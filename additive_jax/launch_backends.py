@@ -7,7 +7,7 @@ the flags that place a process (`--coordinator_address`, `--num_processes`,
 
 On a TPU worker the trainer runs at the end of one shell command
 (`worker_command`): unpack the shipped tarball, install the project with
-`jax[tpu]` into a venv, kill what is left of this user's previous run and its
+its `tpu` extra into a venv, kill what is left of this user's previous run and its
 libtpu lock, `exec` the trainer. The tests run that same string here with the
 install and the lock clearing switched off.
 """
@@ -36,16 +36,9 @@ KILL_RUN = (f"pkill -KILL -u \"$(id -u)\" -f '{TRAINER_PATTERN}'; "
 CLEAR_LOCK = f'{{ {KILL_RUN}; }} && sudo rm -f /tmp/libtpu_lockfile'
 
 
-def jax_tpu_requirement(setup_py: str = 'setup.py') -> str:
-  """`jax[tpu]` in the jax range of the checkout's setup.py (the launcher runs from its root;
-  the installed metadata may be stale, or not the checkout's). pip holds the shipped setup.py's
-  own range too, so a --ref with another one at worst fails to resolve, naming both."""
-  try:
-    with open(setup_py, encoding='utf-8') as f:
-      found = re.search(r"""['"]jax\s*([<>=!~][^'"]*)['"]""", f.read())
-  except OSError:  # no checkout here: pip resolves the range from the shipped setup.py alone
-    found = None
-  return 'jax[tpu]' + (found.group(1).replace(' ', '') if found else '')
+# The project with its `tpu` extra: jax[tpu] in the project's own jax range (setup.py), so a
+# pod installs what a TPU user installs by hand.
+TPU_INSTALL = '.[tpu]'
 
 
 def trainer_command(python: str, trainer_args: Sequence[str],
@@ -69,7 +62,7 @@ def worker_command(trainer_args: Sequence[str], *, repo_dir: str, python: str = 
 
   tarball: the checkout to unpack into repo_dir first (over what is there: the venv stays,
     and a file the shipped commit deleted lingers); None to run repo_dir as it is.
-  install: `python -m venv .venv` and pip-install the project with `jax[tpu]` (and
+  install: `python -m venv .venv` and pip-install the project with its `tpu` extra (and
     `extra_packages`) there, then run the venv's python; False: run `python` as it is.
   clear_lock: kill this user's previous trainer and remove libtpu's lock (needs sudo).
   process_flags: appended to the trainer's flags (a local run's coordinator flags)."""
@@ -80,8 +73,8 @@ def worker_command(trainer_args: Sequence[str], *, repo_dir: str, python: str = 
   steps.append(f'cd {directory}')
   if install:
     steps += [f'{shlex.quote(python)} -m venv .venv',
-              shlex.join(['.venv/bin/python', '-m', 'pip', 'install', '-q', '.',
-                          jax_tpu_requirement(), *extra_packages, '-f', LIBTPU_RELEASES])]
+              shlex.join(['.venv/bin/python', '-m', 'pip', 'install', '-q', TPU_INSTALL,
+                          *extra_packages, '-f', LIBTPU_RELEASES])]
     python = '.venv/bin/python'
   if clear_lock:
     steps.append(CLEAR_LOCK)

@@ -22,7 +22,6 @@ from conftest import free_port, xla_flags
 # checkout's root on the path as `python -m` puts it there.
 CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'PYTHONSAFEPATH')}
 ONE_DEVICE = 'XLA_FLAGS=' + xla_flags(1)
-JAX_TPU = launch_backends.jax_tpu_requirement(os.path.join(ROOT, 'setup.py'))
 
 
 def run_launch(*args, env=CLEAN_ENV, timeout=30):
@@ -33,8 +32,8 @@ def run_launch(*args, env=CLEAN_ENV, timeout=30):
 def dry_run(*args):
   result = run_launch(*args)
   assert result.returncode == 0, result.stderr
-  # the interpreter and the jax range are not the launcher's: placeholders (tested below)
-  return result.stdout.replace(sys.executable, 'PYTHON').replace(JAX_TPU, 'JAX_TPU')
+  # the interpreter is not the launcher's: a placeholder
+  return result.stdout.replace(sys.executable, 'PYTHON')
 
 
 # The worker command's lock clearing and stop command, quoted as shlex.join quotes them inside
@@ -43,9 +42,9 @@ Q = "'\"'\"'"
 KILL = (f'pkill -KILL -u "$(id -u)" -f {Q}^[^ ]*python[^ ]* -m additive_jax[.]main( |$){Q}; '
         f'for _ in $(seq 50); do pgrep -u "$(id -u)" -f {Q}^[^ ]*python[^ ]* -m '
         f'additive_jax[.]main( |$){Q} >/dev/null || break; sleep 0.2; done')
-INSTALL = (f'python3 -m venv .venv && .venv/bin/python -m pip install -q . {Q}JAX_TPU{Q} -f '
+INSTALL = (f'python3 -m venv .venv && .venv/bin/python -m pip install -q {Q}.[tpu]{Q} -f '
            'https://storage.googleapis.com/jax-releases/libtpu_releases.html')
-INSTALL_GCSFS = INSTALL.replace(f'{Q}JAX_TPU{Q}', f'{Q}JAX_TPU{Q} gcsfs')
+INSTALL_GCSFS = INSTALL.replace(f'{Q}.[tpu]{Q}', f'{Q}.[tpu]{Q} gcsfs')
 
 
 def test_tpu_dry_run():
@@ -118,14 +117,19 @@ def test_usage_errors_are_one_line(args, message):
   assert result.stderr.count('\n') == 1
 
 
-def test_jax_tpu_is_pinned_to_setup_pys_range():
+def test_the_accelerator_extras_are_jax_s_own_in_the_project_s_jax_range():
+  """`pip install '.[tpu]'` (the launcher's) and `'.[cuda]'` get a jax the project was tested
+  with, not the newest."""
   tree = ast.parse(open(os.path.join(ROOT, 'setup.py'), encoding='utf-8').read())
-  requires = next(ast.literal_eval(k.value) for node in ast.walk(tree)
-                  if isinstance(node, ast.Call) for k in node.keywords
-                  if k.arg == 'install_requires')
+  keywords = {k.arg: k.value for node in ast.walk(tree) if isinstance(node, ast.Call)
+              for k in node.keywords}
+  requires = ast.literal_eval(keywords['install_requires'])
+  extras = ast.literal_eval(keywords['extras_require'])
   jax = next(r for r in requires if re.match(r'jax[<>=]', r))
-  assert JAX_TPU == 'jax[tpu]' + jax[len('jax'):]
-  assert '<' in jax  # an upper bound: a TPU install gets a tested jax
+  assert '<' in jax  # an upper bound: an install gets a tested jax
+  assert extras['tpu'] == ['jax[tpu]' + jax[len('jax'):]]
+  assert extras['cuda'] == ['jax[cuda12]' + jax[len('jax'):]]
+  assert launch_backends.TPU_INSTALL == '.[tpu]'
 
 
 def test_the_kill_pattern_matches_trainers_only():

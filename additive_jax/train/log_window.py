@@ -1,8 +1,9 @@
 """The steps between two log lines: their metrics averaged, with speed, FLOP rate and counters.
 
     window = LogWindow(run.model.config, methods, config, budget, trainable, optimizer_settings)
-    window.add(step_metrics, batch)      # every step
-    line = window.close(step)            # at a log step: the mean of the window, and more
+    window.add(step, step_metrics, batch)  # every step: nothing read from the device
+    read = window.settle()                 # [(step, host metrics)] since the last settling
+    line = window.close(step)              # at a log step: the mean of the window, and more
 
 A line holds the window's mean loss, gradient norm and padding fraction, tokens a
 second over the window's wall time (the first window holds the compilation), the
@@ -35,15 +36,29 @@ class LogWindow:
                                           budget, config.accumulation)
     self.peak = peak_flops(jax.devices()[0].device_kind, compute_dtype_name(config.dtype),
                            config.peak_tflops)
-    self.pending, self.speeds, self.tick = [], [], time.time()
+    self.unread, self.pending, self.speeds, self.tick = [], [], [], time.time()
     self.overflows = self.skipped = 0
 
-  def add(self, metrics: dict, batch: dict) -> None:
-    self.pending.append({**metrics, 'pad_fraction': np.mean(batch['segment_ids'] == 0)})
+  def add(self, step: int, metrics: dict, batch: dict) -> None:
+    """Step `step`'s metrics, left on the device (read by `settle`, not here)."""
+    self.unread.append((step, metrics, np.mean(batch['segment_ids'] == 0)))
+
+  def settle(self) -> list[tuple[int, dict]]:
+    """The metrics added since the last call, read from the device in one transfer, in step
+    order, and kept for the line."""
+    read = jax.device_get([metrics for _, metrics, _ in self.unread])
+    settled = [(step, {**metrics, 'pad_fraction': pad})
+               for (step, _, pad), metrics in zip(self.unread, read)]
+    self.unread = []
+    self.pending += [dict(metrics) for _, metrics in settled]
+    return settled
 
   def close(self, step: int) -> dict[str, float]:
-    """The line of the window that ends with the step just taken (`step` steps done)."""
+    """The line of the window that ends with the step just taken (`step` steps done), settled."""
+    self.settle()
     seconds = time.time() - self.tick
+    for metrics in self.pending:
+      metrics.pop('nonfinite', None)
     overflowed = [int(m.pop('loss_overflow')) for m in self.pending]
     self.overflows += sum(overflowed)
     line = {name: float(np.mean([float(m[name]) for m in self.pending]))

@@ -22,6 +22,12 @@ writes where is `train.workdir`'s (metrics to TensorBoard event files and
 logged metrics of steps after its checkpoint (a killed run may have logged
 them), so each step keeps one line, that of the run that went on; it resumes only
 a workdir whose checkpoint has its config (up to `checkpoint.RESUMABLE_CHANGES`).
+
+The host reads the steps' metrics only where it must: at a log, evaluation or checkpoint
+step (`_settle`), all steps since the last in one transfer. Between those it only
+dispatches (an implicit device-to-host read there raises), so on an accelerator it runs
+ahead of the device. A non-finite step is found at the next settling: the run stops there
+naming it, before anything after it is logged or saved.
 """
 
 from __future__ import annotations
@@ -166,17 +172,24 @@ def train(session: Session) -> int | None:
       if step == first:  # compiled ahead, to read its memory plan; then run as compiled
         train_step = train_step.lower(session.state, run.params, placed).compile()
         session.summary['step_memory_bytes'] = compiled_bytes(train_step)
-      session.state, metrics = train_step(session.state, run.params, placed)
-      if bool(metrics.pop('nonfinite')):
-        _nonfinite(session, step + 1, metrics)
-        window.skipped += 1
-      window.add(metrics, batch)
+      # The host reads nothing from the device between log steps, so it dispatches the next
+      # steps while the device computes: an implicit read here raises.
+      with jax.transfer_guard_device_to_host('disallow'):
+        session.state, metrics = train_step(session.state, run.params, placed)
+        window.add(step + 1, metrics, batch)
       done = step + 1
-      if done % config.log_every == 0 or done == config.num_steps:
-        progress.set_postfix(loss=f'{_log(session, window, done):.4f}')
-      evaluated = _evaluate(session, evaluate_loss, done)
+      log_now = done % config.log_every == 0 or done == config.num_steps
+      evaluating = bool(config.eval_every and done % config.eval_every == 0
+                        or done == config.num_steps)
       stopping = preemption.reached(done) and done != config.num_steps
-      if done % config.checkpoint_every == 0 or done == config.num_steps or stopping:
+      saving = done % config.checkpoint_every == 0 or done == config.num_steps or stopping
+      if not (log_now or evaluating or saving):
+        continue
+      _settle(session, window)  # every step since the last settles before anything is kept
+      if log_now:
+        progress.set_postfix(loss=f'{_log(session, window, done):.4f}')
+      evaluated = _evaluate(session, evaluate_loss, done) if evaluating else None
+      if saving:
         session.checkpoints.save(done, session.state, session.iterator, config.to_dict(),
                                  metrics=evaluated)
       if stopping:  # a preempted run: saved; the next launch with this workdir resumes from it
@@ -196,11 +209,18 @@ def _log(session: Session, window: LogWindow, done: int) -> float:
   return line['loss']
 
 
-def _nonfinite(session: Session, step: int, metrics: dict) -> None:
-  """A non-finite step: the run stops (`config.nonfinite='stop'`, the last good checkpoint
-  complete on disk first), or its update was skipped by the step and is counted."""
-  if session.config.nonfinite != 'stop':
-    return
+def _settle(session: Session, window: LogWindow) -> None:
+  """The steps' metrics since the last settling read in one transfer; the first non-finite
+  step among them stops the run (`config.nonfinite='stop'`: nothing after it is logged or
+  saved, so every checkpoint on disk is good), or its skipped update is counted."""
+  for step, metrics in window.settle():
+    if metrics.pop('nonfinite'):
+      window.skipped += 1
+      if session.config.nonfinite == 'stop':
+        _stop_nonfinite(session, step, metrics)
+
+
+def _stop_nonfinite(session: Session, step: int, metrics: dict) -> None:
   session.checkpoints.wait()
   latest = session.checkpoints.latest_step()
   last_good = 'none (no checkpoint was saved before it)' if latest is None else f'step {latest}'
@@ -211,11 +231,9 @@ def _nonfinite(session: Session, step: int, metrics: dict) -> None:
       "resume from it, or set --config.nonfinite=skip to skip such steps' updates")
 
 
-def _evaluate(session: Session, evaluate_loss: LossEvaluator, done: int) -> dict | None:
-  """The eval loss (and eval metric) at an eval step and the last, logged; None elsewhere."""
+def _evaluate(session: Session, evaluate_loss: LossEvaluator, done: int) -> dict:
+  """The eval loss (and eval metric) at an eval step or the last, logged."""
   config = session.config
-  if not ((config.eval_every and done % config.eval_every == 0) or done == config.num_steps):
-    return None
   evaluated = evaluate_loss(session.state)
   if config.eval_metric:
     evaluated.update({f'eval_{key}': value for key, value in task_metric(
