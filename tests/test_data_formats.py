@@ -69,7 +69,7 @@ def test_parquet_rows(tmp_path):
     ('a.tsv', '1\tgood\n0\tbad\textra\n', 'tsv', ('label', 'text'),
      r'a.tsv:2: 3 tab-separated fields, the declared columns are 2'),
     ('a.json', '{"q": "a"}\n', 'json', (), r'a.json:1: malformed JSON: expected a JSON array'),
-    ('a.json', '[\n {"q": "a"},\n "b"\n]\n', 'json', (), r'a.json:3: expected a JSON object, got str'),
+    ('a.json', '[\n {"q": "a"},\n "b"\n]\n', 'json', (), r'a.json:3:2: expected a JSON object, got str'),
     ('a.json', '[\n {"q": "a"},\n {"q": "b",}\n]\n', 'json', (), r'a.json:3: malformed JSON'),
     ('a.json', '[\n {"q": "a"}\n {"q": "b"}\n]\n', 'json', (),
      r"a.json:3: malformed JSON: ',' or '\]' after an array element"),

@@ -143,5 +143,5 @@ def test_tfds_records_are_the_file_rows():
   assert len(source) == 872
   assert source[0] == {
       'prompt': b"Review: it 's a charming and often affecting journey .\nSentiment:",
-      'response': b' positive', 'line': 2}
+      'response': b' positive', 'line': 2, 'column': 0}
   assert source[871]['line'] == 873

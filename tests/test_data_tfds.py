@@ -33,7 +33,8 @@ def test_prepared_once_and_again_when_a_file_changes(tmp_path):
   cache = str(tmp_path / 'cache')
   write_gsm8k(tmp_path, ['{"question": "2+2?", "answer": "#### 4"}'])
   first = tfds_builders.data_source('gsm8k', 'test', str(tmp_path), cache)
-  assert first[0] == {'prompt': b'Question: 2+2?\nAnswer:', 'response': b' #### 4', 'line': 1}
+  assert first[0] == {'prompt': b'Question: 2+2?\nAnswer:', 'response': b' #### 4', 'line': 1,
+                      'column': 0}
   [version_dir] = version_dirs(cache)
   record_file = glob.glob(os.path.join(version_dir, '*test.array_record*'))[0]
   written = os.stat(record_file).st_mtime_ns

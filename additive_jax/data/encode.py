@@ -32,6 +32,7 @@ from typing import Sequence
 import grain
 import numpy as np
 
+from additive_jax.data.readers import Line
 from additive_jax.data.templates import SegmentEncoder, Segments
 
 OVER_LONG_POLICIES = ('truncate', 'drop', 'error')
@@ -116,7 +117,7 @@ def length_census(source, indices: Sequence[int], encoder: SegmentEncoder, max_i
   Reads in chunks through the TFDS source's batch read, several times faster
   than record by record. `policy` is one of OVER_LONG_POLICIES (see check_policy).
   """
-  over_long: list[tuple[int, int]] = []  # (line, ids)
+  over_long: list[tuple[Line, int]] = []  # (line, ids)
   kept = 0
   for start in range(0, len(indices), _CENSUS_CHUNK):
     chunk = source.__getitems__(indices[start:start + _CENSUS_CHUNK])
@@ -125,7 +126,7 @@ def length_census(source, indices: Sequence[int], encoder: SegmentEncoder, max_i
       if ids <= max_ids:
         kept += 1
       else:
-        over_long.append((int(record['line']), ids))
+        over_long.append((Line(int(record['line']), int(record['column'])), ids))
   if over_long and policy == 'error':
     line, ids = over_long[0]
     raise ValueError(f'{path}:{line}: example of {ids} tokens is longer than seq_len + 1 = '

@@ -14,13 +14,17 @@
 
 Each reader yields `(line, row)`: the 1-based number of the line where the row
 starts (for Parquet, the row's number) and a dict; numbers become text, other
-values (a list of chat messages, ...) stay as they are. Files are read through
-`etils.epath`, so a `gs://` path works. Bad input fails with a `ValueError` that
-names the file and the line: a missing or empty file, bytes that are not UTF-8,
-malformed JSON (or JSON nested too deeply, or with an integer of more than 4,300
-digits, which Python's `json` cannot read), a value that is not a JSON object, a
-row whose field count differs from the header's, a blank line in JSONL, JSON,
-TSV or CSV, a Parquet file that pyarrow cannot read.
+values (a list of chat messages, ...) stay as they are. A JSON array's rows may
+share a line (`json.dump` writes the whole array on one), so their `line` is a
+`Line` that also holds the column where the object starts and prints as
+`line:column`: `f'{path}:{line}'` names each row exactly, in every layout.
+
+Files are read through `etils.epath`, so a `gs://` path works. Bad input fails
+with a `ValueError` that names the file and the line: a missing or empty file,
+bytes that are not UTF-8, malformed JSON (or JSON nested too deeply, or with an
+integer of more than 4,300 digits, which Python's `json` cannot read), a value
+that is not a JSON object, a row whose field count differs from the header's, a
+blank line in JSONL, JSON, TSV or CSV, a Parquet file that pyarrow cannot read.
 
 `portion=(start, stop)` keeps that fraction of the file's rows, for a split held
 out of a file; for `paragraphs` it is a fraction of the lines (a paragraph may
@@ -39,6 +43,24 @@ from etils import epath
 
 Rows = Iterator[tuple[int, dict]]
 COLUMN_FORMATS = ('tsv', 'csv')  # the formats a declaration may give column names
+
+
+class Line(int):
+  """A row's 1-based line number and, for a JSON array's row, the 1-based column where its
+  object starts (0: the format has one row start a line at most). It is the number everywhere
+  a number is used; printed, it is `line:column` where there is a column."""
+  column: int
+
+  def __new__(cls, line: int, column: int = 0):
+    number = super().__new__(cls, line)
+    number.column = column
+    return number
+
+  def __str__(self):
+    return f'{int(self)}:{self.column}' if self.column else str(int(self))
+
+  def __format__(self, spec: str) -> str:  # int's would drop the column from f'{line}'
+    return format(str(self), spec)
 
 
 def read_bytes(path: str) -> bytes:
@@ -110,7 +132,8 @@ def read_jsonl(path: str, columns: Sequence[str] = ()) -> Rows:
 
 
 def read_json(path: str, columns: Sequence[str] = ()) -> Rows:
-  """A JSON array of objects; each row is numbered by the line where its object starts."""
+  """A JSON array of objects; each row is placed by the line and column where its object starts
+  (its Line), as several objects may start on one line."""
   del columns
   text = '\n'.join(line for _, line in numbered_lines(path))  # UTF-8 checked line by line
   decoder = json.JSONDecoder()
@@ -140,7 +163,7 @@ def read_json(path: str, columns: Sequence[str] = ()) -> Rows:
       raise ValueError(f'{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})') from None
     except (ValueError, RecursionError) as e:
       raise _unreadable(path, line_at(position), e) from None
-    number = line_at(position)
+    number = Line(line_at(position), position - text.rfind('\n', 0, position))
     yield number, _object(path, number, value)
     position = skip_space(end)
     if text[position:position + 1] == ',':

@@ -32,7 +32,7 @@ __all__ = ['Row', 'SourceSpec', 'Split', 'read_rows', 'read_split', 'render_pair
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-  line: int                        # where the row starts in its file (Parquet: the row number)
+  line: int                        # where the row starts: a readers.Line (Parquet: the row number)
   fields: Mapping[str, object]     # the row as read
   prompt: str = ''                 # a pair source's rendered texts
   response: str = ''

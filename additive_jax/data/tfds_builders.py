@@ -2,8 +2,13 @@
 
 `DeclaredSource` (a `tfds.core.GeneratorBasedBuilder`) writes every split of a
 spec as ArrayRecord files of text records, in file order: `{prompt, response,
-line}` for a pair source, `{messages, line}` (the conversation as JSON) for a
-conversation source; `line` points back into the source file for error messages.
+line, column}` for a pair source, `{messages, line, column}` (the conversation as
+JSON) for a conversation source; `line` and `column` point back into the source
+file for error messages (column 0 but for a JSON array's rows, readers.Line).
+A record's TFDS key is its row's index in the split, unique in every layout of
+the file (a JSON array's rows may all start on line 1); a text TFDS cannot
+encode is refused here, by file and line, as TFDS's own errors for both need
+TensorFlow to print.
 Templates are applied here, the tokenizer's template and tokenization are not
 (they belong to the run). Nothing is downloaded: the generator reads the
 declared files. TensorFlow is not needed, neither to prepare (TFDS serializes
@@ -35,7 +40,7 @@ from additive_jax.data import sources
 from additive_jax.data.config import cache_dir as additive_jax_cache_dir, data_dir
 from additive_jax.data.readers import read_bytes
 
-_VERSION = '1.1.0'
+_VERSION = '1.2.0'
 
 
 class DeclaredSource(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -48,7 +53,8 @@ class DeclaredSource(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   VERSION = tfds.core.Version(_VERSION)
   RELEASE_NOTES = {'1.0.0': 'prompt/response records prepared from the local files',
-                   _VERSION: 'any declared source; conversations as {messages, line}'}
+                   '1.1.0': 'any declared source; conversations as {messages, line}',
+                   _VERSION: 'keyed by the row index; the column of a JSON array row'}
 
   def __init__(self, *, spec: sources.SourceSpec, source_dir: str | None, **kwargs):
     self.spec, self.source_dir = spec, source_dir
@@ -56,10 +62,10 @@ class DeclaredSource(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     if self.spec.messages:
-      features = {'messages': tfds.features.Text(), 'line': np.int64}
+      features = {'messages': tfds.features.Text(), 'line': np.int64, 'column': np.int64}
     else:
       features = {'prompt': tfds.features.Text(), 'response': tfds.features.Text(),
-                  'line': np.int64}
+                  'line': np.int64, 'column': np.int64}
     kind = 'conversations' if self.spec.messages else 'prompt/response pairs'
     return tfds.core.DatasetInfo(
         builder=self, description=f'{self.spec.name} as {kind}, read from its declared files',
@@ -71,12 +77,26 @@ class DeclaredSource(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {split: self._generate_examples(split) for split in self.spec.splits}
 
   def _generate_examples(self, split):
-    for row in sources.read_rows(self.spec, self.source_dir, split):
+    path = self.spec.path(self.source_dir, split)
+    for index, row in enumerate(sources.read_rows(self.spec, self.source_dir, split)):
       if self.spec.messages:
-        yield row.line, {'messages': json.dumps(list(row.messages), ensure_ascii=False),
-                         'line': row.line}
+        texts = {'messages': json.dumps(list(row.messages), ensure_ascii=False)}
       else:
-        yield row.line, {'prompt': row.prompt, 'response': row.response, 'line': row.line}
+        texts = {'prompt': row.prompt, 'response': row.response}
+      for name, text in texts.items():
+        _check_encodes(text, f'{path}:{row.line}: {name}')
+      yield index, {**texts, 'line': int(row.line), 'column': getattr(row.line, 'column', 0)}
+
+
+def _check_encodes(text: str, where: str) -> None:
+  """A lone UTF-16 surrogate (a JSON escape such as \\ud800 without its pair) is a str that
+  UTF-8 cannot encode; TFDS would fail on it after reading the whole split."""
+  try:
+    text.encode('utf-8')
+  except UnicodeEncodeError as err:
+    raise ValueError(f'{where} holds {text[err.start]!r} at character {err.start + 1}, half of '
+                     'a UTF-16 surrogate pair (a \\u escape without its other half), which is '
+                     'not text') from None
 
 
 @functools.cache
@@ -117,6 +137,12 @@ def prepared_builder(source, source_dir: str | None, cache_dir: str | None = Non
   try:
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  except ImportError as err:
+    # TFDS prints some of its own errors with TensorFlow; the generator checks what it can, so
+    # this is a case it missed: one line, not TensorFlow's missing module.
+    raise ValueError(f'{spec.name}: TFDS failed to write the prepared rows of '
+                     f'{", ".join(sorted({spec.path(source_dir, s) for s in spec.splits}))} '
+                     f'({" ".join(str(err).split())[:300]})') from None
   except OSError:
     # Several processes sharing a cache folder may prepare at once; the first
     # rename wins and the others' renames fail. Their data is the same.
