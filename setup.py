@@ -35,7 +35,12 @@ setuptools.setup(
         'numpy>=2.0',
     ],
     extras_require={
-        'test': ['pytest>=8', 'torch==2.13.0', 'peft>=0.17', 'sentencepiece>=0.2', 'hypothesis>=6'],
+        'test': ['pytest>=8', 'torch==2.13.0', 'peft>=0.17', 'sentencepiece>=0.2', 'hypothesis>=6',
+                 'pyarrow>=14'],
+        # a Parquet source (config.data.source.format='parquet'): an extra, not a requirement,
+        # since one format of seven needs it and its wheel is larger than most of the rest;
+        # a run that reads Parquet without it stops before anything loads, naming this extra
+        'parquet': ['pyarrow>=14'],
         # gs:// workdirs and data: epath reaches the bucket through gcsfs; Orbax asks it for its
         # namespace layout through google-cloud-storage
         'gcs': ['gcsfs>=2024.1', 'google-cloud-storage>=2'],

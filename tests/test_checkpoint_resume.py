@@ -55,20 +55,23 @@ main.command.run(main.main)
 """
 
 
-# The CLI sent SIGTERM (a preemption's notice) while step N runs: the step finishes, a
-# checkpoint of it is saved and the run exits 0.
-SIGTERM_DURING_STEP = """
+# The CLI sent SIGTERM (a preemption's notice), or the signals SIGNALS names in order (SIGINT:
+# Ctrl-C), while step N runs: the step finishes, a checkpoint of it is saved and the run exits
+# 0 (130 after a Ctrl-C); a second Ctrl-C stops it at once.
+SIGNALLED_DURING_STEP = """
 import os, signal
 from additive_jax import main
 from additive_jax.train import loop
 
 # the loop places each step's batch (global_batch) just before it runs the step
-at, global_batch, calls = int(os.environ['SIGTERM_DURING_STEP']), loop.global_batch, []
+at, global_batch, calls = int(os.environ['SIGNALLED_DURING_STEP']), loop.global_batch, []
+signals = os.environ.get('SIGNALS', 'SIGTERM').split(',')
 
 def signalled_at(*args):
   calls.append(1)
   if len(calls) == at:
-    os.kill(os.getpid(), signal.SIGTERM)
+    for name in signals:
+      os.kill(os.getpid(), getattr(signal, name))
   return global_batch(*args)
 
 loop.global_batch = signalled_at
@@ -132,7 +135,7 @@ def test_a_run_killed_during_a_save_resumes_with_bit_identical_losses(tmp_path, 
 def test_sigterm_saves_the_step_exits_0_and_the_run_resumes_bit_identically(tmp_path,
                                                                              reference_run,
                                                                              overrides):
-  stopped = run_script(SIGTERM_DURING_STEP, tmp_path, overrides, SIGTERM_DURING_STEP='3')
+  stopped = run_script(SIGNALLED_DURING_STEP, tmp_path, overrides, SIGNALLED_DURING_STEP='3')
   assert stopped.returncode == 0, stopped.stderr[-3000:]
   assert 'preempted: saved step 3' in stopped.stdout
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '3']
@@ -141,6 +144,30 @@ def test_sigterm_saves_the_step_exits_0_and_the_run_resumes_bit_identically(tmp_
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'resumed from step 3' in resumed.stdout
   assert metric_lines(tmp_path) == metric_lines(reference_run)
+
+
+def test_ctrl_c_saves_the_step_and_exits_130_and_a_second_ctrl_c_stops_at_once(tmp_path,
+                                                                              overrides):
+  """As SIGTERM, but exit 130; then, resumed, Ctrl-C twice in step 4: nothing more saved."""
+  stopped = run_script(SIGNALLED_DURING_STEP, tmp_path, overrides, SIGNALLED_DURING_STEP='3',
+                       SIGNALS='SIGINT')
+  assert stopped.returncode == 130, stopped.stderr[-3000:]
+  assert 'interrupted (Ctrl-C): saved step 3' in stopped.stdout
+  assert ('interrupted (Ctrl-C): the step in flight finishes and is saved; Ctrl-C again stops '
+          'at once, unsaved') in stopped.stderr
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '3']
+  assert not (tmp_path / 'summary.json').exists()  # the run is not finished
+
+  twice = run_script(SIGNALLED_DURING_STEP, tmp_path, overrides, SIGNALLED_DURING_STEP='1',
+                     SIGNALS='SIGINT,SIGINT')
+  assert twice.returncode == 130, twice.stderr[-3000:]
+  assert 'resumed from step 3' in twice.stdout and 'saved step' not in twice.stdout
+  assert twice.stderr.rstrip().endswith(
+      'interrupted: stopped at once, unsaved; rerun the same command to resume from the latest '
+      'checkpoint, if any')
+  assert 'Traceback' not in twice.stderr, twice.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '3']
+  assert max(line['step'] for line in metric_lines(tmp_path)) == 3  # step 4 never ran
 
 
 def test_a_checkpoint_holds_the_trainable_state_and_no_frozen_weight(reference_run,
@@ -198,10 +225,10 @@ def test_one_of_two_processes_signalled_both_stop_at_one_step_and_save_it(tmp_pa
             '--config.distributed=True', f'--coordinator_address=localhost:{port}',
             '--num_processes=2']
   env = {**os.environ, 'XLA_FLAGS': xla_flags(1),
-         'SIGTERM_DURING_STEP': '3'}
+         'SIGNALLED_DURING_STEP': '3'}
   logs = [open(tmp_path / f'process{i}.log', 'w+', encoding='utf-8') for i in range(2)]
   workers = [subprocess.Popen(
-      [sys.executable, *(['-m', 'additive_jax.main'] if i == 0 else ['-c', SIGTERM_DURING_STEP]),
+      [sys.executable, *(['-m', 'additive_jax.main'] if i == 0 else ['-c', SIGNALLED_DURING_STEP]),
        *common, f'--process_id={i}'], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
       for i, log in enumerate(logs)]
   said = []

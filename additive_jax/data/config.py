@@ -46,6 +46,19 @@ def data_dir(configured: str | None = None) -> str:
   return folder if is_url(folder) else os.path.abspath(folder)
 
 
+def data_dir_origin(configured: str | None = None) -> str:
+  """The data folder, which of its three sources gave it, and all three: what a missing data
+  file's error says."""
+  if configured:
+    origin = '--config.data.data_dir'
+  elif os.environ.get(DATA_ENV):
+    origin = f'${DATA_ENV}'
+  else:
+    origin = 'the default'
+  return (f'the data folder (--config.data.data_dir, else ${DATA_ENV}, else ../shared/data '
+          f'beside the working directory) is {data_dir(configured)}, from {origin}')
+
+
 def cache_dir() -> str:
   return os.environ.get(CACHE_ENV) or os.path.expanduser('~/.cache/additive_jax')
 

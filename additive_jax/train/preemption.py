@@ -1,4 +1,4 @@
-"""When a preempted run saves and stops: SIGTERM, agreed on by every process.
+"""When a preempted or interrupted run saves and stops: SIGTERM or Ctrl-C (SIGINT).
 
 A preemptible worker gets SIGTERM some time before it is killed. The trainer then
 finishes the step it is in, saves a checkpoint, and exits 0; the next launch with
@@ -7,12 +7,19 @@ the same workdir resumes from it exactly. On several processes
 gets it and `multihost_utils.reached_preemption_sync_point` names one step at
 which all of them stop, so they save the same checkpoint together. A single
 process, where that service does not run, installs its own SIGTERM handler.
+
+A single process treats Ctrl-C the same way: the first SIGINT finishes the step
+and saves it (the command then exits 130, the shell's code for an interrupt), a
+second one stops at once (KeyboardInterrupt), unsaved. On several processes
+SIGINT keeps Python's default: one process stopping alone at a step the others
+do not would leave them waiting on it.
 """
 
 from __future__ import annotations
 
 import importlib
 import signal
+import sys
 
 from absl import logging
 import jax
@@ -38,25 +45,38 @@ class Preemption:
 
   def __init__(self):
     self.synced = jax.process_count() > 1 and _sync_service_running()
-    self.requested = False
-    self.previous = None
-    if not self.synced:
+    self.signal_name = None  # of the signal heard first: 'SIGTERM' or 'SIGINT'
+    self.interrupts = 0
+    self.previous = {}
+    for signum in () if self.synced else (signal.SIGTERM, signal.SIGINT):
       try:
-        self.previous = signal.signal(signal.SIGTERM, self._request)
+        self.previous[signum] = signal.signal(signum, self._request)
       except ValueError:  # not the main thread, where Python cannot take signals: none heard
-        self.previous = None
+        pass
+
+  @property
+  def cause(self) -> str:
+    """What stopped the run, in the words its last line says."""
+    return 'interrupted (Ctrl-C)' if self.signal_name == 'SIGINT' else 'preempted'
 
   def _request(self, signum, frame):
-    del signum, frame
-    self.requested = True  # acted on after the step in flight
+    del frame
+    if signum == signal.SIGINT:
+      self.interrupts += 1
+      if self.interrupts > 1:  # the second Ctrl-C: the user will not wait for the save
+        raise KeyboardInterrupt
+      print('interrupted (Ctrl-C): the step in flight finishes and is saved; Ctrl-C again stops '
+            'at once, unsaved', file=sys.stderr, flush=True)
+    self.signal_name = self.signal_name or signal.Signals(signum).name  # acted on after the step
 
   def reached(self, step: int) -> bool:
     """Whether this run should save at `step` and stop."""
     if self.synced:
       return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
+    return self.signal_name is not None
 
   def close(self) -> None:
-    if self.previous is not None:
-      signal.signal(signal.SIGTERM, self.previous)
-      self.previous = None
+    for signum, previous in self.previous.items():
+      if previous is not None:  # None: a handler installed outside Python, not restorable
+        signal.signal(signum, previous)
+    self.previous = {}
