@@ -71,6 +71,7 @@ import numpy as np
 from absl import app, flags
 
 import decode_sides  # beside this file, on the path of a script run from here
+from decode_sides import leading_agreement, ms_per_token
 import machine as machine_lib
 from additive_jax import command
 
@@ -130,11 +131,6 @@ class MemoryFloor:
     started = time.perf_counter()
     list(self.pool.map(np.sum, self.parts))
     return round(time.perf_counter() - started, 6)
-
-
-def ms_per_token(decode: dict) -> float:
-  """The decode loop's time over its steps (at batch 8: per step of 8 tokens)."""
-  return 1000 * statistics.fmean(decode['step_s'])
 
 
 def spread(values: list[float]) -> dict:
@@ -245,12 +241,6 @@ def command_timing(model: str) -> dict:
           'runs': {'one_token': short, 'long': long},
           'ms_per_token': 1000 * (many_s - one_s) / max(tokens - 1, 1),
           'tokens_per_s_end_to_end': tokens / many_s}
-
-
-def leading_agreement(ours: list[int], theirs: list[int]) -> int:
-  """How many first greedy tokens both sides share (fp32 sums differ, so they may part late)."""
-  shared = min(len(ours), len(theirs))
-  return next((i for i in range(shared) if ours[i] != theirs[i]), shared)
 
 
 def main(argv):

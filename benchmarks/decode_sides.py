@@ -4,7 +4,8 @@
 running `serve`, which builds the side (`OursDecoder` or `TheirsDecoder`), warms
 it up (one whole decode, which compiles ours) and answers `decode(variant)`
 calls over a pipe. An idle side blocks on the pipe, so it takes no CPU while
-another side is timed.
+another side is timed. benchmarks/device_check.py runs the same two sides on an
+accelerator, at batch 1 and 64 (theirs with `device='cuda'`).
 
 Our side loads its base as a user does (`aj.load_model('smollm2-135m-instruct')`,
 the GGUF, no placement of its own); transformers reads an HF checkpoint of the same
@@ -20,6 +21,7 @@ token).
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 import traceback
 
@@ -55,6 +57,7 @@ VARIANTS = {
     'ladder': Variant('LadderSide(reduction=8)'),
     'lora_x8_one': Variant(LORA_ALL, batch=8),
     'lora_x8_stacked': Variant(LORA_ALL, batch=8, stacked=8),
+    'base_x64': Variant(batch=64),
 }
 
 
@@ -69,6 +72,17 @@ def timing(started: float, stamps: list[float]) -> dict:
   """The prefill (call to first token) and every decode step's interval, in seconds."""
   return {'prefill_s': round(stamps[0] - started, 6),
           'step_s': [round(s, 6) for s in np.diff(stamps).tolist()]}  # µs: far below the noise
+
+
+def ms_per_token(decode: dict) -> float:
+  """The decode loop's time over its steps (at batch 8: per step of 8 tokens)."""
+  return 1000 * statistics.fmean(decode['step_s'])
+
+
+def leading_agreement(ours: list[int], theirs: list[int]) -> int:
+  """How many first greedy tokens both sides share (fp32 sums differ, so they may part late)."""
+  shared = min(len(ours), len(theirs))
+  return next((i for i in range(shared) if ours[i] != theirs[i]), shared)
 
 
 class OursDecoder:
@@ -148,9 +162,10 @@ class OursDecoder:
 
 
 class TheirsDecoder:
-  """transformers' `LlamaForCausalLM.generate`: greedy, its KV cache, eager torch."""
+  """transformers' `LlamaForCausalLM.generate`: greedy, its KV cache, eager torch, fp32, on
+  `device` ('cpu' or 'cuda'), the first `batch` rows of `prompt_ids` for each of `batches`."""
 
-  def __init__(self, hf_dir, prompt_tokens, new_tokens, threads):
+  def __init__(self, hf_dir, prompt_tokens, new_tokens, threads, device='cpu', batches=(1,)):
     import torch
     import transformers
 
@@ -164,20 +179,25 @@ class TheirsDecoder:
     with torch.no_grad():
       for tensor in list(self.model.parameters()) + list(self.model.buffers()):
         tensor.data = tensor.data.clone()
-    prompt = prompt_ids(self.model.config.vocab_size, 1, prompt_tokens)
-    self.prompt = torch.tensor(prompt, dtype=torch.long)
-    started = time.perf_counter()
-    tokens = self.decode('theirs')['tokens']
+    self.model.to(device)
+    prompts = prompt_ids(self.model.config.vocab_size, max(batches), prompt_tokens)
+    self.prompts = torch.tensor(prompts, dtype=torch.long, device=device)
+    warmup_s, tokens = {}, {}
+    for batch in batches:  # row 0's prompt is the same at every batch
+      started = time.perf_counter()
+      tokens[batch] = self.decode('theirs', batch)['tokens']
+      warmup_s[f'theirs_x{batch}' if batch > 1 else 'theirs'] = time.perf_counter() - started
     self.report = {
-        'warmup_s': {'theirs': time.perf_counter() - started},
-        'first_row_tokens': {'theirs': tokens}, 'torch_threads': torch.get_num_threads(),
+        'warmup_s': warmup_s, 'device': device,
+        'first_row_tokens': {'theirs': tokens[batches[0]]},
+        'torch_threads': torch.get_num_threads(),
         'attention': self.model.config._attn_implementation,
         'versions': {'torch': str(torch.__version__),  # str: torch's is a class of its own
                      'transformers': transformers.__version__}}
 
-  def decode(self, name: str) -> dict:
+  def decode(self, name: str, batch: int = 1) -> dict:
     del name  # one variant: the base
-    stamps = []
+    prompt, stamps = self.prompts[:batch], []
 
     class Stamps:  # generate's streamer: put() gets the prompt, then each new token
       def put(self, value):
@@ -188,10 +208,10 @@ class TheirsDecoder:
 
     started = time.perf_counter()
     out = self.model.generate(
-        input_ids=self.prompt, attention_mask=self.torch.ones_like(self.prompt), do_sample=False,
+        input_ids=prompt, attention_mask=self.torch.ones_like(prompt), do_sample=False,
         max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens, use_cache=True,
         pad_token_id=0, streamer=Stamps())
-    return {**timing(started, stamps[1:]), 'tokens': out[0, self.prompt.shape[1]:].tolist()}
+    return {**timing(started, stamps[1:]), 'tokens': out[0, prompt.shape[1]:].tolist()}
 
 
 def serve(conn, side: str, setup: dict) -> None:

@@ -25,6 +25,11 @@ block-diagonal 4-D causal mask with per-segment `position_ids`, so both compute 
 same step; PEFT's prompt learning takes a 2-D mask only, so for prompt and prefix
 tuning theirs sees each row as one sequence (other losses). Unpacked rows (one
 segment each, as `--data=random`'s) reach theirs with its usual 2-D mask.
+
+The base both read is an HF checkpoint directory: `write_random_checkpoint` draws one
+of a config's shapes (seeded), for runs where the real weights cannot travel and
+speed does not depend on them (train_throughput.py's `--random_weights`,
+device_check.py).
 """
 
 from __future__ import annotations
@@ -35,13 +40,48 @@ import traceback
 
 import numpy as np
 
-def random_batches(vocab_size: int, batch: int, seq_len: int) -> list[dict[str, np.ndarray]]:
-  """One unpadded row per example: tokens, next-token targets, all-ones loss mask."""
-  ids = np.random.default_rng(0).integers(0, vocab_size, (batch, seq_len + 1)).astype(np.int32)
+
+def write_hf_checkpoint(directory: str, config, tensors: dict) -> None:
+  """`config.json` + `model.safetensors` (HF names and layouts), which both sides read."""
+  from additive_jax.model.convert import config_to_hf
+  from additive_jax.peft.files.file_io import write_json, write_tensors
+
+  os.makedirs(directory, exist_ok=True)
+  write_tensors(os.path.join(directory, 'model.safetensors'), tensors, {'format': 'pt'})
+  write_json(os.path.join(directory, 'config.json'), config_to_hf(config))  # last: complete
+
+
+def write_random_checkpoint(config, directory: str) -> None:
+  """`config`'s shapes, weights ~ N(0, 0.02) and norms at one (seed 0)."""
+  from additive_jax.model.convert import hf_tensor_shapes
+
+  rng = np.random.default_rng(0)
+  tensors = {name: np.ones(shape, np.float32) if name.endswith('norm.weight')
+             else 0.02 * rng.standard_normal(shape, np.float32)
+             for name, shape in hf_tensor_shapes(config).items()}
+  write_hf_checkpoint(directory, config, tensors)
+
+
+def random_batches(vocab_size: int, batch: int, seq_len: int,
+                   segments: int = 1) -> list[dict[str, np.ndarray]]:
+  """Random tokens, every target counted. segments=1: one unpadded row per example;
+  more: each row packs that many sequences of random lengths, then padding (a sixth of
+  the row: segment 0, no loss), positions restarting at each sequence."""
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, vocab_size, (batch, seq_len + 1)).astype(np.int32)
+  segment_ids = np.ones((batch, seq_len), np.int32)
+  if segments > 1:
+    used = seq_len - seq_len // 6
+    for row in segment_ids:
+      cuts = np.sort(rng.choice(np.arange(1, used), segments - 1, replace=False))
+      row[:] = np.searchsorted(cuts, np.arange(seq_len), side='right') + 1
+      row[used:] = 0
+  slot = np.arange(seq_len)
+  starts = np.where(np.diff(segment_ids, prepend=-1, axis=1) != 0, slot, 0)
+  positions = slot - np.maximum.accumulate(starts, axis=1)  # since the row's last new segment
   return [{'tokens': ids[:, :-1], 'targets': ids[:, 1:],
-           'loss_mask': np.ones((batch, seq_len), np.float32),
-           'positions': np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1)),
-           'segment_ids': np.ones((batch, seq_len), np.int32)}]
+           'loss_mask': (segment_ids != 0).astype(np.float32),
+           'positions': positions.astype(np.int32), 'segment_ids': segment_ids}]
 
 
 def most_loss_positions(batches) -> int:
@@ -51,7 +91,7 @@ def most_loss_positions(batches) -> int:
 class OursStep:
   """additive_jax: one method on the frozen base, the jitted train step compiled ahead."""
 
-  def __init__(self, hf_dir, method, batches, dtype, warmup, adapter_dir=None):
+  def __init__(self, hf_dir, method, batches, dtype, warmup, adapter_dir=None, attention='auto'):
     import jax
     import jax.numpy as jnp
 
@@ -68,7 +108,7 @@ class OursStep:
     self.jax = jax
     platform = jax.default_backend()
     dtype = dtype if dtype != 'auto' else ('float32' if platform == 'cpu' else 'bfloat16')
-    config, host_params = aj.load_model(hf_dir)
+    config, host_params = aj.load_model(hf_dir, attention=attention)
     if dtype == 'bfloat16':  # bf16 compute; base weights, trainables and Adam stay fp32
       config = config.replace(dtype=jnp.bfloat16)
     peft_method = parse_method(method)
@@ -104,7 +144,8 @@ class OursStep:
       losses.append(float(self.metrics['loss']))
     self.report = {
         'platform': platform, 'device': jax.devices()[0].device_kind, 'dtype': dtype,
-        'method': peft_method.call_string(), 'learning_rate': learning_rate,
+        'method': peft_method.call_string(), 'attention': attention,
+        'learning_rate': learning_rate,
         'trainable_params': sum(x.size for x in jax.tree.leaves(self.state.peft)),
         'compile_s': compile_s, 'warmup_step_s': warmup_s, 'warmup_losses': losses,
         'compiled_step_bytes': step_bytes, 'loss_positions_budget': budget,

@@ -1,7 +1,7 @@
 """Train-step throughput and memory: additive_jax against Hugging Face PEFT (torch), side by side.
 
     .venv/bin/python benchmarks/train_throughput.py [--methods=lora_qv,ia3] [--batch=4]
-        [--seq_len=128] [--steps=1] [--repeats=5] [--warmup=2] [--dtype=auto]
+        [--seq_len=128] [--steps=1] [--repeats=5] [--warmup=2] [--dtype=auto] [--attention=auto]
         [--hf_dir=DIR [--random_weights]] [--out=benchmarks/results/train_throughput_cpu.json]
     .venv/bin/python benchmarks/train_throughput.py --write_hf_dir=.bench_hf/smollm2
 
@@ -49,6 +49,7 @@ from absl import app, flags
 import machine as machine_lib  # beside this file, on the path of a script run from here
 import side_process
 import train_step_sides
+from additive_jax.model.config import ATTENTION_IMPLEMENTATIONS
 
 LORA_ALL = "('q', 'k', 'v', 'o', 'gate', 'up', 'down')"
 # name -> (our method, why HF PEFT has no counterpart or None)
@@ -82,6 +83,8 @@ _WARMUP = flags.DEFINE_integer('warmup', 2, 'untimed steps per side before the r
                                lower_bound=1)
 _DTYPE = flags.DEFINE_enum('dtype', 'auto', ['auto', 'float32', 'bfloat16'],
                            'compute dtype; auto: float32 on CPU, bfloat16 on an accelerator')
+_ATTENTION = flags.DEFINE_enum('attention', 'auto', list(ATTENTION_IMPLEMENTATIONS),
+                               "ours: the model's attention (additive_jax/model/attention.py)")
 _HF_DIR = flags.DEFINE_string('hf_dir', None, 'base HF checkpoint directory (default: SmolLM2, '
                               'written once under $ADDITIVE_JAX_CACHE/hf)')
 _RANDOM_WEIGHTS = flags.DEFINE_bool(
@@ -93,16 +96,6 @@ _OUT = flags.DEFINE_string('out', None, 'JSON results (default: '
                            'benchmarks/results/train_throughput_<cpu|gpu>.json)')
 
 
-def write_hf_checkpoint(directory: str, config, tensors: dict) -> None:
-  """`config.json` + `model.safetensors` (HF names and layouts), which both sides read."""
-  from additive_jax.model.convert import config_to_hf
-  from additive_jax.peft.files.file_io import write_json, write_tensors
-
-  os.makedirs(directory, exist_ok=True)
-  write_tensors(os.path.join(directory, 'model.safetensors'), tensors, {'format': 'pt'})
-  write_json(os.path.join(directory, 'config.json'), config_to_hf(config))  # last: complete
-
-
 def write_smollm2(directory: str) -> None:
   """The embedded SmolLM2-135M-Instruct, fp32, as an HF checkpoint."""
   import additive_jax as aj
@@ -110,21 +103,7 @@ def write_smollm2(directory: str) -> None:
   from additive_jax.model.convert import params_to_hf
 
   config, params = aj.load_model(embedded.NAME)
-  write_hf_checkpoint(directory, config, params_to_hf(config, params))
-
-
-def write_random_checkpoint(config_dir: str, directory: str) -> None:
-  """The shapes of `config_dir/config.json`, weights ~ N(0, 0.02) and norms at one (seed 0)."""
-  import numpy as np
-  from additive_jax.model.convert import hf_tensor_shapes
-  from additive_jax.model.load import load_config
-
-  config = load_config(os.path.join(config_dir, 'config.json'))
-  rng = np.random.default_rng(0)
-  tensors = {name: np.ones(shape, np.float32) if name.endswith('norm.weight')
-             else 0.02 * rng.standard_normal(shape, np.float32)
-             for name, shape in hf_tensor_shapes(config).items()}
-  write_hf_checkpoint(directory, config, tensors)
+  train_step_sides.write_hf_checkpoint(directory, config, params_to_hf(config, params))
 
 
 def base_checkpoint(scratch: str) -> str:
@@ -132,7 +111,9 @@ def base_checkpoint(scratch: str) -> str:
   if _RANDOM_WEIGHTS.value:
     if not _HF_DIR.value:
       raise app.UsageError('--random_weights takes the shapes from --hf_dir/config.json')
-    write_random_checkpoint(_HF_DIR.value, os.path.join(scratch, 'base'))
+    from additive_jax.model.load import load_config
+    config = load_config(os.path.join(_HF_DIR.value, 'config.json'))
+    train_step_sides.write_random_checkpoint(config, os.path.join(scratch, 'base'))
     return os.path.join(scratch, 'base')
   if _HF_DIR.value:
     return _HF_DIR.value
@@ -189,7 +170,7 @@ def measure_method(name: str, hf_dir: str, batches: list | None) -> dict:
   method, theirs_missing = METHODS[name]
   setup = {'hf_dir': hf_dir, 'batches': batches, 'dtype': _DTYPE.value, 'warmup': _WARMUP.value}
   with tempfile.TemporaryDirectory() as adapter_dir:
-    sides = [start_side('ours', {**setup, 'method': method,
+    sides = [start_side('ours', {**setup, 'method': method, 'attention': _ATTENTION.value,
                                  'adapter_dir': None if theirs_missing else adapter_dir})]
     try:
       ours = sides[0].report
@@ -318,6 +299,7 @@ def save(results: list[dict], load_before: float) -> str:
   settings = {'hf_dir': _HF_DIR.value, 'random_weights': _RANDOM_WEIGHTS.value,
               'batch': _BATCH.value, 'seq_len': _SEQ_LEN.value, 'steps': _STEPS.value,
               'data': _DATA.value, 'num_batches': _NUM_BATCHES.value,
+              'attention': _ATTENTION.value,
               'loss_fraction': first['loss_fraction'], 'date': time.strftime('%Y-%m-%d'),
               'repeats': _REPEATS.value, 'warmup': _WARMUP.value, 'dtype': first['dtype'],
               'device': first['device'], 'cpu_threads': len(os.sched_getaffinity(0)),

@@ -26,7 +26,7 @@ under this jax; none is listed yet, so 'auto' is 'xla' everywhere. What each can
            too many runs at run time by lax.cond: both branches compiled, and under autodiff
            both branches' residuals allocated). The packed layout is private jax API, read
            in jax 0.10.2 (see _cudnn); another version hands over to 'pallas'. Untested here
-           (no GPU): benchmarks/gpu_attention_check.py checks it on one.
+           (no GPU): benchmarks/device_check.py checks it on one.
   'splash' TPU. jax's splash attention kernel with CausalMask and SegmentIds for the token
            keys; the shared slots (prefix + virtual keys, few) are attended to with XLA and
            the two softmax parts merged by their log-sum-exp; virtual queries, which see

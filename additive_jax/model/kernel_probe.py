@@ -43,7 +43,7 @@ class BlockShape:
   num_virtual: int = 0
 
 
-def _inputs(shape: BlockShape, rows: int = 2):
+def probe_inputs(shape: BlockShape, rows: int = 2):
   length = shape.num_virtual + shape.seq_len
   keys = jax.random.split(jax.random.key(0), 4)
   q = jax.random.normal(keys[0], (rows, length, shape.heads, shape.head_dim))
@@ -57,7 +57,7 @@ def _inputs(shape: BlockShape, rows: int = 2):
   return q, k, v, jnp.asarray(ids), cotangent
 
 
-def _forward_and_grads(name: str, shape: BlockShape, q, k, v, ids, cotangent):
+def forward_and_grads(name: str, shape: BlockShape, q, k, v, ids, cotangent):
   def attend(q, k, v):
     return attention.attend(q, k, v, ids, num_prefix=shape.num_prefix,
                             num_virtual=shape.num_virtual, implementation=name)
@@ -65,7 +65,7 @@ def _forward_and_grads(name: str, shape: BlockShape, q, k, v, ids, cotangent):
   return out, pull(cotangent.astype(out.dtype))
 
 
-def _relative(a, b) -> float:
+def relative_error(a, b) -> float:
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
@@ -73,22 +73,22 @@ def _relative(a, b) -> float:
 def probe(name: str, shape: BlockShape) -> str | None:
   """None if kernel `name` compiles, runs and agrees with 'xla' at `shape`; else why not, in
   one line."""
-  q, k, v, ids, cotangent = _inputs(shape)
+  q, k, v, ids, cotangent = probe_inputs(shape)
   dtype = jnp.dtype(shape.dtype)
   low = tuple(x.astype(dtype) for x in (q, k, v))
   try:
-    out, grads = jax.jit(_forward_and_grads, static_argnums=(0, 1))(
+    out, grads = jax.jit(forward_and_grads, static_argnums=(0, 1))(
         name, shape, *low, ids, cotangent)
     out, grads = jax.device_get((out, grads))
   except Exception as err:  # pylint: disable=broad-except  # a compiler's or a kernel's
     first_line = (str(err).strip().splitlines() or [''])[0][:300]
     return f'it failed at this shape ({type(err).__name__}: {first_line})'
   exact = tuple(x.astype(jnp.float32) for x in low)  # the same rounded inputs, in fp32
-  expected_out, expected_grads = jax.jit(_forward_and_grads, static_argnums=(0, 1))(
+  expected_out, expected_grads = jax.jit(forward_and_grads, static_argnums=(0, 1))(
       'xla', shape, *exact, ids, cotangent)
   forward_tol, grad_tol = TOLERANCE.get(dtype.name, TOLERANCE['float32'])
-  errors = [('output', _relative(out, expected_out), forward_tol)]
-  errors += [(f'd{part}', _relative(grad, expected), grad_tol)
+  errors = [('output', relative_error(out, expected_out), forward_tol)]
+  errors += [(f'd{part}', relative_error(grad, expected), grad_tol)
              for part, grad, expected in zip('qkv', grads, expected_grads)]
   for what, error, tol in errors:
     if not error <= tol:  # NaN fails too
