@@ -5,7 +5,8 @@ reach it through gcsfs (epath), google-cloud-storage (Orbax's bucket-layout ques
 TensorStore's own GCS driver (Orbax's array reads and writes).
 
 One run is SIGKILLed at the start of step 4 (its checkpoint of step 2 saved, step 3 logged),
-relaunched, and compared with a run that never stopped; an export is SIGKILLed before its
+relaunched, and compared with a run that never stopped (its losses, its test accuracy before,
+read back from the bucket's log, and after, and its final adapter/); an export is SIGKILLed before its
 folder is complete, refused by `generate --adapter`, and completed by a rerun. What the
 emulator does not serve, and what the clients are told instead: gcsfs's bucket-layout query
 (the Storage Control gRPC API: `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`) and its `moveTo`
@@ -144,8 +145,7 @@ def runs(emulator, tmp_path_factory, tiny_with_tokenizer, small_sst2):
   """(the killed run's log, the reference run's folder): a run on the bucket killed and
   relaunched, and one on a local disk that never stopped."""
   upload(small_sst2, f'{BUCKET}/data')
-  overrides = (f'--config.model={tiny_with_tokenizer}', '--config.test_metric=',
-               f'--config.num_steps={STEPS}')
+  overrides = (f'--config.model={tiny_with_tokenizer}', f'--config.num_steps={STEPS}')
   reference = tmp_path_factory.mktemp('reference')
   done = run_main(reference, f'--config.data.data_dir={small_sst2}', *overrides)
   assert done.returncode == 0, done.stderr[-3000:]
@@ -174,7 +174,11 @@ def test_the_relaunch_logs_every_step_once_with_the_uninterrupted_runs_losses(ru
   assert sorted(p.name for p in (run / 'checkpoints').iterdir()) == ['4', '6']
   assert any(p.name.startswith('events') for p in (run / 'tensorboard').iterdir())
   summary = json.loads((run / 'summary.json').read_text())
-  assert summary['final_loss'] == json.loads((reference / 'summary.json').read_text())['final_loss']
+  expected = json.loads((reference / 'summary.json').read_text())
+  for key in ('final_loss', 'accuracy_before', 'accuracy_after', 'adapter_bytes'):
+    assert summary[key] == expected[key], key  # the before-metric read back from the bucket
+  assert sorted(p.name for p in (run / 'adapter').iterdir()) == [
+      'COMPLETE.json', 'aj_adapter.safetensors', 'aj_adapter_config.json']
 
 
 def test_a_half_export_is_refused_and_a_rerun_completes_it(runs, tiny_with_tokenizer):
