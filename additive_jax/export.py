@@ -21,15 +21,14 @@ Nothing is half-written. Whether the format can hold the run's methods is known
 from its config alone: the files are first written from zeros of the trainables'
 shapes into a scratch folder (adapter files are small; a merged checkpoint is
 checked by the methods alone), so a refusal comes before any array is restored.
-The export itself is written into a temporary folder beside `--out` and renamed
-into place when complete; a failure leaves `--out` as it was.
+The export is written into `--out` marked as being written, with a listing of its files
+written last (`peft/files/complete.py`: a rename is not atomic on an object store), so a
+reader refuses a half-written export in one line; a rerun replaces it whole.
 """
 
 from additive_jax import command  # first: it quiets what later imports print
-import os
 import sys
 import tempfile
-import time
 
 from etils import epath
 import jax
@@ -40,6 +39,7 @@ from absl import app, flags
 from additive_jax.model.llama import Llama
 from additive_jax.model.load import load_config, load_model
 from additive_jax.peft.files import AdapterFileError, save_adapter, save_merged
+from additive_jax.peft.files.complete import writing
 from additive_jax.train.restore import abstract_train_state, restore_run
 from additive_jax.train.workdir import RunFolder
 
@@ -67,17 +67,8 @@ def export_run(workdir: str, format: str, checkpoint: str | int | None = 'latest
     raise ValueError(f'--out={out} is a file; give a directory')
   _check_writable(format, saved, model_config)
   run = restore_run(workdir, saved.step)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  partial = out.parent / f'.{out.name}.partial-{os.getpid()}-{time.time_ns()}'
-  try:
-    partial.mkdir()
-    _write(partial, format, run, model_config)
-    if out.is_dir():  # an earlier export of the same step: replaced whole
-      out.rmtree()
-    partial.rename(out)
-  finally:
-    if partial.exists():
-      partial.rmtree()
+  with writing(str(out)) as folder:
+    _write(folder, format, run, model_config)
   return str(out)
 
 

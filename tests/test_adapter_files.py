@@ -170,3 +170,29 @@ def test_save_checks_the_tree_against_the_methods(tmp_path):
     save_adapter(str(tmp_path), (method,), peft, CONFIG)
   with pytest.raises(ValueError, match=r"no subtree for \['ia3'\]"):
     save_adapter(str(tmp_path), (aj.peft.IA3(),), peft, CONFIG)
+
+
+def test_a_folder_whose_files_differ_from_its_listing_is_refused(tmp_path):
+  """complete.py: a folder written under `writing` loads; marked and not finished, or with a
+  file that differs from its COMPLETE.json, it is refused naming the folder; unmarked loads."""
+  from additive_jax.peft.files.complete import writing
+  methods = (aj.peft.IA3(),)
+  peft = random_peft(methods, CONFIG)
+  with writing(str(tmp_path)) as folder:
+    save_adapter(str(folder), methods, peft, CONFIG)
+  assert sorted(os.listdir(tmp_path)) == ['COMPLETE.json', 'aj_adapter.safetensors',
+                                          'aj_adapter_config.json']
+  load_adapter(str(tmp_path), CONFIG)
+  with open(tmp_path / 'aj_adapter.safetensors', 'ab') as f:
+    f.write(b'more')
+  with pytest.raises(AdapterFileError, match=f'^{tmp_path} is incomplete: '
+                     'aj_adapter.safetensors differ from its COMPLETE.json; write it again$'):
+    load_adapter(str(tmp_path), CONFIG)
+  with pytest.raises(RuntimeError, match='killed'):
+    with writing(str(tmp_path)) as folder:
+      save_adapter(str(folder), methods, peft, CONFIG)
+      raise RuntimeError('killed')
+  with pytest.raises(AdapterFileError, match=f'^{tmp_path} is half-written'):
+    load_adapter(str(tmp_path), CONFIG)
+  os.remove(tmp_path / 'WRITING')  # as HF PEFT or an older export leaves a folder: no marker
+  load_adapter(str(tmp_path), CONFIG)

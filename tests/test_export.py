@@ -19,6 +19,7 @@ import transformers
 
 import additive_jax as aj
 from additive_jax.export import export_run
+from additive_jax.model.load import load_config
 from additive_jax.peft.files import AdapterFileError
 from additive_jax.peft.registry import parse_method
 from additive_jax.train.checkpoint import CheckpointError
@@ -124,10 +125,12 @@ def test_bad_input_is_named(runs, tmp_path, run, format, step, error, message):
   assert os.listdir(tmp_path) == []  # no output, no partial folder
 
 
-def test_a_failure_while_writing_leaves_the_earlier_export_as_it_was(runs, tmp_path, monkeypatch):
+def test_a_failure_while_writing_is_refused_by_readers_and_a_rerun_completes_it(
+    runs, tmp_path, monkeypatch, tiny_with_tokenizer):
   out = tmp_path / 'out'
   export_run(runs['lora'], 'aj', out=str(out))
   before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+  assert 'COMPLETE.json' in before
 
   def fails_half_way(directory, *args, **kwargs):
     (open(os.path.join(directory, 'adapter_model.safetensors'), 'wb')).write(b'half')
@@ -142,5 +145,9 @@ def test_a_failure_while_writing_leaves_the_earlier_export_as_it_was(runs, tmp_p
   with pytest.raises(OSError, match='disk full'):
     export_run(runs['lora'], 'aj', out=str(out))
   assert len(calls) == 2
+  with pytest.raises(AdapterFileError, match=f'^{out} is half-written: a write of it did not'):
+    aj.peft.load_adapter(str(out), load_config(tiny_with_tokenizer))
+  monkeypatch.setattr('additive_jax.export.save_adapter', real)
+  export_run(runs['lora'], 'aj', out=str(out))
   assert sorted(os.listdir(tmp_path)) == ['out']
   assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before

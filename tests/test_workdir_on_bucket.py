@@ -24,6 +24,7 @@ from additive_jax.model.load import load_config
 from additive_jax.peft import Bottleneck, load_adapter
 from additive_jax.train.checkpoint import Checkpoints
 from additive_jax.train.loop import train_and_evaluate
+from additive_jax.train.workdir import RunFolder
 from cli_helpers import in_process_config
 
 BUCKET = 'gs://bucket'
@@ -93,7 +94,8 @@ def bucket_run(tmp_path_factory, tiny_with_tokenizer, small_sst2):
   run = folder / 'bucket' / 'run'
   with bucket_in(folder):
     summary = train_and_evaluate(config, f'{BUCKET}/run')
-  losses = logged_losses(run)
+  with bucket_in(folder):
+    losses = logged_losses(f'{BUCKET}/run')
   shutil.rmtree(run / 'checkpoints' / '4')
   os.remove(run / 'summary.json')
   with bucket_in(folder):
@@ -101,9 +103,8 @@ def bucket_run(tmp_path_factory, tiny_with_tokenizer, small_sst2):
   return folder, summary, losses, resumed
 
 
-def logged_losses(run):
-  lines = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
-  return {line['step']: line['loss'] for line in lines if 'loss' in line}
+def logged_losses(workdir):
+  return {line['step']: line['loss'] for line in RunFolder(workdir).logged_lines() if 'loss' in line}
 
 
 def test_the_run_writes_everything_into_the_bucket(bucket_run):
@@ -117,7 +118,8 @@ def test_the_run_writes_everything_into_the_bucket(bucket_run):
 
 def test_the_relaunch_resumes_from_the_bucket_with_the_same_losses(bucket_run):
   folder, summary, losses, resumed = bucket_run
-  assert logged_losses(folder / 'bucket' / 'run') == losses
+  with bucket_in(folder):
+    assert logged_losses(f'{BUCKET}/run') == losses
   assert resumed['final_loss'] == summary['final_loss']
   assert json.loads((folder / 'bucket' / 'run' / 'summary.json').read_text())['final_loss'] == \
       summary['final_loss']
@@ -131,9 +133,8 @@ def test_checkpoints_and_an_export_on_the_bucket(bucket_run, tiny_with_tokenizer
     assert out == f'{BUCKET}/exported'
     methods, _ = load_adapter(out, load_config(tiny_with_tokenizer))
   assert [m.call_string() for m in methods] == ['Bottleneck(dim=8)']
-  assert sorted(os.listdir(folder / 'bucket' / 'exported')) == ['aj_adapter.safetensors',
-                                                                 'aj_adapter_config.json']
-  assert not [p for p in epath.Path(folder / 'bucket').iterdir() if '.partial-' in p.name]
+  assert sorted(os.listdir(folder / 'bucket' / 'exported')) == [
+      'COMPLETE.json', 'aj_adapter.safetensors', 'aj_adapter_config.json']
 
 
 def test_the_guard_refuses_a_bucket_path_outside_epath(tmp_path):

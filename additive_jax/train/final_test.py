@@ -5,7 +5,8 @@ row's outcome, and the tested trainables as an adapter, all written into the wor
                      the split's fixed subset: what a paired comparison of two runs on the
                      same rows (experiments/report.py's bootstrap) reads
     adapter/         the trainables tested, in additive_jax's adapter format (`aj.peft.
-                     load_adapter`); its size is the summary's `adapter_bytes`
+                     load_adapter`), its COMPLETE.json written last (peft/files/complete.py);
+                     its size is the summary's `adapter_bytes`
 
 `last` tests the state the run ends with; `best` restores the checkpoint kept as best by
 the eval metric (`config.eval_metric` on its fixed subset of `data.eval_split`, else the eval
@@ -14,14 +15,12 @@ loss), so that the test split plays no part in choosing it.
 
 from __future__ import annotations
 
-import os
-import time
-
 from etils import epath
 import jax
 from jax.experimental import multihost_utils
 
 from additive_jax.peft.files import save_adapter
+from additive_jax.peft.files.complete import listing, writing
 from additive_jax.peft.files.file_io import write_json
 from additive_jax.train.checkpoint import Checkpoints, abstract_like
 from additive_jax.train.eval_loss import task_metric
@@ -56,15 +55,8 @@ def test_and_keep(run, state, step: int, config, folder: RunFolder) -> dict:
 
 
 def _save_adapter(out: epath.Path, run, peft, base_model: str) -> int:
-  """Writes into a fresh folder renamed into place (an earlier one replaced); its bytes."""
-  partial = out.parent / f'.{out.name}.partial-{os.getpid()}-{time.time_ns()}'
-  try:
-    save_adapter(str(partial), run.model.peft, peft, run.model.config, format='aj',
+  """Writes the adapter, marked complete last (an earlier one replaced); its bytes."""
+  with writing(str(out)) as folder:
+    save_adapter(str(folder), run.model.peft, peft, run.model.config, format='aj',
                  base_model_name_or_path=base_model)
-    if out.is_dir():
-      out.rmtree()
-    partial.rename(out)
-  finally:
-    if partial.exists():
-      partial.rmtree()
-  return sum(path.stat().length for path in out.iterdir())
+  return sum(listing(out).values())

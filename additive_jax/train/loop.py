@@ -18,10 +18,11 @@ preemption), `test_after` and `summarize`. The metrics writer, the checkpoint
 manager, the signal handlers and the progress bar are closed on every way out:
 a finished run, a preempted one, a non-finite stop or an exception. What a run
 writes where is `train.workdir`'s (metrics to TensorBoard event files and
-`metrics.jsonl`, process 0 only; the summary to `summary.json`). A resumed run first drops the
-logged metrics of steps after its checkpoint (a killed run may have logged
-them), so each step keeps one line, that of the run that went on; it resumes only
-a workdir whose checkpoint has its config (up to `checkpoint.RESUMABLE_CHANGES`).
+`metrics.jsonl` or a bucket's `metrics/`, process 0 only; the summary to
+`summary.json`). A resumed run first drops the logged metrics of steps after its
+checkpoint (a killed run may have logged them), so each step keeps one line, that of the
+run that went on; it resumes only a workdir whose checkpoint has its config (up to
+`checkpoint.RESUMABLE_CHANGES`).
 
 The host reads the steps' metrics only where it must: at a log, evaluation or checkpoint
 step (`_settle`), all steps since the last in one transfer. Between those it only

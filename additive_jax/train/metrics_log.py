@@ -1,10 +1,14 @@
 """Metrics to TensorBoard event files and a JSON-lines log in the run folder (`train.workdir`).
 
 Only process 0 writes (every process computes the same replicated metrics).
-The JSON log is appended line by line and flushed, so a killed run keeps every
-line it wrote; a resumed run drops those of the steps after its checkpoint (it
-logs them again) and appends, so each step keeps one line. Paths go through
-`etils.epath`, so a workdir may be `gs://bucket/run`; so do TensorBoard's
+On a local disk the JSON log is appended line by line and flushed, so a killed
+run keeps every line it wrote; a resumed run drops those of the steps after its
+checkpoint (it logs them again) and appends, so each step keeps one line. An
+object store has no append (gcsfs turns it into an overwrite, and an object
+exists only once closed): there each line is an object of its own, written
+whole (`metrics/<step>_<n>.jsonl`), a resumed run deletes those of the steps
+after its checkpoint, and `RunFolder.logged_lines` merges them in step order.
+Paths go through `etils.epath`, so a workdir may be `gs://bucket/run`; so do TensorBoard's
 event files, whose cloud writers tensorboardX would otherwise pick by itself
 (one client library per store).
 """
@@ -41,14 +45,20 @@ class MetricsWriter:
 
   def __init__(self, folder: RunFolder, resumed_from: int | None = None):
     self.enabled = jax.process_index() == 0
+    self._closed = False
     if self.enabled:
+      self._folder = folder
       folder.path.mkdir(parents=True, exist_ok=True)
-      log_path = folder.metrics_log
       if resumed_from is not None:
-        _forget_after(log_path, resumed_from)
+        _forget_after(folder, resumed_from)
       purge = None if resumed_from is None else resumed_from + 1  # TensorBoard hides steps ≥ it
       self._tensorboard = tensorboardX.SummaryWriter(str(folder.tensorboard), purge_step=purge)
-      self._log = log_path.open('a', encoding='utf-8')
+      self._log = None
+      if folder.on_object_store:
+        folder.metrics_segments.mkdir(parents=True, exist_ok=True)
+        self._lines_at = {}  # step -> lines written at it, naming the next segment
+      else:
+        self._log = folder.metrics_log.open('a', encoding='utf-8')
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
@@ -56,13 +66,21 @@ class MetricsWriter:
     values = {name: float(np.asarray(value)) for name, value in metrics.items()}
     for name, value in values.items():
       self._tensorboard.add_scalar(name, value, step)
-    self._log.write(json.dumps({'step': step, **values}) + '\n')
-    self._log.flush()
+    line = json.dumps({'step': step, **values}) + '\n'
+    if self._log is None:
+      index = self._lines_at.get(step, 0)
+      self._lines_at[step] = index + 1
+      self._folder.metrics_segment(step, index).write_text(line, encoding='utf-8')
+    else:
+      self._log.write(line)
+      self._log.flush()
 
   def close(self) -> None:
-    if self.enabled and not self._log.closed:
+    if self.enabled and not self._closed:
+      self._closed = True
       self._tensorboard.close()
-      self._log.close()
+      if self._log is not None:
+        self._log.close()
 
 
 class _StoreRecordWriter:
@@ -94,8 +112,15 @@ for _prefix in ('gs', 's3', 'az'):  # the object stores epath reaches
   record_writer.register_writer_factory(_prefix, _StoreWriters())
 
 
-def _forget_after(path: epath.Path, step: int) -> None:
+def _forget_after(folder: RunFolder, step: int) -> None:
   """Drops the lines of steps after `step`, and a last line a kill cut short."""
+  if folder.on_object_store:
+    if folder.metrics_segments.is_dir():
+      for segment in folder.metrics_segments.iterdir():
+        if folder.segment_step(segment) > step:
+          segment.unlink()
+    return
+  path = folder.metrics_log
   if not path.exists():
     return
   with path.open(encoding='utf-8') as f:

@@ -4,6 +4,9 @@
     <workdir>/
       checkpoints/<step>/       Orbax: the trainable state, the data iterator, the config (JSON)
       metrics.jsonl             one JSON object a logged step: {'step': 20, 'loss': ..., ...}
+      metrics/<step>_<n>.jsonl  on an object store instead (gs://, s3://): the same lines, one
+                                object a line written whole (a store has no append); read in
+                                name order they are metrics.jsonl
       tensorboard/              the same scalars as event files
       summary.json              written once, whole, when the run ends
       test_hits.json            each test row's outcome, for paired comparisons of runs
@@ -46,13 +49,24 @@ class RunFolder:
   def __init__(self, workdir: str):
     self.workdir = str(workdir)
     self.path = epath.Path(workdir)
+    # gcsfs turns append into overwrite and an object exists only once closed: a store's
+    # metrics are segments written whole
+    self.on_object_store = '://' in self.workdir
 
   checkpoints = property(lambda self: self.path / 'checkpoints')
   metrics_log = property(lambda self: self.path / 'metrics.jsonl')
+  metrics_segments = property(lambda self: self.path / 'metrics')
   tensorboard = property(lambda self: self.path / 'tensorboard')
   summary = property(lambda self: self.path / 'summary.json')
   test_hits = property(lambda self: self.path / 'test_hits.json')
   adapter = property(lambda self: self.path / 'adapter')
+
+  def metrics_segment(self, step: int, index: int) -> epath.Path:
+    """The object holding the `index`-th line logged at `step` (names sort in step order)."""
+    return self.metrics_segments / f'{step:09d}_{index:03d}.jsonl'
+
+  def segment_step(self, segment: epath.Path) -> int:
+    return int(segment.name.split('_')[0])
 
   def eval_output(self, split: str) -> epath.Path:
     return self.path / f'eval_{split}.json'
@@ -84,11 +98,18 @@ class RunFolder:
     return checkpoints
 
   def logged_lines(self) -> list[dict]:
-    """Every complete line of the metrics log, in the order written (none if there is none)."""
-    if not self.metrics_log.exists():
+    """Every complete line of the metrics log in step order (none if there is none): the
+    local file's, or a store's segments merged."""
+    if self.on_object_store:
+      if not self.metrics_segments.is_dir():
+        return []
+      text = ''.join(segment.read_text(encoding='utf-8')
+                     for segment in sorted(self.metrics_segments.iterdir()))
+    elif self.metrics_log.exists():
+      text = self.metrics_log.read_text(encoding='utf-8')
+    else:
       return []
-    with self.metrics_log.open(encoding='utf-8') as f:
-      return [json.loads(line) for line in f if line.endswith('\n')]
+    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith('\n')]
 
   def logged_value(self, name: str, step: int) -> float | None:
     """The value of `name` logged at `step`, if any."""

@@ -32,6 +32,7 @@ import jax
 from etils import epath
 
 from additive_jax.peft.files import adapterhub, aj_format, hf_peft
+from additive_jax.peft.files.complete import check_complete
 from additive_jax.peft.files.file_io import AdapterFileError, check_shapes, read_json
 from additive_jax.model.hooks import check_methods
 
@@ -90,7 +91,9 @@ def load_adapter(directory: str, config, format: str | None = None, expected_met
                  allow_pickle: bool = False):
   """(methods, peft) from `directory`, for the base `config`: `Llama(config, peft=methods)`
   applies `{'params': params, 'peft': peft}`. `format` is detected when None. The leaves are
-  placed on the default device once, as `load_model`'s weights are."""
+  placed on the default device once, as `load_model`'s weights are. A folder our commands
+  half-wrote (complete.py's markers) is refused, named."""
+  check_complete(directory)
   format = format or detect_format(directory)
   if format == 'aj':
     methods, peft = aj_format.load(directory, config)
