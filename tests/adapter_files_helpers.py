@@ -16,11 +16,16 @@ from additive_jax.peft.files import save_adapter
 
 def random_peft(methods, config, seed=0):
   """Random values for every leaf, none at its identity init, so every term shows in the logits:
-  (IA)³ vectors U(0.5, 1.5), all else N(0, 0.1²) (LoRA's B and the up-projections included)."""
+  (IA)³ vectors U(0.5, 1.5), all else N(0, 0.1²) (LoRA's B and the up-projections included)
+  but the signs on LoReFT's diagonal."""
   rng = np.random.RandomState(seed)
   flat = {name: (rng.uniform(0.5, 1.5, shape) if name.startswith('ia3/') else
                  0.1 * rng.randn(*shape)).astype(np.float32)
           for name, shape in leaf_shapes(methods, config).items()}
+  if 'reft/original' in flat:  # LoReFT's signs: ±1 on the diagonal, as it keeps them
+    original = flat['reft/original']
+    diagonal = np.arange(min(original.shape[-2:]))
+    original[..., diagonal, diagonal] = rng.choice([-1.0, 1.0], original.shape[:-2] + diagonal.shape)
   return traverse_util.unflatten_dict(flat, sep='/')
 
 

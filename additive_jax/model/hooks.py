@@ -11,6 +11,9 @@ Per-layer sites (inside the scanned block; `p` is the method's slice of the
   attn_delta(p, r, f)      added to the stream after attention: x = r + f + delta
   mlp_delta(p, r, f)       added to the stream after the MLP: x = r + f + delta
   prefix_kv(p)             key/value vectors [n, K, H] placed before the keys
+  layer_output(p, x, ctx)  the layer's output, the stream after the MLP and its deltas;
+                           `ctx` (model/context.py) says where each token stands in its
+                           sequence (ReFT intervenes at the first and last tokens)
 Model-level sites (`tree` is the method's whole subtree):
   embed(tree, x_BTD)          the token embeddings, position by position
   prepend(tree)               vectors [P, D] placed before the tokens (a soft prompt): at
@@ -68,6 +71,9 @@ class Hooks:
 
   def prefix_kv(self, p):
     return None
+
+  def layer_output(self, p, x_BTD, ctx):
+    return x_BTD
 
   def embed(self, tree, x_BTD):
     return x_BTD

@@ -25,15 +25,15 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 
 from additive_jax.model.attention import attend_on_mesh
 from additive_jax.model.config import REMAT_POLICIES, LlamaConfig
+from additive_jax.model.context import AttentionContext, call_context
 from additive_jax.model.hooks import Hooks, check_methods, init_methods
 from additive_jax.model.kv_cache import KVCache
-from additive_jax.model.rope import apply_rotary, rotary_tables
+from additive_jax.model.rope import apply_rotary
 
 # The logical axes of the residual stream [B, T, D] and the logits [B, T, V].
 ACTIVATION_AXES = ('activation_batch', 'activation_length', 'activation_embed')
@@ -52,24 +52,6 @@ class _LogicalWeight(nn.LogicallyPartitioned):
 
 def _init(axes: tuple[str, ...], init=nn.initializers.normal(0.02)):
   return lambda *args: _LogicalWeight(init(*args), axes)
-
-
-@flax.struct.dataclass
-class AttentionContext:
-  """Per-call tensors every layer shares (broadcast through the layer scan), and the config.
-
-  Without a cache, attention is `attention.attend` over the segment ids (each
-  implementation builds its mask itself, none crosses the scan); with one, the
-  decoding step's explicit mask over the cache slots."""
-  positions_BT: jax.Array
-  cos_BTH: jax.Array
-  sin_BTH: jax.Array
-  segment_ids_BT: jax.Array | None  # no cache: packed segments (0 padding), virtual slots first
-  mask_BTS: jax.Array | None        # with a cache: True where query t may attend key slot s
-  cache_end: jax.Array | None
-  config: LlamaConfig = flax.struct.field(pytree_node=False)  # static; the ladder's side net
-  num_prefix: int = flax.struct.field(pytree_node=False, default=0)
-  num_virtual: int = flax.struct.field(pytree_node=False, default=0)
 
 
 def _project_hooks(methods, p, name: str, x, y):
@@ -201,6 +183,8 @@ class Block(nn.Module):
     f_BTD = MLP(self.config, self.methods, name='mlp')(
         _rms_norm(self.config, 'post_attention_layernorm')(x_BTD), p)
     x_BTD = _add_deltas(r_BTD, f_BTD, [m.mlp_delta(p[m.key], r_BTD, f_BTD) for m in self.methods])
+    for method in self.methods:
+      x_BTD = method.layer_output(p[method.key], x_BTD, ctx)
     x_BTD = nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)
     tap = x_BTD if self.keep_tap else None
     if self.carry_cache:
@@ -287,7 +271,8 @@ class Llama(nn.Module):
         positions = jnp.concatenate(
             [jnp.arange(prepended, dtype=jnp.int32)[None].repeat(batch, 0), positions], axis=1)
     positions = positions + prefix
-    ctx, cache = self._context(positions, attention_mask, segment_ids, cache, prepended, prefix)
+    ctx, cache = call_context(cfg, positions, attention_mask, segment_ids, cache, prepended, prefix,
+                              0 if cache is None or cache.fresh else virtual)
 
     block = Block
     if cfg.remat != 'none':
@@ -343,34 +328,6 @@ class Llama(nn.Module):
     if missing:
       raise ValueError(f"variables['peft'] lacks {missing}; it has {sorted(trees)}")
     return dict(trees)
-
-  def _context(self, positions_BT, mask_BT, segment_ids_BT, cache, virtual: int, prefix: int):
-    """Rotary tables, and the segment ids (no cache) or the mask over the cache's slots."""
-    cfg = self.config
-    cos_BTH, sin_BTH = rotary_tables(positions_BT, cfg)
-    batch, length = mask_BT.shape
-    if segment_ids_BT is not None and segment_ids_BT.shape[1] != length - virtual:
-      raise ValueError(f'segment_ids has length {segment_ids_BT.shape[1]}, '
-                       f'the tokens {length - virtual}')
-    if cache is None:
-      # padding is segment 0, which no token's segment sees; the virtual slots' ids are unread
-      segments_BT = mask_BT.astype(jnp.int32)
-      if segment_ids_BT is not None:
-        segments_BT = jnp.where(mask_BT, jnp.pad(segment_ids_BT, ((0, 0), (virtual, 0)),
-                                                 constant_values=1), 0)
-      return AttentionContext(positions_BT, cos_BTH, sin_BTH, segments_BT, None, None, cfg,
-                              prefix, virtual), cache
-    if segment_ids_BT is not None:
-      raise ValueError('segment_ids (packing) cannot be combined with a KV cache')
-    valid_BS = jax.lax.dynamic_update_slice(cache.valid_BS, mask_BT, (0, cache.end))
-    cache = cache.replace(valid_BS=valid_BS)
-    query_slot_T = cache.end + jnp.arange(length)
-    key_slot_S = jnp.arange(valid_BS.shape[1])
-    mask_BTS = (key_slot_S[None, None, :] <= query_slot_T[None, :, None]) & valid_BS[:, None, :]
-    if prefix:  # prefix key/value slots are visible to every position
-      mask_BTS = jnp.concatenate([jnp.ones((batch, length, prefix), bool), mask_BTS], axis=-1)
-    return AttentionContext(positions_BT, cos_BTH, sin_BTH, None, mask_BTS, cache.end, cfg,
-                            prefix, virtual), cache
 
 
 def lm_head_logits(config: LlamaConfig, params, x_MD) -> jax.Array:

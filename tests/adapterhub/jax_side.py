@@ -6,6 +6,7 @@
                                (WORK/theirs/<config>) read here: max relative errors, exit 1 above 1e-5
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -24,17 +25,30 @@ from conftest import TINY as CONFIG, relative_error  # noqa: E402
 
 OURS = {'seq_bn': aj.peft.Bottleneck(6, 'pfeiffer', 'gelu'),
         'double_seq_bn': aj.peft.Bottleneck(5, 'houlsby', 'silu'),
-        'par_bn': aj.peft.Bottleneck(12, 'parallel', 'relu', scale=4.0)}
+        'par_bn': aj.peft.Bottleneck(12, 'parallel', 'relu', scale=4.0),
+        'loreft': aj.peft.ReFT(2, layers=(1,), prefix_positions=3, suffix_positions=2),
+        'noreft': aj.peft.ReFT(2, prefix_positions=2, kind='noreft', activation='gelu'),
+        # written in NoReFT's layout, read there into a DiReftConfig adapter (adapterhub_reft.py)
+        'direft': aj.peft.ReFT(3, layers=(0, 2), prefix_positions=2, suffix_positions=1,
+                               kind='direft')}
 # what AdapterHub's adapters in adapterhub_side.py are here
 THEIRS = {'seq_bn': aj.peft.Bottleneck(6, 'pfeiffer', 'gelu'),
           'double_seq_bn': aj.peft.Bottleneck(4, 'houlsby', 'silu'),
-          'par_bn': aj.peft.Bottleneck(3, 'parallel', 'relu', scale=4.0)}
+          'par_bn': aj.peft.Bottleneck(3, 'parallel', 'relu', scale=4.0),
+          'loreft': aj.peft.ReFT(2, layers=(0, 2), prefix_positions=2, suffix_positions=1),
+          'noreft': aj.peft.ReFT(3, prefix_positions=1, suffix_positions=2, kind='noreft',
+                                 tied=True, activation='relu')}
+# a left-padded row and a right-padded one: ReFT's positions count the real tokens
+MASK = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 0, 0]])
 TOLERANCE = 1e-5  # fp32 on both sides, the same weights: rounding differences only
 
 
 def logits(params, methods, peft, tokens):
+  """Logits at the real tokens (zero at padding, which no two implementations agree on)."""
   model = aj.Llama(CONFIG, peft=methods)
-  return np.asarray(model.apply({'params': params, 'peft': peft}, jnp.asarray(tokens)))
+  out = model.apply({'params': params, 'peft': peft}, jnp.asarray(tokens),
+                    attention_mask=jnp.asarray(MASK))
+  return np.asarray(out) * MASK[..., None]
 
 
 def export(work):
@@ -43,9 +57,12 @@ def export(work):
   tokens = np.random.RandomState(1).randint(0, CONFIG.vocab_size, (2, 9))
   with open(os.path.join(work, 'tokens.json'), 'w', encoding='utf-8') as f:
     json.dump(tokens.tolist(), f)
+  with open(os.path.join(work, 'mask.json'), 'w', encoding='utf-8') as f:
+    json.dump(MASK.tolist(), f)
   for seed, (name, method) in enumerate(OURS.items()):
     peft = random_peft((method,), CONFIG, seed)
-    aj.peft.save_adapter(os.path.join(work, 'ours', name), (method,), peft, CONFIG,
+    saved = dataclasses.replace(method, kind='noreft') if name == 'direft' else method
+    aj.peft.save_adapter(os.path.join(work, 'ours', name), (saved,), peft, CONFIG,
                          format='adapterhub')
     safetensors.numpy.save_file({'logits': logits(params, (method,), peft, tokens)},
                                 os.path.join(work, 'ours', f'{name}.logits.safetensors'))
@@ -55,7 +72,8 @@ def compare(work):
   _, params = aj.load_model(os.path.join(work, 'base'))
   with open(os.path.join(work, 'tokens.json'), encoding='utf-8') as f:
     tokens = np.asarray(json.load(f))
-  theirs = safetensors.numpy.load_file(os.path.join(work, 'adapterhub_logits.safetensors'))
+  theirs = {name: value * MASK[..., None] for name, value in safetensors.numpy.load_file(
+      os.path.join(work, 'adapterhub_logits.safetensors')).items()}
   base = logits(params, (), {}, tokens)
   rows = [('base model', relative_error(base, theirs['base']), None)]
   for name in OURS:

@@ -38,6 +38,8 @@ import os
 import numpy as np
 
 from additive_jax.peft.bottleneck import Bottleneck
+from additive_jax.peft.files import adapterhub_reft
+from additive_jax.peft.reft import ReFT
 from additive_jax.peft.files.file_io import (AdapterFileError, join_problems, read_json,
                                              read_tensors, shape_problems, write_json,
                                              write_tensors)
@@ -91,10 +93,13 @@ def tensor_names(name: str, site: str, layer: int) -> dict[str, str]:
 
 
 def save(directory, method, tree, config, base_model_name_or_path=None) -> None:
+  if isinstance(method, ReFT):
+    return adapterhub_reft.save(directory, method, tree, config, 'reft', FORMAT_VERSION,
+                                base_model_name_or_path)
   if not isinstance(method, Bottleneck):
     raise AdapterFileError(f'{method.call_string()} is not written as an AdapterHub adapter; '
                            'AdapterHub files hold the bottleneck adapters (Pfeiffer, Houlsby, '
-                           'parallel); use format="aj" or "hf_peft"')
+                           'parallel) and LoReFT or NoReFT; use format="aj" or "hf_peft"')
   hidden, dim = config.hidden_size, method.bottleneck_dim(config)
   rf = method.reduction_factor
   if rf is None or int(hidden // rf) != dim:
@@ -133,7 +138,7 @@ def _bottleneck(raw, path, hidden) -> tuple[Bottleneck, list[str]]:
   settings = raw['config']
   if settings.get('architecture') not in (None, 'bottleneck'):
     raise AdapterFileError(f'{path}: architecture {settings["architecture"]!r} is not read here; '
-                           'only bottleneck adapters (seq_bn, double_seq_bn, par_bn)')
+                           'only bottleneck adapters (seq_bn, double_seq_bn, par_bn) and reft')
   # an empty value (null, [], false) stands for an empty default: leave_out null is leave_out []
   changed = [f'{k}={settings.get(k, BN_CONFIG[k])!r} (needs {BN_CONFIG[k]!r})' for k in FIXED_FIELDS
              if settings.get(k, BN_CONFIG[k]) != BN_CONFIG[k] and (settings[k] or BN_CONFIG[k])]
@@ -171,6 +176,8 @@ def load(directory, config, allow_pickle=False):
   if not isinstance(raw.get('config'), dict) or not isinstance(raw.get('name'), str):
     raise AdapterFileError(f'{path}: not an AdapterHub adapter config (no "config" object and '
                            '"name")')
+  if raw['config'].get('architecture') == 'reft':
+    return adapterhub_reft.load(directory, raw, config, allow_pickle, path)
   method, problems = _bottleneck(raw, path, config.hidden_size)
   tensors, weights_path = read_tensors(directory, WEIGHTS_NAME, PICKLE_NAME, allow_pickle)
   # saved from a LlamaModel (no LM head), the names lack the "model." of LlamaForCausalLM
