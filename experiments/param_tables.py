@@ -108,6 +108,9 @@ TABLES = (
           'L*(R*h*(2*N + 2*K) + 3*R*f + 2*R) + (L + 1)*D*R + L + R + R*D',
           where="R = D/r, f = F/r, h = H/r: the side network's widths; no biases in these models",
           derived=lambda r, s: {'R': s['D'] // r, 'f': s['F'] // r, 'h': s['H'] // r}),
+    Table('loreft', 'LoReFT at every layer, separate prefix and suffix interventions (DiReFT and '
+          'NoReFT count the same)', 'ReFT(rank={}, suffix_positions=3)', 'r', (1, 4, 8, 16),
+          'L*2*(2*D*r + r)'),
 )
 
 @dataclasses.dataclass(frozen=True)

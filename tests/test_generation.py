@@ -35,6 +35,9 @@ METHODS = {
     'prefix': (aj.peft.PrefixTuning(num_tokens=3),),
     'prefix_projection': (aj.peft.PrefixTuning(num_tokens=2, projection_dim=5),),
     'ladder': (aj.peft.LadderSide(reduction=2),),
+    'loreft': (aj.peft.ReFT(rank=2, prefix_positions=3),),
+    'direft': (aj.peft.ReFT(rank=2, layers=(1,), prefix_positions=2, kind='direft', tied=True,
+                            activation='gelu'),),
     'houlsby+ia3+lora+prompt+prefix': (aj.peft.Bottleneck(dim=4, placement='houlsby'),
                                        aj.peft.IA3(), aj.peft.LoRA(rank=2, alpha=4, targets=ALL),
                                        aj.peft.PromptTuning(num_tokens=2),
@@ -93,7 +96,7 @@ def test_cached_decoding_equals_the_full_forward_pass_at_every_step(params, name
 
 
 # the methods with decoding state of their own (prompt, ladder) and every other kind at once
-@pytest.mark.parametrize('name', ['prompt', 'ladder', 'houlsby+ia3+lora+prompt+prefix'])
+@pytest.mark.parametrize('name', ['prompt', 'ladder', 'loreft', 'houlsby+ia3+lora+prompt+prefix'])
 def test_greedy_equals_argmax_and_a_padded_row_decodes_as_alone(params, name):
   model = Llama(CONFIG, peft=METHODS[name])
   variables = {'params': params, 'peft': random_peft(METHODS[name], params, 1)}
@@ -173,7 +176,9 @@ def test_many_adapters_in_one_batch_give_each_row_its_own(params):
   """Three LoRA adapters of different ranks and three bottlenecks of different dims, stacked:
   each row of one mixed batch gets the logits and the tokens of its adapter run alone."""
   for kind, methods in (('lora', [aj.peft.LoRA(rank=r, alpha=4, targets=ALL) for r in (1, 2, 4)]),
-                        ('bottleneck', [aj.peft.Bottleneck(dim=d) for d in (2, 4, 8)])):
+                        ('bottleneck', [aj.peft.Bottleneck(dim=d) for d in (2, 4, 8)]),
+                        ('reft', [aj.peft.ReFT(rank=r, prefix_positions=2, suffix_positions=1)
+                                  for r in (1, 2, 3)])):
     adapters = [((m,), random_peft((m,), params, seed)) for seed, m in enumerate(methods, 10)]
     stacked_methods, stacked = aj.peft.stack(adapters, CONFIG)
     model = Llama(CONFIG, peft=stacked_methods)
