@@ -64,7 +64,8 @@ def test_identity_at_init_orthonormal_rows_and_counts(params, kind):
   if kind == 'loreft':
     np.testing.assert_allclose(np.einsum('nurd,nusd->nurs', rows, rows),
                                np.broadcast_to(np.eye(3), (2, 2, 3, 3)), atol=1e-6)
-  assert count_leaves((method,), CONFIG)['reft'] == method.num_params(CONFIG) == 2 * 2 * (2 * 48 * 3 + 3)
+  expected = 2 * 2 * (2 * 48 * 3 + 3)  # 2 layers, 2 units, D = 48, r = 3
+  assert count_leaves((method,), CONFIG)['reft'] == method.num_params(CONFIG) == expected
   assert dataclasses.replace(method, tied=True).num_params(CONFIG) == 2 * (2 * 48 * 3 + 3)
 
 

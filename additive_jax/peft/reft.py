@@ -81,8 +81,8 @@ def orthonormal_rows(original_rD):
   q_Dr = jnp.broadcast_to(jnp.eye(d, r, dtype=x_Dr.dtype), x_Dr.shape)
   for j in reversed(range(r)):  # Q ← H_j Q, from the last reflector to the first
     v_D = lower_Dr[..., :, j] + jnp.eye(d, dtype=x_Dr.dtype)[j]
-    q_Dr = q_Dr - tau_r[..., j, None, None] * v_D[..., :, None] * jnp.einsum('...d,...dr->...r', v_D,
-                                                                         q_Dr)[..., None, :]
+    vq_r = jnp.einsum('...d,...dr->...r', v_D, q_Dr)
+    q_Dr = q_Dr - tau_r[..., j, None, None] * v_D[..., :, None] * vq_r[..., None, :]
   signs_r = jnp.sign(jnp.diagonal(x_Dr, axis1=-2, axis2=-1))
   return jnp.swapaxes(q_Dr * signs_r[..., None, :], -1, -2)
 

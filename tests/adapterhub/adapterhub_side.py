@@ -85,7 +85,11 @@ def main(work):
     model.delete_adapter(name)
   os.makedirs(os.path.join(work, 'theirs'))
   generator = torch.Generator().manual_seed(0)
+  with open(os.path.join(work, 'which.json'), encoding='utf-8') as f:
+    wanted = json.load(f)['theirs']
   for name, config in THEIRS.items():
+    if name not in wanted:
+      continue
     model.add_adapter(name, config=config, set_active=True)
     with torch.no_grad():
       for weight_name, weight in model.named_parameters():
