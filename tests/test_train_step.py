@@ -18,6 +18,7 @@ from additive_jax.peft.ladder import LadderSide
 from additive_jax.peft.lora import LoRA
 from additive_jax.peft.prefix import PrefixTuning
 from additive_jax.peft.prompt import PromptTuning
+from additive_jax.peft.reft import ReFT
 from additive_jax.train.optimizer import make_optimizer, method_settings
 from additive_jax.train.step import TrainState, batch_loss, train_step
 from conftest import TINY
@@ -35,6 +36,7 @@ SINGLES = {
     'prefix': PrefixTuning(num_tokens=3),
     'prefix_projection': PrefixTuning(num_tokens=2, projection_dim=5),
     'ladder': LadderSide(reduction=2),
+    'loreft': ReFT(rank=2, prefix_positions=2, suffix_positions=2),
 }
 # Every pair of methods that can train together (LST refuses a partner inside the backbone).
 PAIRS = [(a, b) for a, b in itertools.combinations(['pfeiffer', 'ia3', 'lora', 'prompt', 'prefix'], 2)]
@@ -141,7 +143,8 @@ def frozen_weight_shapes(params):
 
 
 @pytest.mark.parametrize('methods', [
-    ('pfeiffer', 'ia3', 'lora', 'prompt', 'prefix'), ('houlsby',), ('parallel',), ('ladder',)],
+    ('pfeiffer', 'ia3', 'lora', 'prompt', 'prefix', 'loreft'), ('houlsby',), ('parallel',),
+    ('ladder',)],
     ids='+'.join)
 def test_no_gradient_is_computed_for_a_frozen_weight(params, methods):
   batch = make_batch(np.random.RandomState(0), 5, 12, CONFIG.vocab_size)  # B = 5: a unique size
@@ -166,7 +169,7 @@ SENTENCE = ('it \'s a charming and often affecting journey , a film that takes i
 @pytest.mark.parametrize('method', [
     Bottleneck(dim=16), Bottleneck(dim=8, placement='houlsby'), Bottleneck(dim=8, placement='parallel'),
     IA3(), LoRA(rank=4, alpha=8), PromptTuning(num_tokens=4), PrefixTuning(num_tokens=4),
-    LadderSide(reduction=8)], ids=lambda m: m.call_string())
+    LadderSide(reduction=8), ReFT(rank=4, prefix_positions=7)], ids=lambda m: m.call_string())
 def test_a_step_on_smollm2(smollm2, smollm2_tokenizer, method):
   """1×32-token steps of each method on the real SmolLM2-135M and real text: it learns. The
   learning rate is small (1e-4) so that the first step must lower the loss to first order; at
