@@ -7,7 +7,7 @@ Writes `config.json` (`convert.config_to_hf`) and `model.safetensors`
 (`convert.params_to_hf`) of `aj.peft.merge(model, variables)['params']`: l_k, l_v
 and l_ff multiplied into k_proj, v_proj and down_proj, (α/r)·B·A added to each
 LoRA target, in the order the model applies them (see merge.py). A model that
-also carries a method that cannot be folded (bottleneck, prompt, prefix, ladder)
+also carries a method that cannot be folded (bottleneck, prompt, prefix, ladder, ReFT)
 is refused: a checkpoint without it would silently compute something else;
 export those as an adapter (`save_adapter`) instead. The tokenizer is not part
 of the checkpoint: copy its files beside it if a consumer needs them.
