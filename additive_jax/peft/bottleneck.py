@@ -75,11 +75,7 @@ class Bottleneck(Method):
   optimizer_defaults: ClassVar[dict] = {'learning_rate': 1e-3}
 
   def __post_init__(self):
-    if self.placement not in PLACEMENTS:
-      raise ValueError(f'Bottleneck placement must be one of {PLACEMENTS}, got {self.placement!r}')
-    if self.activation not in ACTIVATIONS:
-      raise ValueError(f'Bottleneck activation must be one of {tuple(ACTIVATIONS)}, '
-                       f'got {self.activation!r}')
+    require_placement_and_activation('Bottleneck', self.placement, self.activation)
     if (self.dim is None) == (self.reduction_factor is None):
       raise ValueError('Bottleneck takes exactly one of dim and reduction_factor, got '
                        f'dim={self.dim!r}, reduction_factor={self.reduction_factor!r}')
@@ -164,6 +160,14 @@ class Bottleneck(Method):
 
   def mlp_delta(self, p, r, f):
     return self.adapter(p['mlp'], mlp_adapter_input(self.placement, r, f))
+
+
+def require_placement_and_activation(method: str, placement, activation) -> None:
+  """A placement of PLACEMENTS and an activation of ACTIVATIONS (Compacter shares them)."""
+  if placement not in PLACEMENTS:
+    raise ValueError(f'{method} placement must be one of {PLACEMENTS}, got {placement!r}')
+  if activation not in ACTIVATIONS:
+    raise ValueError(f'{method} activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}')
 
 
 def adapter_output(p, h_BTD, activation: str, scale: float):

@@ -74,8 +74,8 @@ import jax
 import jax.numpy as jnp
 
 from additive_jax.peft.base import Method, require_number, require_positive_int
-from additive_jax.peft.bottleneck import (ACTIVATIONS, FILE_PLACEMENTS, PLACEMENTS,
-                                          adapter_output, mlp_adapter_input)
+from additive_jax.peft.bottleneck import (FILE_PLACEMENTS, adapter_output, mlp_adapter_input,
+                                          require_placement_and_activation)
 
 PROJECTIONS = ('down', 'up')
 # the fields that must agree for adapters to share a stack; width and rank may differ
@@ -106,11 +106,7 @@ class Compacter(Method):
   optimizer_defaults: ClassVar[dict] = {'learning_rate': 3e-3}
 
   def __post_init__(self):
-    if self.placement not in PLACEMENTS:
-      raise ValueError(f'Compacter placement must be one of {PLACEMENTS}, got {self.placement!r}')
-    if self.activation not in ACTIVATIONS:
-      raise ValueError(f'Compacter activation must be one of {tuple(ACTIVATIONS)}, '
-                       f'got {self.activation!r}')
+    require_placement_and_activation('Compacter', self.placement, self.activation)
     rf = self.reduction_factor
     if isinstance(rf, bool) or not isinstance(rf, numbers.Real) or not rf > 0:
       raise ValueError(f'Compacter reduction_factor must be a positive number, got {rf!r}')

@@ -1,7 +1,11 @@
 """Our side of the AdapterHub cross-check (see run.sh); runs in the main venv.
 
-    jax_side.py export WORK    a tiny random Llama (WORK/base), our three bottleneck adapters with
-                               random weights as AdapterHub files (WORK/ours/<config>), our logits
+    jax_side.py export WORK    a tiny random Llama (WORK/base), our three bottleneck adapters and
+                               three Compacters with random weights as AdapterHub files
+                               (WORK/ours/<config>), our logits; SmolLM2-135M (WORK/smollm2/base)
+                               with a Compacter (the `compacter` preset) likewise, once, unless
+                               WORK/smollm2 is there (the pytest test exports it from its
+                               session's SmolLM2, loaded once for every test)
     jax_side.py compare WORK   AdapterHub's logits for them, and AdapterHub's own adapters
                                (WORK/theirs/<config>) read here: max relative errors, exit 1 above 1e-5
 """
@@ -24,16 +28,36 @@ from conftest import TINY as CONFIG, relative_error  # noqa: E402
 
 OURS = {'seq_bn': aj.peft.Bottleneck(6, 'pfeiffer', 'gelu'),
         'double_seq_bn': aj.peft.Bottleneck(5, 'houlsby', 'silu'),
-        'par_bn': aj.peft.Bottleneck(12, 'parallel', 'relu', scale=4.0)}
+        'par_bn': aj.peft.Bottleneck(12, 'parallel', 'relu', scale=4.0),
+        # CompacterConfig(reduction_factor=4); then every other PHM option once
+        'compacter': aj.peft.Compacter(4),
+        'compacterpp_own_rules': aj.peft.Compacter(6, shared_phm_rule=False,
+                                                   factorized_phm_rule=True,
+                                                   factorized_phm_W=False, phm_bias=False,
+                                                   placement='pfeiffer', activation='relu'),
+        'compacter_parallel_shared_w': aj.peft.Compacter(6, phm_rank=2, shared_W_phm=True,
+                                                         placement='parallel', activation='silu',
+                                                         scale=4.0)}
 # what AdapterHub's adapters in adapterhub_side.py are here
 THEIRS = {'seq_bn': aj.peft.Bottleneck(6, 'pfeiffer', 'gelu'),
           'double_seq_bn': aj.peft.Bottleneck(4, 'houlsby', 'silu'),
-          'par_bn': aj.peft.Bottleneck(3, 'parallel', 'relu', scale=4.0)}
+          'par_bn': aj.peft.Bottleneck(3, 'parallel', 'relu', scale=4.0),
+          'compacter': aj.peft.Compacter(4),
+          'compacterpp': aj.peft.Compacter(6, phm_dim=2, shared_phm_rule=False, phm_rank=3,
+                                           placement='pfeiffer')}
+SMOLLM2_METHOD = aj.peft.Compacter(**aj.peft.Compacter.presets['compacter'])
 TOLERANCE = 1e-5  # fp32 on both sides, the same weights: rounding differences only
 
 
-def logits(params, methods, peft, tokens):
-  model = aj.Llama(CONFIG, peft=methods)
+def random_leaves(method, config, seed):
+  """random_peft's N(0, 0.1²) leaves; a Compacter's N(0, 0.4²), since each of its matrices is
+  a product of two or three of them."""
+  peft = random_peft((method,), config, seed)
+  return jax.tree.map(lambda x: 4 * x, peft) if method.key == 'compacter' else peft
+
+
+def logits(params, methods, peft, tokens, config=CONFIG):
+  model = aj.Llama(config, peft=methods)
   return np.asarray(model.apply({'params': params, 'peft': peft}, jnp.asarray(tokens)))
 
 
@@ -44,11 +68,27 @@ def export(work):
   with open(os.path.join(work, 'tokens.json'), 'w', encoding='utf-8') as f:
     json.dump(tokens.tolist(), f)
   for seed, (name, method) in enumerate(OURS.items()):
-    peft = random_peft((method,), CONFIG, seed)
+    peft = random_leaves(method, CONFIG, seed)
     aj.peft.save_adapter(os.path.join(work, 'ours', name), (method,), peft, CONFIG,
                          format='adapterhub')
     safetensors.numpy.save_file({'logits': logits(params, (method,), peft, tokens)},
                                 os.path.join(work, 'ours', f'{name}.logits.safetensors'))
+  if not os.path.exists(os.path.join(work, 'smollm2')):
+    export_smollm2(os.path.join(work, 'smollm2'), *aj.load_model('smollm2-135m-instruct'))
+
+
+def export_smollm2(work, config, params):
+  """SmolLM2-135M as an HF checkpoint, a Compacter on it with random weights as an AdapterHub
+  file, and our logits with and without it."""
+  aj.peft.save_merged(os.path.join(work, 'base'), aj.Llama(config), {'params': params})
+  tokens = np.random.RandomState(2).randint(0, config.vocab_size, (2, 9))
+  peft = random_leaves(SMOLLM2_METHOD, config, seed=5)
+  aj.peft.save_adapter(os.path.join(work, 'adapter'), (SMOLLM2_METHOD,), peft, config,
+                       format='adapterhub')
+  safetensors.numpy.save_file(
+      {'tokens': tokens.astype(np.int64), 'base': logits(params, (), {}, tokens, config),
+       'ours': logits(params, (SMOLLM2_METHOD,), peft, tokens, config)},
+      os.path.join(work, 'logits.safetensors'))
 
 
 def compare(work):
@@ -70,9 +110,14 @@ def compare(work):
     rows.append((f'AdapterHub {name} -> ours', relative_error(logits(params, methods, peft, tokens),
                                                               theirs[f'theirs/{name}']),
                  relative_error(theirs[f'theirs/{name}'], theirs['base'])))
+  ours = safetensors.numpy.load_file(os.path.join(work, 'smollm2', 'logits.safetensors'))
+  rows.append(('SmolLM2-135M base model', relative_error(ours['base'], theirs['smollm2/base']), None))
+  rows.append(('ours -> AdapterHub, SmolLM2 compacter', relative_error(
+      ours['ours'], theirs['smollm2/ours']), relative_error(theirs['smollm2/ours'],
+                                                            theirs['smollm2/base'])))
   for label, error, effect in rows:
     effect_text = '' if effect is None else f'   (adapter changes the logits by {effect:.2f})'
-    print(f'{label:<34} max relative error {error:.1e}{effect_text}')
+    print(f'{label:<46} max relative error {error:.1e}{effect_text}')
   failed = [label for label, error, effect in rows
             if error > TOLERANCE or (effect is not None and effect < 1e-2)]
   if failed:
