@@ -1,9 +1,10 @@
-"""AdapterHub bottleneck adapter files: round trips and errors here, and AdapterHub itself.
+"""AdapterHub bottleneck adapter files: round trips and errors here, and AdapterHub itself
+(bottleneck adapters and Compacters; Compacter's own file tests are in test_peft_compacter.py).
 
 AdapterHub pins transformers 4.57, so the cross-check against it runs in its own
-venv (tests/adapterhub/run.sh: about 35 s on 2 cores when it creates the venv,
-24 s once it exists; it needs PyPI for `adapters` and transformers 4.57).
-ADDITIVE_JAX_ADAPTERHUB=0 skips it.
+venv (tests/adapterhub/run.sh: about 32 s on 2 cores once it exists, SmolLM2's export
+included, about 10 s more when it creates the venv; it needs PyPI for `adapters` and
+transformers 4.57). ADDITIVE_JAX_ADAPTERHUB=0 skips it.
 """
 
 import importlib.util
