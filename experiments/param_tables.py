@@ -6,8 +6,8 @@
 
 For Llama-3.2-1B and SmolLM2-135M: bottleneck adapters (Pfeiffer, Houlsby and
 parallel, R = 8…256), (IA)³, LoRA r = 4…64 on q,v and on all seven projections,
-prompt and prefix tuning at their presets' 20 virtual tokens, and ladder side
-tuning; each row gives the trainable parameters, their % of the base, and the
+prompt and prefix tuning at their presets' 20 virtual tokens, ladder side
+tuning, and Compacter and Compacter++ (reduction factor 4…16); each row gives the trainable parameters, their % of the base, and the
 adapter file's size in fp32 and bf16. Below the Llama tables, a note on the
 figures commonly quoted wrongly for it.
 
@@ -108,6 +108,16 @@ TABLES = (
           'L*(R*h*(2*N + 2*K) + 3*R*f + 2*R) + (L + 1)*D*R + L + R + R*D',
           where="R = D/r, f = F/r, h = H/r: the side network's widths; no biases in these models",
           derived=lambda r, s: {'R': s['D'] // r, 'f': s['F'] // r, 'h': s['H'] // r}),
+    # reduction factors whose R both models' phm_dim = 4 divides (SmolLM2's 32 gives R = 18)
+    Table('compacter', 'Compacter (Houlsby placement, two per layer; n = 4, k = 1, one shared rule)',
+          'Compacter(reduction_factor={})', 'rf', (4, 8, 16), '2*L*(2*k*(D + R) + R + D) + n*n*n',
+          where='R = int(D // rf), n = 4 (phm_dim), k = 1 (phm_rank)',
+          derived=lambda rf, s: {'R': int(s['D'] // rf), 'n': 4, 'k': 1}),
+    Table('compacterpp', 'Compacter++ (Pfeiffer placement, one per layer after the MLP)',
+          "Compacter(reduction_factor={}, placement='pfeiffer')", 'rf', (4, 8, 16),
+          'L*(2*k*(D + R) + R + D) + n*n*n',
+          where='R = int(D // rf), n = 4 (phm_dim), k = 1 (phm_rank)',
+          derived=lambda rf, s: {'R': int(s['D'] // rf), 'n': 4, 'k': 1}),
     Table('loreft', 'LoReFT at every layer, separate prefix and suffix interventions (DiReFT and '
           'NoReFT count the same)', 'ReFT(rank={}, suffix_positions=3)', 'r', (1, 4, 8, 16),
           'L*2*(2*D*r + r)'),

@@ -75,11 +75,7 @@ class Bottleneck(Method):
   optimizer_defaults: ClassVar[dict] = {'learning_rate': 1e-3}
 
   def __post_init__(self):
-    if self.placement not in PLACEMENTS:
-      raise ValueError(f'Bottleneck placement must be one of {PLACEMENTS}, got {self.placement!r}')
-    if self.activation not in ACTIVATIONS:
-      raise ValueError(f'Bottleneck activation must be one of {tuple(ACTIVATIONS)}, '
-                       f'got {self.activation!r}')
+    require_placement_and_activation('Bottleneck', self.placement, self.activation)
     if (self.dim is None) == (self.reduction_factor is None):
       raise ValueError('Bottleneck takes exactly one of dim and reduction_factor, got '
                        f'dim={self.dim!r}, reduction_factor={self.reduction_factor!r}')
@@ -155,11 +151,7 @@ class Bottleneck(Method):
 
   def adapter(self, p, h_BTD):
     """s · A(h) for one layer's leaves `p` (down [D,R], down_bias [R], up [R,D], up_bias [D])."""
-    dtype = h_BTD.dtype  # the model's compute dtype; the leaves stay fp32 in storage
-    z_BTR = jnp.einsum('btd,dr->btr', h_BTD, p['down'].astype(dtype)) + p['down_bias'].astype(dtype)
-    z_BTR = ACTIVATIONS[self.activation](z_BTR)
-    out_BTD = jnp.einsum('btr,rd->btd', z_BTR, p['up'].astype(dtype)) + p['up_bias'].astype(dtype)
-    return out_BTD * jnp.asarray(self.scale, dtype)
+    return adapter_output(p, h_BTD, self.activation, self.scale)
 
   def attn_delta(self, p, r, f):
     if self.placement == 'houlsby':
@@ -167,8 +159,34 @@ class Bottleneck(Method):
     return None
 
   def mlp_delta(self, p, r, f):
-    if self.placement == 'pfeiffer':
-      return self.adapter(p['mlp'], r + f)
-    if self.placement == 'houlsby':
-      return self.adapter(p['mlp'], f)
-    return self.adapter(p['mlp'], r)  # parallel: the stream before the MLP
+    return self.adapter(p['mlp'], mlp_adapter_input(self.placement, r, f))
+
+
+def require_placement_and_activation(method: str, placement, activation) -> None:
+  """A placement of PLACEMENTS and an activation of ACTIVATIONS (Compacter shares them)."""
+  if placement not in PLACEMENTS:
+    raise ValueError(f'{method} placement must be one of {PLACEMENTS}, got {placement!r}')
+  if activation not in ACTIVATIONS:
+    raise ValueError(f'{method} activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}')
+
+
+def adapter_output(p, h_BTD, activation: str, scale: float):
+  """s · A(h) for one layer's matrices `p` (down [D,R], up [R,D]) and biases (down_bias [R],
+  up_bias [D]; a method without them leaves them out). Compacter shares it."""
+  dtype = h_BTD.dtype  # the model's compute dtype; the leaves stay fp32 in storage
+  z_BTR = jnp.einsum('btd,dr->btr', h_BTD, p['down'].astype(dtype))
+  if 'down_bias' in p:
+    z_BTR = z_BTR + p['down_bias'].astype(dtype)
+  z_BTR = ACTIVATIONS[activation](z_BTR)
+  out_BTD = jnp.einsum('btr,rd->btd', z_BTR, p['up'].astype(dtype))
+  if 'up_bias' in p:
+    out_BTD = out_BTD + p['up_bias'].astype(dtype)
+  return out_BTD * jnp.asarray(scale, dtype)
+
+
+def mlp_adapter_input(placement: str, r, f):
+  """What the adapter at the MLP reads: r + f (pfeiffer), f (houlsby), r (parallel: the stream
+  before the MLP)."""
+  if placement == 'pfeiffer':
+    return r + f
+  return f if placement == 'houlsby' else r

@@ -8,7 +8,8 @@ and seed 0: about 5 minutes a run on 2 CPU cores.
 """
 
 BASE = 'configs/sst2.py'
-PRESETS = ('pfeiffer', 'houlsby', 'parallel', 'ia3', 'lora', 'prompt', 'prefix', 'ladder')
+PRESETS = ('pfeiffer', 'houlsby', 'parallel', 'ia3', 'lora', 'prompt', 'prefix', 'ladder',
+           'compacter', 'compacterpp')
 
 
 def get_hyper(h):

@@ -5,10 +5,15 @@
 Loads the shared base (WORK/base) as a `LlamaForCausalLM`, then
   * each of our adapters (WORK/ours/<config>) with `load_adapter(..., use_safetensors=True)`:
     every tensor must be used and none missing; its logits are kept;
-  * creates its own seq_bn, double_seq_bn and par_bn adapters, sets every adapter weight to
-    random values (N(0, 0.3²): nothing at its init, so every term shows), keeps their logits and
-    saves them with `save_adapter(..., use_safetensors=True)` to WORK/theirs/<config>.
-All logits go to WORK/adapterhub_logits.safetensors ('base', 'ours/<config>', 'theirs/<config>').
+    (our DiReFT's tensors go into a DiReftConfig adapter: AdapterHub's files cannot say DiReFT);
+  * creates its own seq_bn, double_seq_bn, par_bn, Compacter, Compacter++, LoReFT and NoReFT
+    adapters, sets every adapter weight (a Compacter's shared ones too) to random values
+    (N(0, 0.3²): nothing at its init, so every term shows; ±1 on LoReFT's diagonal), keeps their
+    logits and saves them with `save_adapter(..., use_safetensors=True)` to WORK/theirs/<config>;
+  * loads SmolLM2-135M (WORK/smollm2/base) and our adapters for it (WORK/smollm2/adapters/<name>).
+Every forward pass takes WORK/mask.json (a left-padded and a right-padded row). All logits go to
+WORK/adapterhub_logits.safetensors ('base', 'ours/<config>', 'theirs/<config>', 'smollm2/base',
+'smollm2/ours/<name>').
 """
 
 import json
@@ -28,6 +33,9 @@ print(f'AdapterHub {adapters.__version__} on transformers {transformers.__versio
 THEIRS = {'seq_bn': adapters.SeqBnConfig(reduction_factor=8, non_linearity='gelu'),
           'double_seq_bn': adapters.DoubleSeqBnConfig(reduction_factor=12),
           'par_bn': adapters.ParBnConfig(reduction_factor=16),
+          'compacter': adapters.CompacterConfig(reduction_factor=4),
+          'compacterpp': adapters.CompacterPlusPlusConfig(reduction_factor=6, phm_dim=2,
+                                                          shared_phm_rule=False, phm_rank=3),
           'loreft': adapters.LoReftConfig(r=2, layers=[0, 2], prefix_positions=2,
                                           suffix_positions=1),
           'noreft': adapters.NoReftConfig(r=3, prefix_positions=1, suffix_positions=2,
@@ -42,9 +50,11 @@ def logits(model, tokens, mask):
     return model(input_ids=tokens, attention_mask=mask).logits.numpy()
 
 
-def direft_with(model, directory, settings):
+def direft_with(model, directory):
   """A DiReftConfig adapter holding the tensors of `directory` (written in NoReFT's layout:
   AdapterHub's files cannot say DiReFT, see adapterhub_reft.py); its name."""
+  with open(os.path.join(directory, 'adapter_config.json'), encoding='utf-8') as f:
+    settings = json.load(f)['config']
   config = adapters.DiReftConfig(r=settings['r'], layers=settings['layers'],
                                  prefix_positions=settings['prefix_positions'],
                                  suffix_positions=settings['suffix_positions'],
@@ -60,10 +70,23 @@ def direft_with(model, directory, settings):
   return 'direft'
 
 
-def main(work):
-  model = transformers.LlamaForCausalLM.from_pretrained(os.path.join(work, 'base'),
-                                                        dtype=torch.float32).eval()
+def load_ours(model, directory):
+  """Loads our adapter file, refusing a missing or unused tensor; returns its name."""
+  info = {}
+  name = model.load_adapter(directory, use_safetensors=True, loading_info=info, set_active=True)
+  if info['missing_keys'] or info['unexpected_keys']:
+    sys.exit(f'{directory}: missing {info["missing_keys"]}, unexpected {info["unexpected_keys"]}')
+  return name
+
+
+def base_model(directory):
+  model = transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
   adapters.init(model)
+  return model
+
+
+def main(work):
+  model = base_model(os.path.join(work, 'base'))
   with open(os.path.join(work, 'tokens.json'), encoding='utf-8') as f:
     tokens = torch.tensor(json.load(f))
   with open(os.path.join(work, 'mask.json'), encoding='utf-8') as f:
@@ -73,27 +96,17 @@ def main(work):
     directory = os.path.join(work, 'ours', config)
     if not os.path.isdir(directory):
       continue
-    info = {}
-    if config.startswith('direft'):
-      with open(os.path.join(directory, 'adapter_config.json'), encoding='utf-8') as f:
-        name = direft_with(model, directory, json.load(f)['config'])
-    else:
-      name = model.load_adapter(directory, use_safetensors=True, loading_info=info, set_active=True)
-    if info.get('missing_keys') or info.get('unexpected_keys'):
-      sys.exit(f'{directory}: missing {info["missing_keys"]}, unexpected {info["unexpected_keys"]}')
+    name = direft_with(model, directory) if config == 'direft' else load_ours(model, directory)
     out[f'ours/{config}'] = logits(model, tokens, mask)
     model.delete_adapter(name)
   os.makedirs(os.path.join(work, 'theirs'))
   generator = torch.Generator().manual_seed(0)
-  with open(os.path.join(work, 'which.json'), encoding='utf-8') as f:
-    wanted = json.load(f)['theirs']
   for name, config in THEIRS.items():
-    if name not in wanted:
-      continue
     model.add_adapter(name, config=config, set_active=True)
     with torch.no_grad():
       for weight_name, weight in model.named_parameters():
-        if f'.adapters.{name}.' in weight_name or f'.refts.{name}.' in weight_name:
+        if any(f'.{part}.{name}.' in weight_name
+               for part in ('adapters', 'shared_parameters', 'refts')):
           weight.copy_(0.3 * torch.randn(weight.shape, generator=generator))
           if weight_name.endswith('parametrizations.weight.original'):
             # ±1 on the diagonal, as every trained file holds (torch reads it through .int())
@@ -102,6 +115,14 @@ def main(work):
     out[f'theirs/{name}'] = logits(model, tokens, mask)
     model.save_adapter(os.path.join(work, 'theirs', name), name, use_safetensors=True)
     model.delete_adapter(name)
+  smollm2 = base_model(os.path.join(work, 'smollm2', 'base'))
+  tokens = torch.tensor(safetensors.numpy.load_file(
+      os.path.join(work, 'smollm2', 'logits.safetensors'))['tokens'])
+  out['smollm2/base'] = logits(smollm2, tokens, mask)
+  for config in sorted(os.listdir(os.path.join(work, 'smollm2', 'adapters'))):
+    name = load_ours(smollm2, os.path.join(work, 'smollm2', 'adapters', config))
+    out[f'smollm2/ours/{config}'] = logits(smollm2, tokens, mask)
+    smollm2.delete_adapter(name)
   safetensors.numpy.save_file(out, os.path.join(work, 'adapterhub_logits.safetensors'))
 
 

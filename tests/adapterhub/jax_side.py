@@ -1,10 +1,11 @@
 """Our side of the AdapterHub cross-check (see run.sh); runs in the main venv.
 
-    jax_side.py export WORK [smollm2]
-                               a tiny random Llama (WORK/base), our adapters with random weights
-                               as AdapterHub files (WORK/ours/<config>), our logits; with
-                               `smollm2`, the embedded SmolLM2-135M and one adapter per method
-                               family (SMOLLM2), and none of AdapterHub's own
+    jax_side.py export WORK    a tiny random Llama (WORK/base), our bottleneck adapters,
+                               Compacters and ReFTs with random weights as AdapterHub files
+                               (WORK/ours/<config>), our logits; SmolLM2-135M (WORK/smollm2/base)
+                               with one adapter per method family (SMOLLM2) likewise, once, unless
+                               WORK/smollm2 is there (the pytest test exports it from its
+                               session's SmolLM2, loaded once for every test)
     jax_side.py compare WORK   AdapterHub's logits for them, and AdapterHub's own adapters
                                (WORK/theirs/<config>) read here: max relative errors, exit 1 above 1e-5
 """
@@ -29,6 +30,15 @@ from conftest import TINY as CONFIG, relative_error  # noqa: E402
 OURS = {'seq_bn': aj.peft.Bottleneck(6, 'pfeiffer', 'gelu'),
         'double_seq_bn': aj.peft.Bottleneck(5, 'houlsby', 'silu'),
         'par_bn': aj.peft.Bottleneck(12, 'parallel', 'relu', scale=4.0),
+        # CompacterConfig(reduction_factor=4); then every other PHM option once
+        'compacter': aj.peft.Compacter(4),
+        'compacterpp_own_rules': aj.peft.Compacter(6, shared_phm_rule=False,
+                                                   factorized_phm_rule=True,
+                                                   factorized_phm_W=False, phm_bias=False,
+                                                   placement='pfeiffer', activation='relu'),
+        'compacter_parallel_shared_w': aj.peft.Compacter(6, phm_rank=2, shared_W_phm=True,
+                                                         placement='parallel', activation='silu',
+                                                         scale=4.0),
         'loreft': aj.peft.ReFT(2, layers=(1,), prefix_positions=3, suffix_positions=2),
         'noreft': aj.peft.ReFT(2, prefix_positions=2, kind='noreft', activation='gelu'),
         # written in NoReFT's layout, read there into a DiReftConfig adapter (adapterhub_reft.py)
@@ -38,14 +48,25 @@ OURS = {'seq_bn': aj.peft.Bottleneck(6, 'pfeiffer', 'gelu'),
 THEIRS = {'seq_bn': aj.peft.Bottleneck(6, 'pfeiffer', 'gelu'),
           'double_seq_bn': aj.peft.Bottleneck(4, 'houlsby', 'silu'),
           'par_bn': aj.peft.Bottleneck(3, 'parallel', 'relu', scale=4.0),
+          'compacter': aj.peft.Compacter(4),
+          'compacterpp': aj.peft.Compacter(6, phm_dim=2, shared_phm_rule=False, phm_rank=3,
+                                           placement='pfeiffer'),
           'loreft': aj.peft.ReFT(2, layers=(0, 2), prefix_positions=2, suffix_positions=1),
           'noreft': aj.peft.ReFT(3, prefix_positions=1, suffix_positions=2, kind='noreft',
                                  tied=True, activation='relu')}
-# on SmolLM2, once per method family (the base is a 540 MB checkpoint for AdapterHub to read)
-SMOLLM2 = {'loreft': aj.peft.ReFT(4, layers=(3, 17, 29), prefix_positions=3, suffix_positions=2)}
+# on SmolLM2, once per method family beyond the bottleneck
+SMOLLM2 = {'compacter': aj.peft.Compacter(**aj.peft.Compacter.presets['compacter']),
+           'loreft': aj.peft.ReFT(4, layers=(3, 17, 29), prefix_positions=3, suffix_positions=2)}
 # a left-padded row and a right-padded one: ReFT's positions count the real tokens
 MASK = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 0, 0]])
 TOLERANCE = 1e-5  # fp32 on both sides, the same weights: rounding differences only
+
+
+def random_leaves(method, config, seed):
+  """random_peft's N(0, 0.1²) leaves; a Compacter's N(0, 0.4²), since each of its matrices is
+  a product of two or three of them."""
+  peft = random_peft((method,), config, seed)
+  return jax.tree.map(lambda x: 4 * x, peft) if method.key == 'compacter' else peft
 
 
 def logits(params, methods, peft, tokens, config=CONFIG):
@@ -56,57 +77,68 @@ def logits(params, methods, peft, tokens, config=CONFIG):
   return np.asarray(out) * MASK[..., None]
 
 
-def export(work, base='tiny'):
-  if base == 'smollm2':
-    config, params = aj.load_model('smollm2-135m-instruct')
-    ours, theirs = SMOLLM2, []
-  else:
-    config, ours, theirs = CONFIG, OURS, list(THEIRS)
-    variables = aj.Llama(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    params = nn.unbox(variables)['params']
-  aj.peft.save_merged(os.path.join(work, 'base'), aj.Llama(config), {'params': params})
-  with open(os.path.join(work, 'which.json'), 'w', encoding='utf-8') as f:
-    json.dump({'ours': list(ours), 'theirs': theirs}, f)
-  tokens = np.random.RandomState(1).randint(0, config.vocab_size, (2, 9))
+def export(work):
+  params = nn.unbox(aj.Llama(CONFIG).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))['params']
+  aj.peft.save_merged(os.path.join(work, 'base'), aj.Llama(CONFIG), {'params': params})
+  tokens = np.random.RandomState(1).randint(0, CONFIG.vocab_size, (2, 9))
   with open(os.path.join(work, 'tokens.json'), 'w', encoding='utf-8') as f:
     json.dump(tokens.tolist(), f)
   with open(os.path.join(work, 'mask.json'), 'w', encoding='utf-8') as f:
     json.dump(MASK.tolist(), f)
-  for seed, (name, method) in enumerate(ours.items()):
-    peft = random_peft((method,), config, seed)
+  for seed, (name, method) in enumerate(OURS.items()):
+    peft = random_leaves(method, CONFIG, seed)
     saved = dataclasses.replace(method, kind='noreft') if name == 'direft' else method
-    aj.peft.save_adapter(os.path.join(work, 'ours', name), (saved,), peft, config,
+    aj.peft.save_adapter(os.path.join(work, 'ours', name), (saved,), peft, CONFIG,
                          format='adapterhub')
-    safetensors.numpy.save_file({'logits': logits(params, (method,), peft, tokens, config)},
+    safetensors.numpy.save_file({'logits': logits(params, (method,), peft, tokens)},
                                 os.path.join(work, 'ours', f'{name}.logits.safetensors'))
+  if not os.path.exists(os.path.join(work, 'smollm2')):
+    export_smollm2(os.path.join(work, 'smollm2'), *aj.load_model('smollm2-135m-instruct'))
+
+
+def export_smollm2(work, config, params):
+  """SmolLM2-135M as an HF checkpoint, each SMOLLM2 adapter on it with random weights as an
+  AdapterHub file (WORK/adapters/<name>), and our logits with and without them."""
+  aj.peft.save_merged(os.path.join(work, 'base'), aj.Llama(config), {'params': params})
+  tokens = np.random.RandomState(2).randint(0, config.vocab_size, (2, 9))
+  out = {'tokens': tokens.astype(np.int64), 'base': logits(params, (), {}, tokens, config)}
+  for seed, (name, method) in enumerate(SMOLLM2.items(), start=5):
+    peft = random_leaves(method, config, seed)
+    aj.peft.save_adapter(os.path.join(work, 'adapters', name), (method,), peft, config,
+                         format='adapterhub')
+    out[f'ours/{name}'] = logits(params, (method,), peft, tokens, config)
+  safetensors.numpy.save_file(out, os.path.join(work, 'logits.safetensors'))
 
 
 def compare(work):
-  config, params = aj.load_model(os.path.join(work, 'base'))
-  with open(os.path.join(work, 'which.json'), encoding='utf-8') as f:
-    which = json.load(f)
+  _, params = aj.load_model(os.path.join(work, 'base'))
   with open(os.path.join(work, 'tokens.json'), encoding='utf-8') as f:
     tokens = np.asarray(json.load(f))
   theirs = {name: value * MASK[..., None] for name, value in safetensors.numpy.load_file(
       os.path.join(work, 'adapterhub_logits.safetensors')).items()}
-  base = logits(params, (), {}, tokens, config)
+  base = logits(params, (), {}, tokens)
   rows = [('base model', relative_error(base, theirs['base']), None)]
-  for name in which['ours']:
+  for name in OURS:
     ours = safetensors.numpy.load_file(os.path.join(work, 'ours', f'{name}.logits.safetensors'))
     rows.append((f'ours -> AdapterHub {name}', relative_error(ours['logits'], theirs[f'ours/{name}']),
                  relative_error(theirs[f'ours/{name}'], theirs['base'])))
-  for name in which['theirs']:
-    expected = THEIRS[name]
-    methods, peft = aj.peft.load_adapter(os.path.join(work, 'theirs', name), config)
+  for name, expected in THEIRS.items():
+    methods, peft = aj.peft.load_adapter(os.path.join(work, 'theirs', name), CONFIG)
     if methods != (expected,):
       sys.exit(f'AdapterHub {name} read as {methods[0].call_string()}, expected '
                f'{expected.call_string()}')
-    ours = logits(params, methods, peft, tokens, config)
+    ours = logits(params, methods, peft, tokens)
     rows.append((f'AdapterHub {name} -> ours', relative_error(ours, theirs[f'theirs/{name}']),
                  relative_error(theirs[f'theirs/{name}'], theirs['base'])))
+  ours = safetensors.numpy.load_file(os.path.join(work, 'smollm2', 'logits.safetensors'))
+  rows.append(('SmolLM2-135M base model', relative_error(ours['base'], theirs['smollm2/base']), None))
+  for name in SMOLLM2:
+    rows.append((f'ours -> AdapterHub, SmolLM2 {name}', relative_error(
+        ours[f'ours/{name}'], theirs[f'smollm2/ours/{name}']), relative_error(
+            theirs[f'smollm2/ours/{name}'], theirs['smollm2/base'])))
   for label, error, effect in rows:
     effect_text = '' if effect is None else f'   (adapter changes the logits by {effect:.2f})'
-    print(f'{label:<34} max relative error {error:.1e}{effect_text}')
+    print(f'{label:<46} max relative error {error:.1e}{effect_text}')
   failed = [label for label, error, effect in rows
             if error > TOLERANCE or (effect is not None and effect < 1e-2)]
   if failed:
@@ -114,4 +146,4 @@ def compare(work):
 
 
 if __name__ == '__main__':
-  {'export': export, 'compare': compare}[sys.argv[1]](*sys.argv[2:])
+  {'export': export, 'compare': compare}[sys.argv[1]](sys.argv[2])

@@ -11,7 +11,8 @@
 #   2. AdapterHub: loads them (use_safetensors=True) and computes logits; creates its own seq_bn,
 #                  double_seq_bn and par_bn adapters with random weights, saves them, computes logits
 #   3. here:       compares both sets of logits (max relative error <= 1e-5) and reads AdapterHub's files
-# `run.sh smollm2` does 1 and 3 on the embedded SmolLM2-135M, one adapter per method family.
+# The same with Compacter adapters, and once on SmolLM2-135M (ours -> AdapterHub, a Compacter): its
+# export is SMOLLM2_EXPORT when set (a directory jax_side.export_smollm2 wrote), else made in step 1.
 # Run from anywhere: bash tests/adapterhub/run.sh   (MAIN_PYTHON: the interpreter with additive_jax)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -30,6 +31,7 @@ if [ ! -f "$VENV/complete" ]; then  # the marker is written last: an interrupted
 fi
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-"$MAIN_PYTHON" tests/adapterhub/jax_side.py export "$WORK" "${1:-tiny}"
+if [ -n "${SMOLLM2_EXPORT:-}" ]; then ln -s "$SMOLLM2_EXPORT" "$WORK/smollm2"; fi
+"$MAIN_PYTHON" tests/adapterhub/jax_side.py export "$WORK"
 "$VENV/bin/python" tests/adapterhub/adapterhub_side.py "$WORK"
 "$MAIN_PYTHON" tests/adapterhub/jax_side.py compare "$WORK"

@@ -26,7 +26,9 @@ Tensors, per layer l and site (`output_adapters` after the MLP, also
   ...adapter_down.0.bias [R], ...adapter_up.weight [D, R] = up[l]ᵀ, ...adapter_up.bias [D]
 
 Reading accepts these three configs only (any activation among relu, gelu,
-swish/silu, any float scaling and width) and names the field that differs.
+swish/silu, any float scaling and width) and names the field that differs. With
+`phm_layer: true` they are Compacter adapters (CompacterConfig, CompacterPlusPlusConfig),
+whose fields and tensors adapterhub_compacter.py maps.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ import os
 import numpy as np
 
 from additive_jax.peft.bottleneck import Bottleneck
-from additive_jax.peft.files import adapterhub_reft
+from additive_jax.peft.compacter import Compacter
+from additive_jax.peft.files import adapterhub_compacter, adapterhub_reft
 from additive_jax.peft.reft import ReFT
 from additive_jax.peft.files.file_io import (AdapterFileError, join_problems, read_json,
                                              read_tensors, shape_problems, write_json,
@@ -96,10 +99,27 @@ def save(directory, method, tree, config, base_model_name_or_path=None) -> None:
   if isinstance(method, ReFT):
     return adapterhub_reft.save(directory, method, tree, config, 'reft', FORMAT_VERSION,
                                 base_model_name_or_path)
-  if not isinstance(method, Bottleneck):
+  if isinstance(method, Compacter):
+    tensors = adapterhub_compacter.hub_tensors(method, tree, ADAPTER_NAME, config)
+    fields = adapterhub_compacter.hub_fields(method, config)
+  elif isinstance(method, Bottleneck):
+    tensors, fields = _bottleneck_tensors(method, tree, config)
+  else:
     raise AdapterFileError(f'{method.call_string()} is not written as an AdapterHub adapter; '
                            'AdapterHub files hold the bottleneck adapters (Pfeiffer, Houlsby, '
-                           'parallel) and LoReFT or NoReFT; use format="aj" or "hf_peft"')
+                           'parallel), Compacter, LoReFT and NoReFT; use format="aj" or "hf_peft"')
+  write_tensors(os.path.join(directory, WEIGHTS_NAME), tensors, {'format': 'pt'})
+  write_json(os.path.join(directory, CONFIG_NAME), {
+      'config': dict(sorted({**BN_CONFIG, **PLACEMENT_CONFIGS[method.placement],
+                             'non_linearity': TO_HUB_ACTIVATION[method.activation],
+                             'scaling': float(method.scale), **fields}.items())),
+      'hidden_size': config.hidden_size, 'model_class': 'LlamaForCausalLM',
+      'model_name': base_model_name_or_path or '', 'model_type': 'llama', 'name': ADAPTER_NAME,
+      'version': FORMAT_VERSION})
+
+
+def _bottleneck_tensors(method, tree, config) -> tuple[dict, dict]:
+  """A bottleneck's tensors, and its reduction factor as a config field."""
   hidden, dim = config.hidden_size, method.bottleneck_dim(config)
   rf = method.reduction_factor
   if rf is None or int(hidden // rf) != dim:
@@ -110,14 +130,7 @@ def save(directory, method, tree, config, base_model_name_or_path=None) -> None:
       for leaf, hub_name in tensor_names(ADAPTER_NAME, site, layer).items():
         value = np.asarray(tree[site][leaf][layer], np.float32)
         tensors[hub_name] = value.T if value.ndim == 2 else value  # torch Linear: [out, in]
-  write_tensors(os.path.join(directory, WEIGHTS_NAME), tensors, {'format': 'pt'})
-  write_json(os.path.join(directory, CONFIG_NAME), {
-      'config': dict(sorted({**BN_CONFIG, **PLACEMENT_CONFIGS[method.placement],
-                             'non_linearity': TO_HUB_ACTIVATION[method.activation],
-                             'reduction_factor': rf, 'scaling': float(method.scale)}.items())),
-      'hidden_size': hidden, 'model_class': 'LlamaForCausalLM',
-      'model_name': base_model_name_or_path or '', 'model_type': 'llama', 'name': ADAPTER_NAME,
-      'version': FORMAT_VERSION})
+  return tensors, {'reduction_factor': rf}
 
 
 def _placement(settings, path) -> str:
@@ -133,15 +146,17 @@ def _placement(settings, path) -> str:
                          'and par_bn (parallel)')
 
 
-def _bottleneck(raw, path, hidden) -> tuple[Bottleneck, list[str]]:
+def _bottleneck(raw, path, hidden) -> tuple[Bottleneck | Compacter, list[str]]:
   """The method an AdapterHub config describes, and what in it does not fit this base."""
   settings = raw['config']
+  phm = settings.get('phm_layer') is True  # a Compacter
   if settings.get('architecture') not in (None, 'bottleneck'):
     raise AdapterFileError(f'{path}: architecture {settings["architecture"]!r} is not read here; '
                            'only bottleneck adapters (seq_bn, double_seq_bn, par_bn) and reft')
   # an empty value (null, [], false) stands for an empty default: leave_out null is leave_out []
   changed = [f'{k}={settings.get(k, BN_CONFIG[k])!r} (needs {BN_CONFIG[k]!r})' for k in FIXED_FIELDS
-             if settings.get(k, BN_CONFIG[k]) != BN_CONFIG[k] and (settings[k] or BN_CONFIG[k])]
+             if settings.get(k, BN_CONFIG[k]) != BN_CONFIG[k] and (settings[k] or BN_CONFIG[k])
+             and not (phm and k == 'phm_layer')]
   if changed:
     raise AdapterFileError(f'{path}: {", ".join(changed)}: not a plain seq_bn, double_seq_bn or '
                            'par_bn adapter')
@@ -162,8 +177,12 @@ def _bottleneck(raw, path, hidden) -> tuple[Bottleneck, list[str]]:
   if raw.get('model_type', 'llama') != 'llama':
     problems.append(f'the adapter was saved for model_type={raw["model_type"]!r}, not llama')
   try:
-    method = Bottleneck(dim=int(hidden // rf), placement=_placement(settings, path),
-                        activation=FROM_HUB_ACTIVATION[activation], scale=float(scale))
+    common = dict(placement=_placement(settings, path), activation=FROM_HUB_ACTIVATION[activation],
+                  scale=float(scale))
+    if phm:
+      return adapterhub_compacter.method_from_hub(settings, BN_CONFIG, path, reduction_factor=rf,
+                                                  **common), problems
+    method = Bottleneck(dim=int(hidden // rf), **common)
   except (ValueError, ZeroDivisionError) as err:
     raise AdapterFileError(f'{path}: {err}') from None
   return method, problems
@@ -182,17 +201,31 @@ def load(directory, config, allow_pickle=False):
   tensors, weights_path = read_tensors(directory, WEIGHTS_NAME, PICKLE_NAME, allow_pickle)
   # saved from a LlamaModel (no LM head), the names lack the "model." of LlamaForCausalLM
   tensors = {(n if n.startswith('model.') else 'model.' + n): t for n, t in tensors.items()}
+  if isinstance(method, Compacter):
+    try:
+      method.check(config)
+    except ValueError as err:
+      problems.append(str(err))
+    _raise_if_any(problems, weights_path, method)
+    names = adapterhub_compacter.hub_names(method, raw['name'], config)
+    problems += shape_problems({hub: shape for hub, (_, _, shape) in names.items()}, tensors)
+    _raise_if_any(problems, weights_path, method)
+    return method, adapterhub_compacter.tree_from_hub(names, tensors)
   d, r = config.hidden_size, method.bottleneck_dim(config)
   shapes = {'down': (r, d), 'down_bias': (r,), 'up': (d, r), 'up_bias': (d,)}
   names = {(site, layer): tensor_names(raw['name'], site, layer)
            for site in method.sites for layer in range(config.num_layers)}
   problems += shape_problems({hub: shapes[leaf] for per_adapter in names.values()
                               for leaf, hub in per_adapter.items()}, tensors)
-  if problems:
-    raise AdapterFileError(f'{weights_path} does not fit this model ({method.call_string()}): '
-                           f'{join_problems(problems)}')
+  _raise_if_any(problems, weights_path, method)
   tree = {site: {leaf: np.stack([tensors[names[site, l][leaf]] for l in range(config.num_layers)])
                  for leaf in shapes} for site in method.sites}
   for leaves in tree.values():  # torch Linear [out, in] -> our kernels [in, out]
     leaves['down'], leaves['up'] = leaves['down'].transpose(0, 2, 1), leaves['up'].transpose(0, 2, 1)
   return method, tree
+
+
+def _raise_if_any(problems, weights_path, method) -> None:
+  if problems:
+    raise AdapterFileError(f'{weights_path} does not fit this model ({method.call_string()}): '
+                           f'{join_problems(problems)}')
