@@ -104,6 +104,8 @@ def export_smollm2(work, config, params):
   out = {'tokens': tokens.astype(np.int64), 'base': logits(params, (), {}, tokens, config)}
   for seed, (name, method) in enumerate(SMOLLM2.items(), start=5):
     peft = random_leaves(method, config, seed)
+    if method.key == 'reft':  # W·h at N(0, 0.1²) would swamp SmolLM2's large hidden states
+      peft['reft'] = {**peft['reft'], 'source_kernel': 0.02 * peft['reft']['source_kernel']}
     aj.peft.save_adapter(os.path.join(work, 'adapters', name), (method,), peft, config,
                          format='adapterhub')
     out[f'ours/{name}'] = logits(params, (method,), peft, tokens, config)
