@@ -7,8 +7,8 @@
 For Llama-3.2-1B and SmolLM2-135M: bottleneck adapters (Pfeiffer, Houlsby and
 parallel, R = 8…256), (IA)³, LoRA r = 4…64 on q,v and on all seven projections,
 prompt and prefix tuning at their presets' 20 virtual tokens, ladder side
-tuning, and Compacter and Compacter++ (reduction factor 4…16); each row gives the trainable parameters, their % of the base, and the
-adapter file's size in fp32 and bf16. Below the Llama tables, a note on the
+tuning, Compacter and Compacter++ (reduction factor 4…16) and LoReFT (r = 1…16); each
+row gives the trainable parameters, their % of the base, and the adapter file's size in fp32 and bf16. Below the Llama tables, a note on the
 figures commonly quoted wrongly for it.
 
 Every count comes from `additive_jax.peft.param_count`: the leaves the method's own
