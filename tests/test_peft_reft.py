@@ -117,14 +117,14 @@ def test_a_decoding_step_intervenes_at_the_prompt_not_at_the_new_token(params):
   method = ReFT(rank=2, prefix_positions=4, suffix_positions=2, kind='loreft')
   peft = random_peft((method,), CONFIG, 5)
   tokens = jnp.asarray(np.random.RandomState(6).randint(0, CONFIG.vocab_size, (1, 8)))
+  model = Llama(CONFIG, peft=(method,))
+  variables = {'params': params, 'peft': peft}
+  step = jax.jit(lambda v, t, c: model.apply(v, t, cache=c))  # one program for every call
   for prompt_length in (2, 5):
-    model = Llama(CONFIG, peft=(method,))
-    cache = model.init_cache(1, 8)
-    variables = {'params': params, 'peft': peft}
-    logits, cache = model.apply(variables, tokens[:, :prompt_length], cache=cache)
+    logits, cache = step(variables, tokens[:, :prompt_length], model.init_cache(1, 8))
     steps = [logits]
     for t in range(prompt_length, 8):
-      logits, cache = model.apply(variables, tokens[:, t:t + 1], cache=cache)
+      logits, cache = step(variables, tokens[:, t:t + 1], cache)
       steps.append(logits)
     cached = jnp.concatenate(steps, axis=1)
     reference = SuffixAtPrompt(**{f.name: getattr(method, f.name) for f in
