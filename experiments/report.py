@@ -58,7 +58,8 @@ MiB = 1 << 20
 # the method fields a label shows (the rest of a method's overrides go to the settings column)
 SHOWN_FIELDS = {'bottleneck': ('placement', 'dim', 'reduction_factor'),
                 'lora': ('rank', 'alpha', 'targets'), 'prompt': ('num_tokens',),
-                'prefix': ('num_tokens',), 'ladder': ('reduction',)}
+                'prefix': ('num_tokens',), 'ladder': ('reduction',),
+                'compacter': ('placement', 'reduction_factor'), 'reft': ('kind', 'rank')}
 PLACEMENT_NAMES = {'pfeiffer': 'Pfeiffer adapter', 'houlsby': 'Houlsby adapter',
                    'parallel': 'parallel adapter'}
 MEMORY_HEADERS = {('peak',): 'peak memory MiB', ('compiled',): 'step memory MiB'}  # else mixed
@@ -127,6 +128,13 @@ def method_text(key: str, fields: dict, preset: dict) -> tuple[str, str]:
     return f'{key} tuning', f"{key} tuning {fields['num_tokens']} tokens"
   if key == 'ladder':
     return 'ladder side tuning', f"ladder side tuning reduction {fields['reduction']}"
+  if key == 'compacter':
+    name = {'houlsby': 'Compacter', 'pfeiffer': 'Compacter++'}.get(
+        fields['placement'], f"Compacter ({fields['placement']})")
+    return name, f"{name} reduction {number(fields['reduction_factor'])}"
+  if key == 'reft':
+    name = {'loreft': 'LoReFT', 'noreft': 'NoReFT', 'direft': 'DiReFT'}[fields['kind']]
+    return name, f"{name} r {fields['rank']}"
   return key, key
 
 
