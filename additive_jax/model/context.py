@@ -10,6 +10,9 @@ through the layer scan. Besides what attention reads, it says for each slot
   tokens_after_BT  how many real tokens of its segment follow it in this call; None in a
                    decoding step after the prefill, whose tokens follow the prompt.
 
+Both are None unless a method of the call asks for them (`Hooks.wants_token_order`), so
+no other method's step or decoding computes them.
+
 Methods that act at positions counted from a sequence's start or end (ReFT) read them, so a
 left-padded row, a packed segment and a row alone give the same positions.
 """
@@ -39,7 +42,7 @@ class AttentionContext:
   segment_ids_BT: jax.Array | None  # no cache: packed segments (0 padding), virtual slots first
   mask_BTS: jax.Array | None        # with a cache: True where query t may attend key slot s
   cache_end: jax.Array | None
-  token_index_BT: jax.Array
+  token_index_BT: jax.Array | None
   tokens_after_BT: jax.Array | None
   config: LlamaConfig = flax.struct.field(pytree_node=False)  # static; the ladder's side net
   num_prefix: int = flax.struct.field(pytree_node=False, default=0)
@@ -73,10 +76,11 @@ def token_order(segments_BT, virtual: int, cached_B=None, decoding: bool = False
 
 
 def call_context(cfg: LlamaConfig, positions_BT, mask_BT, segment_ids_BT, cache, virtual: int,
-                 prefix: int, cached_virtual: int = 0):
+                 prefix: int, cached_virtual: int = 0, token_order_wanted: bool = False):
   """(the call's AttentionContext, the cache with this call's slots marked valid): rotary
   tables, and the segment ids (no cache) or the mask over the cache's slots. `virtual`: the
-  vectors this call prepends; `cached_virtual`: those an earlier call put in the cache."""
+  vectors this call prepends; `cached_virtual`: those an earlier call put in the cache;
+  `token_order_wanted`: whether to compute the token order fields."""
   cos_BTH, sin_BTH = rotary_tables(positions_BT, cfg)
   batch, length = mask_BT.shape
   if segment_ids_BT is not None and segment_ids_BT.shape[1] != length - virtual:
@@ -88,15 +92,17 @@ def call_context(cfg: LlamaConfig, positions_BT, mask_BT, segment_ids_BT, cache,
     if segment_ids_BT is not None:
       segments_BT = jnp.where(mask_BT, jnp.pad(segment_ids_BT, ((0, 0), (virtual, 0)),
                                                constant_values=1), 0)
-    index_BT, after_BT = token_order(segments_BT, virtual)
+    index_BT, after_BT = token_order(segments_BT, virtual) if token_order_wanted else (None, None)
     return AttentionContext(positions_BT, cos_BTH, sin_BTH, segments_BT, None, None, index_BT,
                             after_BT, cfg, prefix, virtual), cache
   if segment_ids_BT is not None:
     raise ValueError('segment_ids (packing) cannot be combined with a KV cache')
-  # the real tokens cached before this call: its valid slots less the prepended vectors'
-  cached_B = jnp.sum(cache.valid_BS, axis=1, dtype=jnp.int32) - cached_virtual
-  index_BT, after_BT = token_order(mask_BT.astype(jnp.int32), virtual, cached_B,
-                                   decoding=not cache.fresh)
+  index_BT, after_BT = None, None
+  if token_order_wanted:
+    # the real tokens cached before this call: its valid slots less the prepended vectors'
+    cached_B = jnp.sum(cache.valid_BS, axis=1, dtype=jnp.int32) - cached_virtual
+    index_BT, after_BT = token_order(mask_BT.astype(jnp.int32), virtual, cached_B,
+                                     decoding=not cache.fresh)
   valid_BS = jax.lax.dynamic_update_slice(cache.valid_BS, mask_BT, (0, cache.end))
   cache = cache.replace(valid_BS=valid_BS)
   query_slot_T = cache.end + jnp.arange(length)

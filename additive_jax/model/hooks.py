@@ -45,6 +45,7 @@ class Hooks:
   num_prefix_tokens: ClassVar[int] = 0   # key/value slots it adds per layer
   num_virtual_tokens: ClassVar[int] = 0  # vectors it prepends to the tokens
   wants_taps: ClassVar[bool] = False     # needs every layer's output hidden state
+  wants_token_order: ClassVar[bool] = False  # reads ctx.token_index_BT / tokens_after_BT
 
   def check(self, config) -> None:
     """Raises ValueError naming the bad argument if this method cannot act on `config`."""

@@ -272,7 +272,8 @@ class Llama(nn.Module):
             [jnp.arange(prepended, dtype=jnp.int32)[None].repeat(batch, 0), positions], axis=1)
     positions = positions + prefix
     ctx, cache = call_context(cfg, positions, attention_mask, segment_ids, cache, prepended, prefix,
-                              0 if cache is None or cache.fresh else virtual)
+                              0 if cache is None or cache.fresh else virtual,
+                              any(m.wants_token_order for m in methods))
 
     block = Block
     if cfg.remat != 'none':

@@ -100,6 +100,7 @@ class ReFT(Method):
   activation: str | None = None
 
   key: ClassVar[str] = 'reft'
+  wants_token_order: ClassVar[bool] = True
   # the prompt's first 7 tokens, rank 4 (the paper's instruction-tuning settings intervene
   # at the first and last 7; here training reads prompt + answer, whose last tokens are the
   # answer's, so the presets take the prefix alone)
