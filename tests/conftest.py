@@ -93,6 +93,18 @@ def smollm2_gguf():
   return embedded.smollm2_gguf()
 
 
+@pytest.fixture(scope='session')
+def smollm2_torch(smollm2_gguf):
+  """The embedded SmolLM2-135M-Instruct as transformers reads the GGUF (fp32, eval mode): the
+  reference model of every SmolLM2 parity test. Shared, so deep-copy it before wrapping it."""
+  import os
+  import torch
+  import transformers
+  folder, name = os.path.split(smollm2_gguf)
+  return transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                           dtype=torch.float32).eval()
+
+
 def save_tiny_hf_llama(directory, seed=0, **overrides):
   """Writes a random `LlamaForCausalLM` checkpoint and returns the torch model."""
   import torch

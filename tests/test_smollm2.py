@@ -21,12 +21,9 @@ TEXTS = ['Hello world', '  leading spaces,   runs\tof\t\ttabs\n\n\nand newlines 
 
 
 @pytest.fixture(scope='module')
-def reference(smollm2_gguf):
+def reference(smollm2_torch, smollm2_gguf):
   folder, name = os.path.split(smollm2_gguf)
-  model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                            dtype=torch.float32).eval()
-  tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-  return model, tokenizer
+  return smollm2_torch, transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
 
 def test_config_and_parameter_count(smollm2):
