@@ -122,7 +122,7 @@ def test_a_bucket_workdir_without_gcsfs_names_the_extra(runs):
 
 def test_prompt_vectors_past_the_models_positions_are_refused_from_its_config(runs, folders):
   line = assert_one_line_before_the_model(runs['positions'])
-  assert line == ('error: config.seq_len=8180 + 20 prompt vectors + 0 prefix slots need 8200 '
+  assert line == ('error: config.seq_len=8180 + 20 prompt vectors + 0 prefix positions need 8200 '
                   f'positions; {folders["model"]} has max_position_embeddings=8192')
 
 

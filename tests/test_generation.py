@@ -216,7 +216,7 @@ def test_bad_input_is_refused(params):
   model = Llama(CONFIG, peft=METHODS['prompt'])
   variables = {'params': params, 'peft': random_peft(METHODS['prompt'], params, 1)}
   with pytest.raises(ValueError, match=r'a prompt of 50 tokens and 20 new ones \(\+ 3 prompt '
-                                       r'vectors and prefix slots\) need 73 positions; the model '
+                                       r'vectors and prefix positions\) need 73 positions; the model '
                                        r'has max_position_embeddings=64'):
     generate_ids(model, variables, [[1] * 50], max_new_tokens=20)
   with pytest.raises(ValueError, match='top_p must lie in'):

@@ -181,5 +181,5 @@ def test_errors(tiny_hf_llama):
   model = Llama(small, peft=(PrefixTuning(NUM_TOKENS),))
   variables = model.init_peft(jax.random.key(0), params)
   assert model.apply(variables, jnp.zeros((1, 5), jnp.int32)).shape == (1, 5, 101)  # 5 + 5 = 10
-  with pytest.raises(ValueError, match=r'6 tokens \+ 0 prompt vectors \+ 5 prefix slots need 11'):
+  with pytest.raises(ValueError, match=r'6 tokens \+ 0 prompt vectors \+ 5 prefix positions need 11'):
     model.apply(variables, jnp.zeros((1, 6), jnp.int32))

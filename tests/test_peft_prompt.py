@@ -162,6 +162,6 @@ def test_prompt_longer_than_the_context_is_refused(tiny_hf_llama):
   variables = Llama(small, peft=(PromptTuning(NUM_TOKENS),)).init_peft(jax.random.key(0), params)
   fits = ours(small, variables, np.zeros((1, 8), np.int32))  # 4 + 8 = 12 positions: fits exactly
   assert fits.shape == (1, 8, 101)
-  with pytest.raises(ValueError, match=r'9 tokens \+ 4 prompt vectors \+ 0 prefix slots need 13 '
+  with pytest.raises(ValueError, match=r'9 tokens \+ 4 prompt vectors \+ 0 prefix positions need 13 '
                                        r'positions; the model has max_position_embeddings=12'):
     ours(small, variables, np.zeros((1, 9), np.int32))

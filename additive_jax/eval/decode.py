@@ -105,18 +105,18 @@ def _bucketed(model: Llama, length: int, max_new_tokens: int) -> int:
   """The prompt length rounded up to a multiple of `_BUCKET` where the model's positions allow:
   each new (rows, length) would compile the prefill and the decode step again (seconds each),
   and an evaluation decodes batch after batch of prompts of every length."""
-  extra = model.num_virtual_tokens + sum(m.num_prefix_tokens for m in model.peft)
+  extra = model.num_virtual_tokens + sum(m.num_prefix_positions for m in model.peft)
   room = model.config.max_position_embeddings - max_new_tokens - extra
   return max(length, min(-(-length // _BUCKET) * _BUCKET, room))
 
 
 def check_length(model: Llama, prompt_tokens: int, max_new_tokens: int) -> None:
   """Refuses a prompt and budget the model's positions cannot hold."""
-  extra = model.num_virtual_tokens + sum(m.num_prefix_tokens for m in model.peft)
+  extra = model.num_virtual_tokens + sum(m.num_prefix_positions for m in model.peft)
   needed = prompt_tokens + max_new_tokens + extra
   if needed > model.config.max_position_embeddings:
     raise ValueError(f'a prompt of {prompt_tokens} tokens and {max_new_tokens} new ones'
-                     + (f' (+ {extra} prompt vectors and prefix slots)' if extra else '') +
+                     + (f' (+ {extra} prompt vectors and prefix positions)' if extra else '') +
                      f' need {needed} positions; the model has '
                      f'max_position_embeddings={model.config.max_position_embeddings}')
 

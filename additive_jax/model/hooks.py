@@ -11,6 +11,8 @@ Per-layer sites (inside the scanned block; `p` is the method's slice of the
   attn_delta(p, r, f)      added to the stream after attention: x = r + f + delta
   mlp_delta(p, r, f)       added to the stream after the MLP: x = r + f + delta
   prefix_kv(p)             key/value vectors [n, K, H] placed before the keys
+  prefix_gate(p, x)        [B, T, 1] or None: query t sees those slots' keys and values
+                           scaled by its entry (UniPELT's gated prefix); x: attention's input
   layer_output(p, x, ctx)  the layer's output, the stream after the MLP and its deltas;
                            `ctx` (model/context.py) says where each token stands in its
                            sequence (ReFT intervenes at the first and last tokens)
@@ -46,6 +48,16 @@ class Hooks:
   num_virtual_tokens: ClassVar[int] = 0  # vectors it prepends to the tokens
   wants_taps: ClassVar[bool] = False     # needs every layer's output hidden state
   wants_token_order: ClassVar[bool] = False  # reads ctx.token_index_BT / tokens_after_BT
+  # its output at a token reads no later token: it trains as a causal LM and decodes with a
+  # KV cache (a gate averaged over the whole sequence does not: peft/gate.py)
+  causal: ClassVar[bool] = True
+  prefix_gated: ClassVar[bool] = False   # its prefix_gate gives a gate (attention doubles H)
+
+  @property
+  def num_prefix_positions(self) -> int:
+    """Positions its prefix slots take before the real tokens (rotary): all of them, as
+    HF PEFT places a prefix, unless the method says otherwise."""
+    return self.num_prefix_tokens
 
   def check(self, config) -> None:
     """Raises ValueError naming the bad argument if this method cannot act on `config`."""
@@ -71,6 +83,9 @@ class Hooks:
     return None
 
   def prefix_kv(self, p):
+    return None
+
+  def prefix_gate(self, p, x_BTD):
     return None
 
   def layer_output(self, p, x_BTD, ctx):

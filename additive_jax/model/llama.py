@@ -33,6 +33,7 @@ from additive_jax.model.config import REMAT_POLICIES, LlamaConfig
 from additive_jax.model.context import AttentionContext, call_context
 from additive_jax.model.hooks import Hooks, check_methods, init_methods
 from additive_jax.model.kv_cache import KVCache
+from additive_jax.model.prefix_slots import ungate, with_prefixes
 from additive_jax.model.rope import apply_rotary
 
 # The logical axes of the residual stream [B, T, D] and the logits [B, T, V].
@@ -107,16 +108,12 @@ class Attention(nn.Module):
       kv = tuple(jax.lax.dynamic_update_slice(cache, new[None].astype(cache.dtype), start)
                  for cache, new in zip(kv, (k_BTKH, v_BTKH)))
       k_BTKH, v_BTKH = (jax.lax.dynamic_index_in_dim(cache, layer, keepdims=False) for cache in kv)
-    keys_BSKH, values_BSKH = k_BTKH, v_BTKH
-    for method in self.methods:  # prefixes enter as a cache would: no rotary
-      prefix = method.prefix_kv(p[method.key])
-      if prefix is not None:
-        batch = (x_BTD.shape[0],)
-        pk, pv = (jnp.broadcast_to(t, batch + t.shape).astype(keys_BSKH.dtype) for t in prefix)
-        keys_BSKH = jnp.concatenate([pk, keys_BSKH], axis=1)
-        values_BSKH = jnp.concatenate([pv, values_BSKH], axis=1)
-
+    prefixes = [(*prefix, method.prefix_gate(p[method.key], x_BTD)) for method in self.methods
+                if (prefix := method.prefix_kv(p[method.key])) is not None]
+    q_BTNH, keys_BSKH, values_BSKH, gate_BT1 = with_prefixes(q_BTNH, k_BTKH, v_BTKH, prefixes)
     out_BTNH = _attend(cfg, q_BTNH, keys_BSKH, values_BSKH, ctx)
+    if gate_BT1 is not None:
+      out_BTNH = ungate(out_BTNH, gate_BT1)
     o_proj = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=cfg.attention_bias,
                              dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                              kernel_init=_init(('q_heads', 'head_dim', 'embed')),
@@ -252,9 +249,12 @@ class Llama(nn.Module):
       x_BTD = jnp.concatenate([jnp.broadcast_to(vectors_PD, (batch,) + vectors_PD.shape), x_BTD],
                               axis=1)
     embedded_BTD = x_BTD
-    prefix = sum(m.num_prefix_tokens for m in methods)
+    if cache is not None and not all(m.causal for m in methods):
+      raise ValueError(f'{next(m for m in methods if not m.causal).call_string()} reads every '
+                       'token of the sequence at each token: it cannot decode with a KV cache')
+    prefix = sum(m.num_prefix_positions for m in methods)
     if cache is None and prefix + virtual + length > cfg.max_position_embeddings:
-      raise ValueError(f'{length} tokens + {virtual} prompt vectors + {prefix} prefix slots need '
+      raise ValueError(f'{length} tokens + {virtual} prompt vectors + {prefix} prefix positions need '
                        f'{prefix + virtual + length} positions; the model has '
                        f'max_position_embeddings={cfg.max_position_embeddings}')
 
@@ -271,7 +271,8 @@ class Llama(nn.Module):
         positions = jnp.concatenate(
             [jnp.arange(prepended, dtype=jnp.int32)[None].repeat(batch, 0), positions], axis=1)
     positions = positions + prefix
-    ctx, cache = call_context(cfg, positions, attention_mask, segment_ids, cache, prepended, prefix,
+    ctx, cache = call_context(cfg, positions, attention_mask, segment_ids, cache, prepended,
+                              sum(m.num_prefix_tokens for m in methods),
                               0 if cache is None or cache.fresh else virtual,
                               any(m.wants_token_order for m in methods))
 

@@ -30,8 +30,13 @@ every method starts as the identity). W_down is drawn as AdapterHub does for tha
 placement: N(0, 0.02) ("bert") for pfeiffer and houlsby; kaiming-uniform with
 a = √5, i.e. U(±1/√D) ("mam_adapter") for parallel. b_down = 0.
 
+With `gate` (UniPELT, peft/gate.py) each adapter's output is scaled by a learned
+gate on the adapter's input, g(h) · s · A(h), as AdapterHub's `use_gating`
+(methods/modeling.py:219-223): D + 1 more parameters an adapter.
+
 Leaves (fp32, leading layers axis): {'mlp': {'down': [L,D,R], 'down_bias': [L,R],
-'up': [L,R,D], 'up_bias': [L,D]}}, plus the same under 'attn' for houlsby.
+'up': [L,R,D], 'up_bias': [L,D]}}, plus the same under 'attn' for houlsby (and
+'gate' [L,D], 'gate_bias' [L] with a gate).
 
 Houlsby et al., "Parameter-Efficient Transfer Learning for NLP", ICML 2019;
 Pfeiffer et al., "AdapterFusion", EACL 2021 (arXiv 2005.00247, 2020);
@@ -50,6 +55,7 @@ import jax
 import jax.numpy as jnp
 
 from additive_jax.peft.base import Method, require_number, require_positive_int
+from additive_jax.peft.gate import gate_leaves, gate_values, require_gate
 
 PLACEMENTS = ('pfeiffer', 'houlsby', 'parallel')
 # each placement as our adapter file names it for a reader
@@ -67,6 +73,7 @@ class Bottleneck(Method):
   activation: str = 'relu'
   scale: float = 1.0
   reduction_factor: float | None = None
+  gate: str = ''
 
   key: ClassVar[str] = 'bottleneck'
   presets: ClassVar[dict] = {'pfeiffer': {'dim': 64, 'placement': 'pfeiffer'},
@@ -85,6 +92,11 @@ class Bottleneck(Method):
     if rf is not None and (isinstance(rf, bool) or not isinstance(rf, numbers.Real) or not rf > 0):
       raise ValueError(f'Bottleneck reduction_factor must be a positive number, got {rf!r}')
     require_number('Bottleneck', 'scale', self.scale)
+    require_gate('Bottleneck', self.gate)
+
+  @property
+  def causal(self) -> bool:
+    return self.gate != 'sequence'
 
   @property
   def sites(self) -> tuple[str, ...]:
@@ -109,12 +121,14 @@ class Bottleneck(Method):
 
   def num_params(self, config) -> int:
     d, r = config.hidden_size, self.bottleneck_dim(config)
-    return len(self.sites) * config.num_layers * (2 * d * r + r + d)
+    gate = d + 1 if self.gate else 0
+    return len(self.sites) * config.num_layers * (2 * d * r + r + d + gate)
 
   def init_leaves(self, rng, config, params, tokenizer=None):
     layers, d, r = config.num_layers, config.hidden_size, self.bottleneck_dim(config)
     tree = {}
     for site, key in zip(self.sites, jax.random.split(rng, len(self.sites))):
+      key, gate_key = jax.random.split(key)
       if self.placement == 'parallel':  # AdapterHub "mam_adapter": kaiming_uniform_(a=√5)
         bound = 1.0 / d ** 0.5
         down_LDR = jax.random.uniform(key, (layers, d, r), jnp.float32, -bound, bound)
@@ -124,34 +138,39 @@ class Bottleneck(Method):
                     'down_bias': jnp.zeros((layers, r), jnp.float32),
                     'up': jnp.zeros((layers, r, d), jnp.float32),  # zero: the identity at init
                     'up_bias': jnp.zeros((layers, d), jnp.float32)}
+      if self.gate:  # AdapterHub's init_bert_weights: N(0, 0.02²), a zero bias
+        tree[site].update(gate_leaves(gate_key, layers, d, 'zero'))
     return tree
 
   def file_fields(self, config) -> dict:
     return {'adapter_type': 'bottleneck', 'bottleneck_dim': self.bottleneck_dim(config),
             'non_linearity': self.activation, 'adapter_placement': FILE_PLACEMENTS[self.placement],
-            'scaling': self.scale, 'num_layers': config.num_layers}
+            'scaling': self.scale, 'num_layers': config.num_layers,
+            **({'gate': self.gate} if self.gate else {})}
 
   def stack_with(self, others, config) -> Bottleneck:
     """The same placement, activation and scale at the largest bottleneck dim."""
-    other = next((m for m in others if (m.placement, m.activation, m.scale) !=
-                  (self.placement, self.activation, self.scale)), None)
+    other = next((m for m in others if (m.placement, m.activation, m.scale, m.gate) !=
+                  (self.placement, self.activation, self.scale, self.gate)), None)
     if other is not None:
       raise ValueError(f'{self.call_string()} and {other.call_string()} cannot share a stack: '
-                       'their placement, activation or scale differ')
+                       'their placement, activation, scale or gate differ')
     dim = max(m.bottleneck_dim(config) for m in (self, *others))
     return dataclasses.replace(self, dim=dim, reduction_factor=None)
 
   def widen(self, tree, wide: Bottleneck, config):
     """The extra units zero in and out: act(0) = 0 and their rows of W_up are zero, exactly."""
     pad = wide.bottleneck_dim(config) - self.bottleneck_dim(config)
-    return {site: {'down': jnp.pad(p['down'], ((0, 0), (0, 0), (0, pad))),
+    return {site: {**p, 'down': jnp.pad(p['down'], ((0, 0), (0, 0), (0, pad))),
                    'down_bias': jnp.pad(p['down_bias'], ((0, 0), (0, pad))),
                    'up': jnp.pad(p['up'], ((0, 0), (0, pad), (0, 0))),
                    'up_bias': p['up_bias']} for site, p in tree.items()}
 
   def adapter(self, p, h_BTD):
-    """s · A(h) for one layer's leaves `p` (down [D,R], down_bias [R], up [R,D], up_bias [D])."""
-    return adapter_output(p, h_BTD, self.activation, self.scale)
+    """s · A(h) for one layer's leaves `p` (down [D,R], down_bias [R], up [R,D], up_bias [D]),
+    times its gate g(h) with one."""
+    out_BTD = adapter_output(p, h_BTD, self.activation, self.scale)
+    return out_BTD * gate_values(p, h_BTD, self.gate) if self.gate else out_BTD
 
   def attn_delta(self, p, r, f):
     if self.placement == 'houlsby':

@@ -19,7 +19,13 @@ Merging adds (α/r)·A·B, reshaped to the kernel's head layout, to the kernel;
 unmerging subtracts the same product (computed identically), which restores the
 weights up to two fp32 roundings: |ΔW| ≤ u·(|W_merged| + |W_restored|), u = 2⁻²⁴.
 
-Leaves (fp32, leading layers axis), per target: {'q': {'a': [L, I, r], 'b': [L, r, O]}}.
+With `gate` (UniPELT, peft/gate.py) each target's path is scaled by a learned
+gate on its input instead of α/r, as AdapterHub's gated LoRA does
+(methods/lora.py:163-171): y = W x + g(x) · B (A x), L · (I + 1) more
+parameters a target; a gated LoRA does not merge (the gate depends on the input).
+
+Leaves (fp32, leading layers axis), per target: {'q': {'a': [L, I, r], 'b': [L, r, O]}}
+(and 'gate' [L, I], 'gate_bias' [L] with a gate).
 HF PEFT keeps the transposes: `...q_proj.lora_A.weight` [r, I] = aᵀ and
 `...q_proj.lora_B.weight` [O, r] = bᵀ.
 
@@ -38,6 +44,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from additive_jax.peft.base import Method, require_number, require_positive_int
+from additive_jax.peft.gate import gate_leaves, gate_values, require_gate
 from additive_jax.peft.merge import stages
 
 # target -> the params path of its projection
@@ -87,11 +94,11 @@ class LoRA(Method):
   rank: int = 8
   alpha: float = 16
   targets: tuple[str, ...] = ('q', 'v')
+  gate: str = ''
 
   key: ClassVar[str] = 'lora'
   presets: ClassVar[dict] = {'lora': {'rank': 8, 'alpha': 16, 'targets': tuple(TARGETS)}}
   optimizer_defaults: ClassVar[dict] = {'learning_rate': 5e-4}
-  mergeable: ClassVar[bool] = True
 
   def __post_init__(self):
     require_positive_int('LoRA', 'rank', self.rank)
@@ -103,27 +110,42 @@ class LoRA(Method):
       raise ValueError(f'LoRA targets {problem} in {self.targets!r}; valid targets: '
                        f'{", ".join(TARGETS)}')
     object.__setattr__(self, 'targets', targets)  # a list becomes a hashable tuple
+    require_gate('LoRA', self.gate)
+
+  @property
+  def causal(self) -> bool:
+    return self.gate != 'sequence'
+
+  @property
+  def mergeable(self) -> bool:  # a gate depends on the input: no fixed weight to fold
+    return not self.gate
 
   @property
   def scaling(self) -> float:
     return self.alpha / self.rank
 
   def num_params(self, config) -> int:
-    return config.num_layers * self.rank * sum(sum(widths(config, t)) for t in self.targets)
+    per_layer = sum(self.rank * (i + o) + (i + 1 if self.gate else 0)
+                    for i, o in (widths(config, t) for t in self.targets))
+    return config.num_layers * per_layer
 
   def init_leaves(self, rng, config, params, tokenizer=None):
     tree = {}
     for target, key in zip(self.targets, jax.random.split(rng, len(self.targets))):
       i, o = widths(config, target)
+      key, gate_key = jax.random.split(key)
       bound = 1.0 / math.sqrt(i)  # kaiming_uniform_(a=√5) on [r, I]: gain √(1/3) · √(3/I)
       tree[target] = {
           'a': jax.random.uniform(key, (config.num_layers, i, self.rank), jnp.float32, -bound, bound),
           'b': jnp.zeros((config.num_layers, self.rank, o), jnp.float32)}
+      if self.gate:
+        tree[target].update(gate_leaves(gate_key, config.num_layers, i, 'linear'))
     return tree
 
   def file_fields(self, config) -> dict:
     return {'adapter_type': 'lora', 'r': self.rank, 'lora_alpha': self.alpha,
-            'target_modules': [f'{t}_proj' for t in self.targets], 'num_layers': config.num_layers}
+            'target_modules': [f'{t}_proj' for t in self.targets], 'num_layers': config.num_layers,
+            **({'gate': self.gate} if self.gate else {})}
 
   def project(self, p, name, x, y):
     if name not in self.targets:
@@ -133,7 +155,12 @@ class LoRA(Method):
     x_BTI = x.reshape(batch + (-1,))  # o_proj reads the heads [B,T,N,H] as N·H features
     delta_MO = _low_rank(x_BTI.reshape(-1, x_BTI.shape[-1]).astype(dtype),
                          p[name]['a'].astype(dtype), p[name]['b'].astype(dtype))
-    return y + (delta_MO * jnp.asarray(self.scaling, dtype)).reshape(y.shape)
+    delta_BTO = delta_MO.reshape(batch + (-1,))
+    if self.gate:
+      delta_BTO = delta_BTO * gate_values(p[name], x_BTI.astype(dtype), self.gate)
+    else:
+      delta_BTO = delta_BTO * jnp.asarray(self.scaling, dtype)
+    return y + delta_BTO.reshape(y.shape)
 
   def stack_with(self, others, config) -> LoRA:
     """LoRA(rank=R, alpha=R, same targets), R the largest rank: each adapter's α/r goes into
@@ -142,14 +169,19 @@ class LoRA(Method):
     if other is not None:
       raise ValueError(f'LoRA adapters on {self.targets} and {other.targets} cannot share a '
                        'stack: their targets differ')
+    other = next((m for m in others if m.gate != self.gate), None)
+    if other is not None:
+      raise ValueError(f'LoRA adapters with gate={self.gate!r} and {other.gate!r} cannot share a '
+                       'stack: a gate replaces α/r')
     rank = max(m.rank for m in (self, *others))
-    return LoRA(rank=rank, alpha=rank, targets=self.targets)
+    return LoRA(rank=rank, alpha=rank, targets=self.targets, gate=self.gate)
 
   def widen(self, tree, wide: LoRA, config):
     """A zero-padded to [L, I, R] and (α/r)·B to [L, R, O]: the same B·A, exactly."""
     pad = wide.rank - self.rank
-    return {t: {'a': jnp.pad(tree[t]['a'], ((0, 0), (0, 0), (0, pad))),
-                'b': jnp.pad(tree[t]['b'] * jnp.float32(self.scaling), ((0, 0), (0, pad), (0, 0)))}
+    scaling = jnp.float32(1.0 if self.gate else self.scaling)  # a gate scales by itself
+    return {t: {**tree[t], 'a': jnp.pad(tree[t]['a'], ((0, 0), (0, 0), (0, pad))),
+                'b': jnp.pad(tree[t]['b'] * scaling, ((0, 0), (0, pad), (0, 0)))}
             for t in self.targets}
 
   def delta(self, tree, target: str, kernel_shape) -> jax.Array:
@@ -166,6 +198,9 @@ class LoRA(Method):
   def merge(self, tree, params, config, stage=None):
     """Params with W + (α/r)·A·B. LoRA acts only at the projection sites, so it has
     nothing to fold at `stage='mlp_hidden'` (see merge.py for the stages)."""
+    if self.gate:
+      raise ValueError(f'{self.call_string()} cannot be merged into the base weights: its gate '
+                       'depends on the input')
     return self._fold(tree, params, stage, jnp.add)
 
   def unmerge(self, tree, params, config, stage=None):

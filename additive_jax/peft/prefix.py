@@ -20,6 +20,17 @@ L·2·K·H outputs), with n·KH + KH·R + R + 2·L·KH·(R + 1) parameters;
 `PrefixTuning.fold` evaluates it once into the plain per-layer prefix for
 inference and export.
 
+AdapterHub's prefix tuning (`PrefixTuningConfig`, adapters 1.3.0
+methods/prefix_tuning.py) differs from PEFT's in two ways, each a field:
+`embedding_width='hidden'` (its `wte` is [n, D], not [n, K·H]: then E is [n, D]
+and the count's first two terms are n·D + D·R), and `positions='from_zero'`
+(its real tokens keep positions 0…T−1: the prefix takes no position, which
+changes every q·k against the unrotated prefix). AdapterHub's head dim is
+hidden/heads (methods/prefix_tuning.py:369); where a model's is not, its prefix
+has the wrong width and cannot load; we use the model's. `gate` (UniPELT,
+peft/gate.py) scales the prefix keys and values for each query by a gate on the
+normed state entering attention (L·(D + 1) more parameters).
+
 Initialization, `init='random'` (the default), follows HF PEFT's: the prefix
 (or E) ~ N(0, 1), as a `torch.nn.Embedding`; W_in, W_out and their biases
 ~ U(±1/√fan_in), as a `torch.nn.Linear`. `init='vocab'` (without a projection)
@@ -54,17 +65,24 @@ import jax.numpy as jnp
 from additive_jax.model.kv_cache import KVCache
 from additive_jax.model.llama import Llama
 from additive_jax.peft.base import Method, require_positive_int
+from additive_jax.peft.gate import gate_leaves, gate_values, require_gate
 
 
 INITS = ('random', 'vocab')
+EMBEDDING_WIDTHS = ('kv', 'hidden')       # E: [n, K·H] (HF PEFT) or [n, D] (AdapterHub)
+POSITIONS = ('after_prefix', 'from_zero')  # real tokens at n… (HF PEFT) or at 0… (AdapterHub)
 
 
 @dataclasses.dataclass(frozen=True)
 class PrefixTuning(Method):
-  """`PrefixTuning(num_tokens, projection_dim=None, init='random'|'vocab')`."""
+  """`PrefixTuning(num_tokens, projection_dim=None, init='random'|'vocab', embedding_width='kv',
+  positions='after_prefix', gate='')`."""
   num_tokens: int
   projection_dim: int | None = None
   init: str = 'random'
+  embedding_width: str = 'kv'
+  positions: str = 'after_prefix'
+  gate: str = ''
 
   key: ClassVar[str] = 'prefix'
   presets: ClassVar[dict] = {'prefix': {'num_tokens': 20, 'init': 'vocab'}}
@@ -79,6 +97,26 @@ class PrefixTuning(Method):
     if self.init == 'vocab' and self.projection_dim is not None:
       raise ValueError("PrefixTuning(init='vocab') sets the prefix itself; with projection_dim the "
                        "prefix is an MLP's output, so use init='random' there")
+    for name, allowed in (('embedding_width', EMBEDDING_WIDTHS), ('positions', POSITIONS)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f'PrefixTuning {name} must be one of {allowed}, got '
+                         f'{getattr(self, name)!r}')
+    if self.embedding_width != 'kv' and self.projection_dim is None:
+      raise ValueError("PrefixTuning embedding_width is the width of the projection's input: "
+                       'it needs a projection_dim')
+    require_gate('PrefixTuning', self.gate)
+
+  @property
+  def causal(self) -> bool:
+    return self.gate != 'sequence'
+
+  @property
+  def prefix_gated(self) -> bool:
+    return bool(self.gate)
+
+  @property
+  def num_prefix_positions(self) -> int:
+    return self.num_tokens if self.positions == 'after_prefix' else 0
 
   @property
   def num_prefix_tokens(self) -> int:
@@ -94,12 +132,24 @@ class PrefixTuning(Method):
 
   def num_params(self, config) -> int:
     layers, n, kh = config.num_layers, self.num_tokens, config.num_kv_heads * config.head_dim
+    gates = layers * (config.hidden_size + 1) if self.gate else 0
     if self.projection_dim is None:
-      return layers * n * 2 * kh
-    r = self.projection_dim
-    return n * kh + kh * r + r + 2 * layers * kh * (r + 1)
+      return layers * n * 2 * kh + gates
+    r, e = self.projection_dim, self._embedding_width(config)
+    return n * e + e * r + r + 2 * layers * kh * (r + 1) + gates
+
+  def _embedding_width(self, config) -> int:
+    return (config.num_kv_heads * config.head_dim if self.embedding_width == 'kv'
+            else config.hidden_size)
 
   def init_leaves(self, rng, config, params, tokenizer=None):
+    if not self.gate:
+      return self._prefix_leaves(rng, config, params)
+    rng, gate_key = jax.random.split(rng)
+    return {**self._prefix_leaves(rng, config, params),
+            **gate_leaves(gate_key, config.num_layers, config.hidden_size, 'linear')}
+
+  def _prefix_leaves(self, rng, config, params):
     layers, n, k, h = config.num_layers, self.num_tokens, config.num_kv_heads, config.head_dim
     if self.init == 'vocab':
       return cached_keys_values(config, params, vocab_ids(rng, config, n))
@@ -107,15 +157,20 @@ class PrefixTuning(Method):
     if self.projection_dim is None:
       return {'k_LPKH': jax.random.normal(keys[0], (layers, n, k, h), jnp.float32),
               'v_LPKH': jax.random.normal(keys[1], (layers, n, k, h), jnp.float32)}
-    r = self.projection_dim
+    r, d = self.projection_dim, config.hidden_size
 
     def linear(key, shape, fan_in):  # torch.nn.Linear's default: U(±1/√fan_in)
       bound = 1.0 / fan_in ** 0.5
       return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
-    return {'embedding_PKH': jax.random.normal(keys[0], (n, k, h), jnp.float32),
-            'in_KHR': linear(keys[1], (k, h, r), k * h),
-            'in_bias_R': linear(keys[2], (r,), k * h),
+    if self.embedding_width == 'kv':
+      embedding = {'embedding_PKH': jax.random.normal(keys[0], (n, k, h), jnp.float32),
+                   'in_KHR': linear(keys[1], (k, h, r), k * h),
+                   'in_bias_R': linear(keys[2], (r,), k * h)}
+    else:
+      embedding = {'embedding_PD': jax.random.normal(keys[0], (n, d), jnp.float32),
+                   'in_DR': linear(keys[1], (d, r), d), 'in_bias_R': linear(keys[2], (r,), d)}
+    return {**embedding,
             'out_k_LRKH': linear(keys[3], (layers, r, k, h), r),
             'out_v_LRKH': linear(keys[4], (layers, r, k, h), r),
             'out_k_bias_LKH': linear(keys[5], (layers, k, h), r),
@@ -123,35 +178,46 @@ class PrefixTuning(Method):
 
   def shape_alike(self) -> PrefixTuning:
     # the plain init: 'vocab' would run the base for the same shapes
-    return PrefixTuning(self.num_tokens, self.projection_dim)
+    return dataclasses.replace(self, init='random')
 
   def file_fields(self, config) -> dict:
+    changed = {name: getattr(self, name) for name, default in
+               (('embedding_width', 'kv'), ('positions', 'after_prefix'), ('gate', ''))
+               if getattr(self, name) != default}  # an existing method's file is unchanged
     return {'adapter_type': 'prefix_tuning', 'num_virtual_tokens': self.num_tokens,
             'projection_dim': self.projection_dim, 'num_layers': config.num_layers,
-            'num_kv_heads': config.num_kv_heads, 'head_dim': config.head_dim}
+            'num_kv_heads': config.num_kv_heads, 'head_dim': config.head_dim, **changed}
 
   def layer_inputs(self, tree, config):
-    """`{'k_LPKH', 'v_LPKH'}`; the scan hands each layer its [P, K, H] slice."""
+    """`{'k_LPKH', 'v_LPKH'}` (and the gate's leaves); the scan hands each layer its slice."""
     if self.projection_dim is None:
       return tree
-    hidden_PR = jnp.tanh(jnp.einsum('pkh,khr->pr', tree['embedding_PKH'], tree['in_KHR'])
-                         + tree['in_bias_R'])
+    gates = {name: tree[name] for name in ('gate', 'gate_bias') if name in tree}
+    if 'embedding_PD' in tree:
+      in_PR = jnp.einsum('pd,dr->pr', tree['embedding_PD'], tree['in_DR'])
+    else:
+      in_PR = jnp.einsum('pkh,khr->pr', tree['embedding_PKH'], tree['in_KHR'])
+    hidden_PR = jnp.tanh(in_PR + tree['in_bias_R'])
 
     def out(kernel_LRKH, bias_LKH):
       return jnp.einsum('pr,lrkh->lpkh', hidden_PR, kernel_LRKH) + bias_LKH[:, None]
 
     return {'k_LPKH': out(tree['out_k_LRKH'], tree['out_k_bias_LKH']),
-            'v_LPKH': out(tree['out_v_LRKH'], tree['out_v_bias_LKH'])}
+            'v_LPKH': out(tree['out_v_LRKH'], tree['out_v_bias_LKH']), **gates}
 
   def prefix_kv(self, p):
     return p['k_LPKH'], p['v_LPKH']
 
-  def fold(self, tree, config) -> tuple[PrefixTuning, dict]:
-    """`(PrefixTuning(num_tokens), plain tree)`: the reparameterization evaluated once.
+  def prefix_gate(self, p, x_BTD):
+    return gate_values(p, x_BTD, self.gate) if self.gate else None
 
-    The folded method gives the same logits and holds L·n·2·K·H parameters.
+  def fold(self, tree, config) -> tuple[PrefixTuning, dict]:
+    """`(PrefixTuning(num_tokens, ...), plain tree)`: the reparameterization evaluated once.
+
+    The folded method gives the same logits and holds L·n·2·K·H parameters (and its gates).
     """
-    return PrefixTuning(self.num_tokens), self.layer_inputs(tree, config)
+    plain = PrefixTuning(self.num_tokens, positions=self.positions, gate=self.gate)
+    return plain, self.layer_inputs(tree, config)
 
 
 def vocab_ids(rng, config, num_tokens: int) -> jax.Array:

@@ -205,11 +205,16 @@ def _check_methods_and_optimizer(config) -> tuple:
                        f'{", ".join(SCHEDULES)}, got {settings["schedule"]!r}')
   model_config = load_config(config.model)  # the model's config alone: no weights read
   check_methods(methods, model_config)
+  acausal = next((m for m in methods if not m.causal), None)
+  if acausal is not None:
+    raise ValueError(f'config.peft.{acausal.key}: {acausal.call_string()} reads every token of '
+                     'the sequence at each token (a causal LM trained so sees the answer it '
+                     "predicts); train with gate='token'")
   virtual = sum(m.num_virtual_tokens for m in methods)
-  prefix = sum(m.num_prefix_tokens for m in methods)
+  prefix = sum(m.num_prefix_positions for m in methods)
   if config.seq_len + virtual + prefix > model_config.max_position_embeddings:
     raise ValueError(f'config.seq_len={config.seq_len} + {virtual} prompt vectors + {prefix} '
-                     f'prefix slots need {config.seq_len + virtual + prefix} positions; '
+                     f'prefix positions need {config.seq_len + virtual + prefix} positions; '
                      f'{config.model} has max_position_embeddings='
                      f'{model_config.max_position_embeddings}')
   return methods

@@ -50,7 +50,9 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, methods) -> Run:
                  path, dim, size, axis)
   model = Llama(model_config, peft=methods)
   shape = BlockShape(config.seq_len, model_config.num_heads, model_config.num_kv_heads,
-                     model_config.head_dim, DTYPES[dtype],
+                     # a gated prefix attends at twice the head dim (model/llama.py)
+                     model_config.head_dim * (2 if any(m.prefix_gated for m in methods) else 1),
+                     DTYPES[dtype],
                      sum(method.num_prefix_tokens for method in model.peft),
                      model.num_virtual_tokens)
   attention, note = choose_attention(config.attention, shape)
