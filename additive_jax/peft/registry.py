@@ -31,6 +31,13 @@ def presets() -> dict[str, tuple[type[Method], dict]]:
           for name, fields in cls.presets.items()}
 
 
+def combinations() -> dict[str, tuple[tuple[type[Method], dict], ...]]:
+  """Combination name -> its methods' (class, fields), e.g. 'mam' (peft/combinations.py)."""
+  from additive_jax.peft.combinations import COMBINATIONS  # it imports the method classes
+  return {name: tuple((cls, dict(fields)) for cls, fields in parts)
+          for name, parts in COMBINATIONS.items()}
+
+
 def field_types(cls: type[Method]) -> dict[str, tuple[Any, type]]:
   """Field name -> (default, the type a config entry holds it as) of a method class. A field
   that may be None holds its other type (a config entry needs one to be overridable)."""

@@ -17,7 +17,7 @@ import dataclasses
 import ml_collections
 
 from additive_jax.data.config import data_config
-from additive_jax.peft.registry import field_types, presets
+from additive_jax.peft.registry import combinations, field_types, presets
 from additive_jax.train.optimizer import method_settings
 
 # Logical axis of a base weight or an activation -> mesh axis. A weight size the mesh axis does
@@ -77,19 +77,21 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def method_entries(*names: str) -> ml_collections.ConfigDict:
-  """`config.peft` for the presets `names`: per method key, every field of the method (the
-  preset's value, else the field's default) and an `optimizer` block of its settings."""
-  known = presets()
-  unknown = [n for n in names if n not in known]
+  """`config.peft` for the presets or combinations `names` (peft/combinations.py): per method
+  key, every field of the method (the preset's value, else the field's default) and an
+  `optimizer` block of its settings."""
+  known, combined = presets(), combinations()
+  unknown = [n for n in names if n not in known and n not in combined]
   if unknown:
-    raise ValueError(f'unknown method preset {unknown}; presets: {", ".join(known)}')
+    raise ValueError(f'unknown method preset {unknown}; presets: {", ".join(known)}; '
+                     f'combinations: {", ".join(combined)}')
   entries = {}
   for name in names:
-    cls, chosen = known[name]
-    if cls.key in entries:
-      raise ValueError(f'presets {entries[cls.key][0]!r} and {name!r} both configure the '
-                       f'{cls.key!r} method; a run trains each method once')
-    entries[cls.key] = (name, cls, chosen)
+    for cls, chosen in combined.get(name, (known.get(name),)):
+      if cls.key in entries:
+        raise ValueError(f'presets {entries[cls.key][0]!r} and {name!r} both configure the '
+                         f'{cls.key!r} method; a run trains each method once')
+      entries[cls.key] = (name, cls, chosen)
   return ml_collections.ConfigDict(
       {key: _entry(cls, chosen) for key, (_, cls, chosen) in entries.items()})
 

@@ -25,10 +25,18 @@ Tensors, per layer l and site (`output_adapters` after the MLP, also
   model.layers.{l}.output_adapters.adapters.{name}.adapter_down.0.weight [R, D] = down[l]ᵀ
   ...adapter_down.0.bias [R], ...adapter_up.weight [D, R] = up[l]ᵀ, ...adapter_up.bias [D]
 
+With `use_gating` (UniPELT) a bottleneck also has ...{name}.gate.weight [1, D] and
+gate.bias [1] per adapter: our gate (adapterhub_prefix_lora.py says which).
+
 Reading accepts these three configs only (any activation among relu, gelu,
 swish/silu, any float scaling and width) and names the field that differs. With
 `phm_layer: true` they are Compacter adapters (CompacterConfig, CompacterPlusPlusConfig),
 whose fields and tensors adapterhub_compacter.py maps.
+
+LoRA and prefix tuning (adapterhub_prefix_lora.py), and a `ConfigUnion` of a prefix, a
+bottleneck and a LoRA (`{"architecture": "union", "configs": [...]}`: MAMConfig,
+UniPELTConfig), are read and written here too: several of our methods saved together
+in this format are one union adapter.
 """
 
 from __future__ import annotations
@@ -41,7 +49,10 @@ import numpy as np
 
 from additive_jax.peft.bottleneck import Bottleneck
 from additive_jax.peft.compacter import Compacter
-from additive_jax.peft.files import adapterhub_compacter, adapterhub_reft
+from additive_jax.peft.files import adapterhub_compacter, adapterhub_prefix_lora, adapterhub_reft
+from additive_jax.peft.files.adapterhub_prefix_lora import GATE_KEY, hub_gate
+from additive_jax.peft.lora import LoRA
+from additive_jax.peft.prefix import PrefixTuning
 from additive_jax.peft.reft import ReFT
 from additive_jax.peft.files.file_io import (AdapterFileError, join_problems, read_json,
                                              read_tensors, shape_problems, write_json,
@@ -74,8 +85,10 @@ PLACEMENT_CONFIGS = {
     'parallel': {'is_parallel': True, 'init_weights': 'mam_adapter'},
 }
 # fields that add parameters or change the computation: each must keep BnConfig's value
-FIXED_FIELDS = ('original_ln_after', 'residual_before_ln', 'ln_before', 'ln_after', 'use_gating',
+FIXED_FIELDS = ('original_ln_after', 'residual_before_ln', 'ln_before', 'ln_after',
                 'phm_layer', 'inv_adapter', 'leave_out', 'output_adapter')
+UNION_ORDER = (PrefixTuning, Bottleneck, LoRA)  # as MAMConfig and UniPELTConfig list them
+UNION_MODULES = {'lora': '.loras.', 'prefix_tuning': '.prefix_tuning.'}  # the rest: bottleneck
 
 
 def reduction_factor(hidden: int, dim: int) -> float | int:
@@ -92,13 +105,49 @@ def tensor_names(name: str, site: str, layer: int) -> dict[str, str]:
   """Our leaf name -> AdapterHub's tensor name, for one adapter."""
   prefix = f'model.layers.{layer}.{SITE_MODULES[site]}.adapters.{name}.'
   return {'down': prefix + 'adapter_down.0.weight', 'down_bias': prefix + 'adapter_down.0.bias',
-          'up': prefix + 'adapter_up.weight', 'up_bias': prefix + 'adapter_up.bias'}
+          'up': prefix + 'adapter_up.weight', 'up_bias': prefix + 'adapter_up.bias',
+          'gate': prefix + 'gate.weight', 'gate_bias': prefix + 'gate.bias'}
 
 
-def save(directory, method, tree, config, base_model_name_or_path=None) -> None:
-  if isinstance(method, ReFT):
-    return adapterhub_reft.save(directory, method, tree, config, 'reft', FORMAT_VERSION,
-                                base_model_name_or_path)
+def combinable(methods) -> bool:
+  """Whether `methods` are one AdapterHub union: at most a prefix, a bottleneck and a LoRA."""
+  return all(type(m) in UNION_ORDER for m in methods)
+
+
+def save(directory, methods, peft, config, base_model_name_or_path=None) -> None:
+  """Writes `methods` (one, or a union of a prefix, a bottleneck and a LoRA) as one adapter."""
+  if len(methods) == 1 and isinstance(methods[0], ReFT):
+    return adapterhub_reft.save(directory, methods[0], peft[methods[0].key], config, 'reft',
+                                FORMAT_VERSION, base_model_name_or_path)
+  if len(methods) > 1 and not combinable(methods):
+    raise AdapterFileError(f'{", ".join(m.call_string() for m in methods)}: an AdapterHub union '
+                           'here holds at most a prefix, a bottleneck and a LoRA; use format="aj"')
+  gates = {m.gate for m in methods if getattr(m, 'gate', '')}
+  if len(gates) > 1:
+    raise AdapterFileError(f'gates {sorted(gates)} in one adapter: AdapterHub\'s file says one')
+  tensors, configs = {}, []
+  for method in sorted(methods, key=lambda m: UNION_ORDER.index(type(m)) if type(m) in
+                       UNION_ORDER else 0):
+    part_tensors, part_config = _part(method, peft[method.key], config)
+    tensors.update(part_tensors)
+    configs.append(part_config)
+  write_tensors(os.path.join(directory, WEIGHTS_NAME), tensors, {'format': 'pt'})
+  write_json(os.path.join(directory, CONFIG_NAME), {
+      'config': configs[0] if len(configs) == 1 else {'architecture': 'union', 'configs': configs},
+      **({GATE_KEY: 'token'} if gates == {'token'} else {}),
+      'hidden_size': config.hidden_size, 'model_class': 'LlamaForCausalLM',
+      'model_name': base_model_name_or_path or '', 'model_type': 'llama', 'name': ADAPTER_NAME,
+      'version': FORMAT_VERSION})
+
+
+def _part(method, tree, config) -> tuple[dict, dict]:
+  """One method's tensors and AdapterHub config."""
+  if isinstance(method, PrefixTuning):
+    return (adapterhub_prefix_lora.prefix_tensors(method, tree, ADAPTER_NAME, config),
+            adapterhub_prefix_lora.prefix_config(method, config))
+  if isinstance(method, LoRA):
+    return (adapterhub_prefix_lora.lora_tensors(method, tree, ADAPTER_NAME, config),
+            adapterhub_prefix_lora.lora_config(method))
   if isinstance(method, Compacter):
     tensors = adapterhub_compacter.hub_tensors(method, tree, ADAPTER_NAME, config)
     fields = adapterhub_compacter.hub_fields(method, config)
@@ -107,15 +156,13 @@ def save(directory, method, tree, config, base_model_name_or_path=None) -> None:
   else:
     raise AdapterFileError(f'{method.call_string()} is not written as an AdapterHub adapter; '
                            'AdapterHub files hold the bottleneck adapters (Pfeiffer, Houlsby, '
-                           'parallel), Compacter, LoReFT and NoReFT; use format="aj" or "hf_peft"')
-  write_tensors(os.path.join(directory, WEIGHTS_NAME), tensors, {'format': 'pt'})
-  write_json(os.path.join(directory, CONFIG_NAME), {
-      'config': dict(sorted({**BN_CONFIG, **PLACEMENT_CONFIGS[method.placement],
-                             'non_linearity': TO_HUB_ACTIVATION[method.activation],
-                             'scaling': float(method.scale), **fields}.items())),
-      'hidden_size': config.hidden_size, 'model_class': 'LlamaForCausalLM',
-      'model_name': base_model_name_or_path or '', 'model_type': 'llama', 'name': ADAPTER_NAME,
-      'version': FORMAT_VERSION})
+                           'parallel), Compacter, LoRA, prefix tuning, LoReFT and NoReFT; use '
+                           'format="aj" or "hf_peft"')
+  return tensors, dict(sorted({**BN_CONFIG, **PLACEMENT_CONFIGS[method.placement],
+                               'non_linearity': TO_HUB_ACTIVATION[method.activation],
+                               'scaling': float(method.scale),
+                               'use_gating': bool(getattr(method, 'gate', '')),
+                               **fields}.items()))
 
 
 def _bottleneck_tensors(method, tree, config) -> tuple[dict, dict]:
@@ -128,8 +175,13 @@ def _bottleneck_tensors(method, tree, config) -> tuple[dict, dict]:
   for site in method.sites:
     for layer in range(config.num_layers):
       for leaf, hub_name in tensor_names(ADAPTER_NAME, site, layer).items():
-        value = np.asarray(tree[site][leaf][layer], np.float32)
-        tensors[hub_name] = value.T if value.ndim == 2 else value  # torch Linear: [out, in]
+        if leaf in tree[site]:
+          value = np.asarray(tree[site][leaf][layer], np.float32)
+          tensors[hub_name] = value.T if value.ndim == 2 else value  # torch Linear: [out, in]
+      if method.gate:  # torch Linear(D, 1): [1, D], [1]
+        names = tensor_names(ADAPTER_NAME, site, layer)
+        tensors[names['gate']] = np.asarray(tree[site]['gate'][layer], np.float32)[None]
+        tensors[names['gate_bias']] = np.asarray(tree[site]['gate_bias'][layer], np.float32)[None]
   return tensors, {'reduction_factor': rf}
 
 
@@ -146,13 +198,12 @@ def _placement(settings, path) -> str:
                          'and par_bn (parallel)')
 
 
-def _bottleneck(raw, path, hidden) -> tuple[Bottleneck | Compacter, list[str]]:
-  """The method an AdapterHub config describes, and what in it does not fit this base."""
-  settings = raw['config']
+def _bottleneck(raw, settings, path, hidden) -> tuple[Bottleneck | Compacter, list[str]]:
+  """The method an AdapterHub bottleneck config describes, and what in it does not fit this
+  base."""
   phm = settings.get('phm_layer') is True  # a Compacter
-  if settings.get('architecture') not in (None, 'bottleneck'):
-    raise AdapterFileError(f'{path}: architecture {settings["architecture"]!r} is not read here; '
-                           'only bottleneck adapters (seq_bn, double_seq_bn, par_bn) and reft')
+  if phm and settings.get('use_gating'):
+    raise AdapterFileError(f'{path}: a gated Compacter (use_gating) is not read here')
   # an empty value (null, [], false) stands for an empty default: leave_out null is leave_out []
   changed = [f'{k}={settings.get(k, BN_CONFIG[k])!r} (needs {BN_CONFIG[k]!r})' for k in FIXED_FIELDS
              if settings.get(k, BN_CONFIG[k]) != BN_CONFIG[k] and (settings[k] or BN_CONFIG[k])
@@ -182,7 +233,8 @@ def _bottleneck(raw, path, hidden) -> tuple[Bottleneck | Compacter, list[str]]:
     if phm:
       return adapterhub_compacter.method_from_hub(settings, BN_CONFIG, path, reduction_factor=rf,
                                                   **common), problems
-    method = Bottleneck(dim=int(hidden // rf), **common)
+    method = Bottleneck(dim=int(hidden // rf), gate=hub_gate(settings.get('use_gating'), raw),
+                        **common)
   except (ValueError, ZeroDivisionError) as err:
     raise AdapterFileError(f'{path}: {err}') from None
   return method, problems
@@ -196,11 +248,51 @@ def load(directory, config, allow_pickle=False):
     raise AdapterFileError(f'{path}: not an AdapterHub adapter config (no "config" object and '
                            '"name")')
   if raw['config'].get('architecture') == 'reft':
-    return adapterhub_reft.load(directory, raw, config, allow_pickle, path)
-  method, problems = _bottleneck(raw, path, config.hidden_size)
+    method, tree = adapterhub_reft.load(directory, raw, config, allow_pickle, path)
+    return (method,), {method.key: tree}
+  parts = raw['config'].get('configs') if raw['config'].get('architecture') == 'union' else [
+      raw['config']]
+  if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
+    raise AdapterFileError(f'{path}: a union config without a "configs" list')
   tensors, weights_path = read_tensors(directory, WEIGHTS_NAME, PICKLE_NAME, allow_pickle)
   # saved from a LlamaModel (no LM head), the names lack the "model." of LlamaForCausalLM
   tensors = {(n if n.startswith('model.') else 'model.' + n): t for n, t in tensors.items()}
+  methods, peft = [], {}
+  for settings in parts:
+    if len(parts) > 1:  # a union: each part checks the tensors under its modules' names
+      tensors_of = lambda name, a=settings.get('architecture'): (
+          UNION_MODULES[a] in name if a in UNION_MODULES else
+          not any(module in name for module in UNION_MODULES.values()))
+      part = {name: tensor for name, tensor in tensors.items() if tensors_of(name)}
+    else:
+      part = tensors
+    method, tree = _load_part(raw, settings, part, weights_path, config, path)
+    methods.append(method)
+    peft[method.key] = tree
+  return tuple(methods), peft
+
+
+def _load_part(raw, settings, tensors, weights_path, config, path):
+  """(method, tree) of one config of the file (the whole adapter, or one part of a union)."""
+  architecture = settings.get('architecture')
+  if architecture in ('prefix_tuning', 'lora'):
+    hub = adapterhub_prefix_lora
+    if architecture == 'lora':
+      method = hub.lora_from_hub(settings, raw, path)
+      names = hub.lora_names(method, raw['name'], config)
+      shapes = hub.lora_shapes(method, names, config)
+    else:
+      method = hub.prefix_from_hub(settings, raw, path)
+      shapes = hub.prefix_shapes(method, raw['name'], config)
+    _raise_if_any(shape_problems(shapes, tensors), weights_path, method)
+    if architecture == 'lora':
+      return method, hub.lora_tree(method, tensors, raw['name'], config)
+    return method, hub.prefix_tree(method, tensors, raw['name'], config, path)
+  if architecture not in (None, 'bottleneck'):
+    raise AdapterFileError(f'{path}: architecture {architecture!r} is not read here; only '
+                           'bottleneck adapters (seq_bn, double_seq_bn, par_bn, Compacter), LoRA, '
+                           'prefix tuning, their union, and reft')
+  method, problems = _bottleneck(raw, settings, path, config.hidden_size)
   if isinstance(method, Compacter):
     try:
       method.check(config)
@@ -213,7 +305,10 @@ def load(directory, config, allow_pickle=False):
     return method, adapterhub_compacter.tree_from_hub(names, tensors)
   d, r = config.hidden_size, method.bottleneck_dim(config)
   shapes = {'down': (r, d), 'down_bias': (r,), 'up': (d, r), 'up_bias': (d,)}
-  names = {(site, layer): tensor_names(raw['name'], site, layer)
+  if method.gate:
+    shapes.update(gate=(1, d), gate_bias=(1,))
+  names = {(site, layer): {leaf: name for leaf, name in tensor_names(raw['name'], site, layer).items()
+                           if leaf in shapes}
            for site in method.sites for layer in range(config.num_layers)}
   problems += shape_problems({hub: shapes[leaf] for per_adapter in names.values()
                               for leaf, hub in per_adapter.items()}, tensors)
@@ -222,6 +317,8 @@ def load(directory, config, allow_pickle=False):
                  for leaf in shapes} for site in method.sites}
   for leaves in tree.values():  # torch Linear [out, in] -> our kernels [in, out]
     leaves['down'], leaves['up'] = leaves['down'].transpose(0, 2, 1), leaves['up'].transpose(0, 2, 1)
+    if method.gate:  # [L, 1, D], [L, 1] -> [L, D], [L]
+      leaves['gate'], leaves['gate_bias'] = leaves['gate'][:, 0], leaves['gate_bias'][:, 0]
   return method, tree
 
 

@@ -9,13 +9,16 @@ Formats:
   'aj'          ours (`aj_adapter_config.json` + `aj_adapter.safetensors`): any method set,
                 every leaf as trained (aj_format.py)
   'hf_peft'     Hugging Face PEFT: LoRA, (IA)³, prompt or prefix tuning (hf_peft.py)
-  'adapterhub'  AdapterHub `adapters`: a Pfeiffer, Houlsby or parallel bottleneck (adapterhub.py)
+  'adapterhub'  AdapterHub `adapters`: a bottleneck (Pfeiffer, Houlsby, parallel), Compacter,
+                LoRA, prefix tuning, ReFT, or a union of a prefix, a bottleneck and a LoRA
+                (MAM, UniPELT) as one adapter (adapterhub.py)
 
-Combinations. PEFT and AdapterHub files hold one method per directory and PEFT
-cannot apply two of ours together, so a combination saved in those formats is
+Combinations. PEFT files hold one method per directory and PEFT cannot apply
+two of ours together; AdapterHub's `ConfigUnion` holds a prefix, a bottleneck and
+a LoRA together, no other set. Another combination saved in those formats is
 refused, naming its methods: save it as 'aj', or each method to its own
 directory (`save_adapter(d, [m], {m.key: peft[m.key]}, config, format=...)`).
-Methods with no equivalent there (bottleneck in PEFT, all but the bottleneck in
+Methods with no equivalent there (bottleneck in PEFT, (IA)³ and prompt tuning in
 AdapterHub, ladder side tuning in both) are refused too.
 
 Loading detects the format from the file names (AdapterHub and PEFT share
@@ -38,7 +41,6 @@ from additive_jax.model.hooks import check_methods
 
 FORMATS = ('aj', 'hf_peft', 'adapterhub')
 FORMAT_NAMES = {'aj': 'additive_jax', 'hf_peft': 'Hugging Face PEFT', 'adapterhub': 'AdapterHub'}
-_SINGLE_METHOD = {'hf_peft': hf_peft, 'adapterhub': adapterhub}
 
 
 def save_adapter(directory: str, methods, peft, config, format: str = 'aj',
@@ -56,16 +58,18 @@ def save_adapter(directory: str, methods, peft, config, format: str = 'aj',
   calls = ', '.join(m.call_string() for m in methods)
   check_shapes(aj_format.leaf_shapes(methods, config), aj_format.flat_leaves(methods, peft),
                f'the peft tree of {calls}')
-  if format != 'aj' and len(methods) > 1:
+  if format == 'hf_peft' and len(methods) > 1 or (
+      format == 'adapterhub' and len(methods) > 1 and not adapterhub.combinable(methods)):
     raise AdapterFileError(
         f'{FORMAT_NAMES[format]} files hold one method per directory, and {calls} are several; '
         'save them with format="aj", or each method to its own directory')
   epath.Path(directory).mkdir(parents=True, exist_ok=True)
   if format == 'aj':
     aj_format.save(directory, methods, peft, config, base_model_name_or_path)
+  elif format == 'adapterhub':  # one method, or a union of a prefix, a bottleneck and a LoRA
+    adapterhub.save(directory, methods, peft, config, base_model_name_or_path)
   else:
-    _SINGLE_METHOD[format].save(directory, methods[0], peft[methods[0].key], config,
-                                base_model_name_or_path)
+    hf_peft.save(directory, methods[0], peft[methods[0].key], config, base_model_name_or_path)
 
 
 def detect_format(directory: str) -> str:
@@ -97,8 +101,10 @@ def load_adapter(directory: str, config, format: str | None = None, expected_met
   format = format or detect_format(directory)
   if format == 'aj':
     methods, peft = aj_format.load(directory, config)
-  elif format in _SINGLE_METHOD:
-    method, tree = _SINGLE_METHOD[format].load(directory, config, allow_pickle)
+  elif format == 'adapterhub':
+    methods, peft = adapterhub.load(directory, config, allow_pickle)
+  elif format == 'hf_peft':
+    method, tree = hf_peft.load(directory, config, allow_pickle)
     methods, peft = (method,), {method.key: tree}
   else:
     raise ValueError(f'format must be one of {FORMATS} or None, got {format!r}')
