@@ -22,6 +22,7 @@ import sys
 
 import adapters
 import safetensors.numpy
+import safetensors.torch
 import torch
 import transformers
 
@@ -39,10 +40,21 @@ THEIRS = {'seq_bn': adapters.SeqBnConfig(reduction_factor=8, non_linearity='gelu
           'loreft': adapters.LoReftConfig(r=2, layers=[0, 2], prefix_positions=2,
                                           suffix_positions=1),
           'noreft': adapters.NoReftConfig(r=3, prefix_positions=1, suffix_positions=2,
-                                          tied_weights=True, non_linearity='relu')}
+                                          tied_weights=True, non_linearity='relu'),
+          'lora': adapters.LoRAConfig(r=3, alpha=5, attn_matrices=['k', 'v'], output_lora=True),
+          'prefix_flat': adapters.PrefixTuningConfig(prefix_length=2, flat=True),
+          'mam': adapters.MAMConfig(adapters.PrefixTuningConfig(prefix_length=4, bottleneck_size=10),
+                                    adapters.ParBnConfig(reduction_factor=4)),
+          'unipelt': adapters.UniPELTConfig(
+              adapters.PrefixTuningConfig(prefix_length=3, bottleneck_size=6),
+              adapters.SeqBnConfig(reduction_factor=12), adapters.LoRAConfig(r=2, alpha=4))}
+# the modules that hold an adapter's weights, named `.{module}.{adapter name}.`
+MODULES = ('adapters', 'shared_parameters', 'refts', 'loras', 'prefix_tunings', 'prefix_gates')
 
 
-def logits(model, tokens, mask):
+def logits(model, tokens, mask, name=''):
+  if 'unipelt' in name:  # gated: unpadded (jax_side.UNPADDED)
+    mask = torch.ones_like(mask)
   # adapters added after `.eval()` are built in training mode (AdapterHub's ReftLayer dates
   # from `adapters.init` and passes its own mode on): LoReftConfig's dropout would act
   model.eval()
@@ -71,16 +83,41 @@ def direft_with(model, directory):
 
 
 def load_ours(model, directory):
-  """Loads our adapter file, refusing a missing or unused tensor; returns its name."""
+  """Loads our adapter file, refusing a missing or unused tensor; returns its name. A prefix's
+  per-layer pool aliases are reported missing though they are the tensors the file holds once
+  (adapterhub_prefix_lora.py)."""
   info = {}
   name = model.load_adapter(directory, use_safetensors=True, loading_info=info, set_active=True)
-  if info['missing_keys'] or info['unexpected_keys']:
-    sys.exit(f'{directory}: missing {info["missing_keys"]}, unexpected {info["unexpected_keys"]}')
+  missing = [k for k in info['missing_keys'] if '.prefix_tuning.pool.' not in k]
+  if missing or info['unexpected_keys']:
+    sys.exit(f'{directory}: missing {missing}, unexpected {info["unexpected_keys"]}')
   return name
 
 
+def save_theirs(model, directory, name):
+  """save_adapter with safetensors; a prefix adapter cannot be (its pool aliases share
+  tensors: adapters loading.py:96), so its own pickle is written, read back here and rewritten
+  as safetensors without the aliases."""
+  try:
+    model.save_adapter(directory, name, use_safetensors=True)
+    return
+  except RuntimeError:
+    model.save_adapter(directory, name, use_safetensors=False)
+  pickle = os.path.join(directory, 'pytorch_adapter.bin')
+  tensors = torch.load(pickle, weights_only=True)
+  safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()
+                               if '.prefix_tuning.pool.' not in k},
+                              os.path.join(directory, 'adapter.safetensors'))
+  os.remove(pickle)
+
+
 def base_model(directory):
-  model = transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+  # eager attention: with torch's sdpa (the default), AdapterHub's prefix is masked out of a
+  # padded batch (its boolean mask is inverted: adapters methods/prefix_tuning.py:611) and
+  # misplaced in an unpadded one (sdpa's is_causal aligns the causal mask to the top left of
+  # the n + T keys); the eager float mask is right
+  model = transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                        attn_implementation='eager').eval()
   adapters.init(model)
   return model
 
@@ -97,7 +134,7 @@ def main(work):
     if not os.path.isdir(directory):
       continue
     name = direft_with(model, directory) if config == 'direft' else load_ours(model, directory)
-    out[f'ours/{config}'] = logits(model, tokens, mask)
+    out[f'ours/{config}'] = logits(model, tokens, mask, config)
     model.delete_adapter(name)
   os.makedirs(os.path.join(work, 'theirs'))
   generator = torch.Generator().manual_seed(0)
@@ -105,15 +142,14 @@ def main(work):
     model.add_adapter(name, config=config, set_active=True)
     with torch.no_grad():
       for weight_name, weight in model.named_parameters():
-        if any(f'.{part}.{name}.' in weight_name
-               for part in ('adapters', 'shared_parameters', 'refts')):
+        if any(f'.{part}.{name}.' in weight_name for part in MODULES):
           weight.copy_(0.3 * torch.randn(weight.shape, generator=generator))
           if weight_name.endswith('parametrizations.weight.original'):
             # ±1 on the diagonal, as every trained file holds (torch reads it through .int())
             weight.diagonal().copy_(torch.sign(torch.randn(min(weight.shape),
                                                            generator=generator)))
-    out[f'theirs/{name}'] = logits(model, tokens, mask)
-    model.save_adapter(os.path.join(work, 'theirs', name), name, use_safetensors=True)
+    out[f'theirs/{name}'] = logits(model, tokens, mask, name)
+    save_theirs(model, os.path.join(work, 'theirs', name), name)
     model.delete_adapter(name)
   smollm2 = base_model(os.path.join(work, 'smollm2', 'base'))
   tokens = torch.tensor(safetensors.numpy.load_file(
@@ -121,7 +157,7 @@ def main(work):
   out['smollm2/base'] = logits(smollm2, tokens, mask)
   for config in sorted(os.listdir(os.path.join(work, 'smollm2', 'adapters'))):
     name = load_ours(smollm2, os.path.join(work, 'smollm2', 'adapters', config))
-    out[f'smollm2/ours/{config}'] = logits(smollm2, tokens, mask)
+    out[f'smollm2/ours/{config}'] = logits(smollm2, tokens, mask, config)
     smollm2.delete_adapter(name)
   safetensors.numpy.save_file(out, os.path.join(work, 'adapterhub_logits.safetensors'))
 

@@ -1,7 +1,8 @@
 """Our side of the AdapterHub cross-check (see run.sh); runs in the main venv.
 
     jax_side.py export WORK    a tiny random Llama (WORK/base), our bottleneck adapters,
-                               Compacters and ReFTs with random weights as AdapterHub files
+                               Compacters, ReFTs, LoRA, prefix tuning, MAM and UniPELT
+                               with random weights as AdapterHub files
                                (WORK/ours/<config>), our logits; SmolLM2-135M (WORK/smollm2/base)
                                with one adapter per method family (SMOLLM2) likewise, once, unless
                                WORK/smollm2 is there (the pytest test exports it from its
@@ -22,11 +23,13 @@ import numpy as np
 import safetensors.numpy
 
 import additive_jax as aj
+from additive_jax.peft.combinations import COMBINATIONS
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 from adapter_files_helpers import random_peft  # noqa: E402
 from conftest import TINY as CONFIG, relative_error  # noqa: E402
 
+HUB_PREFIX = {'embedding_width': 'hidden', 'positions': 'from_zero'}  # AdapterHub's prefix form
 OURS = {'seq_bn': aj.peft.Bottleneck(6, 'pfeiffer', 'gelu'),
         'double_seq_bn': aj.peft.Bottleneck(5, 'houlsby', 'silu'),
         'par_bn': aj.peft.Bottleneck(12, 'parallel', 'relu', scale=4.0),
@@ -43,7 +46,15 @@ OURS = {'seq_bn': aj.peft.Bottleneck(6, 'pfeiffer', 'gelu'),
         'noreft': aj.peft.ReFT(2, prefix_positions=2, kind='noreft', activation='gelu'),
         # written in NoReFT's layout, read there into a DiReftConfig adapter (adapterhub_reft.py)
         'direft': aj.peft.ReFT(3, layers=(0, 2), prefix_positions=2, suffix_positions=1,
-                               kind='direft')}
+                               kind='direft'),
+        'lora': aj.peft.LoRA(3, 6, ('q', 'k', 'v', 'up', 'down')),
+        'prefix_flat': aj.peft.PrefixTuning(3, positions='from_zero'),
+        # MAMConfig's and UniPELTConfig's shapes, smaller; AdapterHub's gate is 'sequence'
+        'mam': (aj.peft.PrefixTuning(5, 12, **HUB_PREFIX),
+                aj.peft.Bottleneck(24, 'parallel', 'relu', scale=4.0)),
+        'unipelt': (aj.peft.PrefixTuning(4, 8, **HUB_PREFIX, gate='sequence'),
+                    aj.peft.Bottleneck(3, 'pfeiffer', 'relu', gate='sequence'),
+                    aj.peft.LoRA(4, 2, ('q', 'v'), gate='sequence'))}
 # what AdapterHub's adapters in adapterhub_side.py are here
 THEIRS = {'seq_bn': aj.peft.Bottleneck(6, 'pfeiffer', 'gelu'),
           'double_seq_bn': aj.peft.Bottleneck(4, 'houlsby', 'silu'),
@@ -53,28 +64,55 @@ THEIRS = {'seq_bn': aj.peft.Bottleneck(6, 'pfeiffer', 'gelu'),
                                            placement='pfeiffer'),
           'loreft': aj.peft.ReFT(2, layers=(0, 2), prefix_positions=2, suffix_positions=1),
           'noreft': aj.peft.ReFT(3, prefix_positions=1, suffix_positions=2, kind='noreft',
-                                 tied=True, activation='relu')}
+                                 tied=True, activation='relu'),
+          'lora': aj.peft.LoRA(3, 5, ('k', 'v', 'up')),
+          'prefix_flat': aj.peft.PrefixTuning(2, positions='from_zero'),
+          'mam': (aj.peft.PrefixTuning(4, 10, **HUB_PREFIX),
+                  aj.peft.Bottleneck(12, 'parallel', 'relu', scale=4.0)),
+          'unipelt': (aj.peft.PrefixTuning(3, 6, **HUB_PREFIX, gate='sequence'),
+                      aj.peft.Bottleneck(4, 'pfeiffer', 'relu', gate='sequence'),
+                      aj.peft.LoRA(2, 4, ('q', 'v'), gate='sequence'))}
 # on SmolLM2, once per method family beyond the bottleneck
 SMOLLM2 = {'compacter': aj.peft.Compacter(**aj.peft.Compacter.presets['compacter']),
-           'loreft': aj.peft.ReFT(4, layers=(3, 17, 29), prefix_positions=3, suffix_positions=2)}
+           'loreft': aj.peft.ReFT(4, layers=(3, 17, 29), prefix_positions=3, suffix_positions=2),
+           'mam': tuple(cls(**fields) for cls, fields in COMBINATIONS['mam']),
+           # the unipelt combination with AdapterHub's gate
+           'unipelt': tuple(cls(**{**fields, 'gate': 'sequence'})
+                            for cls, fields in COMBINATIONS['unipelt'])}
 # a left-padded row and a right-padded one: ReFT's positions count the real tokens
 MASK = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 0, 0]])
+# AdapterHub's gates average over every position of the call, padding included, and no two
+# implementations agree on the states at padding: a gated (UniPELT) adapter runs unpadded
+UNPADDED = 'unipelt'
+
+
+def mask_for(name):
+  return np.ones_like(MASK) if UNPADDED in name else MASK
 TOLERANCE = 1e-5  # fp32 on both sides, the same weights: rounding differences only
 
 
-def random_leaves(method, config, seed):
+def as_methods(entry) -> tuple:
+  return entry if isinstance(entry, tuple) else (entry,)
+
+
+def random_leaves(methods, config, seed):
   """random_peft's N(0, 0.1²) leaves; a Compacter's N(0, 0.4²), since each of its matrices is
   a product of two or three of them."""
-  peft = random_peft((method,), config, seed)
-  return jax.tree.map(lambda x: 4 * x, peft) if method.key == 'compacter' else peft
+  peft = random_peft(methods, config, seed)
+  return {key: jax.tree.map(lambda x: 4 * x, tree) if key == 'compacter' else tree
+          for key, tree in peft.items()}
 
 
-def logits(params, methods, peft, tokens, config=CONFIG):
+def logits(params, methods, peft, tokens, config=CONFIG, mask=MASK):
   """Logits at the real tokens (zero at padding, which no two implementations agree on)."""
   model = aj.Llama(config, peft=methods)
   out = model.apply({'params': params, 'peft': peft}, jnp.asarray(tokens),
-                    attention_mask=jnp.asarray(MASK))
-  return np.asarray(out) * MASK[..., None]
+                    attention_mask=jnp.asarray(mask))
+  return np.asarray(out) * mask[..., None]
+
+
+def unpadded_or(name, padded, unpadded):
+  return unpadded if UNPADDED in name else padded
 
 
 def export(work):
@@ -85,12 +123,14 @@ def export(work):
     json.dump(tokens.tolist(), f)
   with open(os.path.join(work, 'mask.json'), 'w', encoding='utf-8') as f:
     json.dump(MASK.tolist(), f)
-  for seed, (name, method) in enumerate(OURS.items()):
-    peft = random_leaves(method, CONFIG, seed)
-    saved = dataclasses.replace(method, kind='noreft') if name == 'direft' else method
-    aj.peft.save_adapter(os.path.join(work, 'ours', name), (saved,), peft, CONFIG,
+  for seed, (name, entry) in enumerate(OURS.items()):
+    methods = as_methods(entry)
+    peft = random_leaves(methods, CONFIG, seed)
+    saved = (dataclasses.replace(entry, kind='noreft'),) if name == 'direft' else methods
+    aj.peft.save_adapter(os.path.join(work, 'ours', name), saved, peft, CONFIG,
                          format='adapterhub')
-    safetensors.numpy.save_file({'logits': logits(params, (method,), peft, tokens)},
+    safetensors.numpy.save_file({'logits': logits(params, methods, peft, tokens,
+                                                  mask=mask_for(name))},
                                 os.path.join(work, 'ours', f'{name}.logits.safetensors'))
   if not os.path.exists(os.path.join(work, 'smollm2')):
     export_smollm2(os.path.join(work, 'smollm2'), *aj.load_model('smollm2-135m-instruct'))
@@ -101,14 +141,23 @@ def export_smollm2(work, config, params):
   AdapterHub file (WORK/adapters/<name>), and our logits with and without them."""
   aj.peft.save_merged(os.path.join(work, 'base'), aj.Llama(config), {'params': params})
   tokens = np.random.RandomState(2).randint(0, config.vocab_size, (2, 9))
-  out = {'tokens': tokens.astype(np.int64), 'base': logits(params, (), {}, tokens, config)}
-  for seed, (name, method) in enumerate(SMOLLM2.items(), start=5):
-    peft = random_leaves(method, config, seed)
-    if method.key == 'reft':  # W·h at N(0, 0.1²) would swamp SmolLM2's large hidden states
+  out = {'tokens': tokens.astype(np.int64), 'base': logits(params, (), {}, tokens, config),
+         'base_unpadded': logits(params, (), {}, tokens, config, np.ones_like(MASK))}
+  for seed, (name, entry) in enumerate(SMOLLM2.items(), start=5):
+    methods = as_methods(entry)
+    peft = random_leaves(methods, config, seed)
+    # W·h at N(0, 0.1²) would swamp SmolLM2's large hidden states (a parallel adapter's, at
+    # scale 4 over 30 layers, overflows): the matrices reading the stream at 0.02 of that
+    if 'reft' in peft:
       peft['reft'] = {**peft['reft'], 'source_kernel': 0.02 * peft['reft']['source_kernel']}
-    aj.peft.save_adapter(os.path.join(work, 'adapters', name), (method,), peft, config,
+    if 'prefix' in peft:
+      peft['prefix'] = {k: (0.02 * v if k.startswith('out_') else v) for k, v in peft['prefix'].items()}
+    if 'bottleneck' in peft:
+      peft['bottleneck'] = {site: {**leaves, 'down': 0.02 * leaves['down']}
+                            for site, leaves in peft['bottleneck'].items()}
+    aj.peft.save_adapter(os.path.join(work, 'adapters', name), methods, peft, config,
                          format='adapterhub')
-    out[f'ours/{name}'] = logits(params, (method,), peft, tokens, config)
+    out[f'ours/{name}'] = logits(params, methods, peft, tokens, config, mask_for(name))
   safetensors.numpy.save_file(out, os.path.join(work, 'logits.safetensors'))
 
 
@@ -116,28 +165,30 @@ def compare(work):
   _, params = aj.load_model(os.path.join(work, 'base'))
   with open(os.path.join(work, 'tokens.json'), encoding='utf-8') as f:
     tokens = np.asarray(json.load(f))
-  theirs = {name: value * MASK[..., None] for name, value in safetensors.numpy.load_file(
+  theirs = {name: value * mask_for(name)[..., None] for name, value in safetensors.numpy.load_file(
       os.path.join(work, 'adapterhub_logits.safetensors')).items()}
   base = logits(params, (), {}, tokens)
+  base_unpadded = logits(params, (), {}, tokens, mask=np.ones_like(MASK))
   rows = [('base model', relative_error(base, theirs['base']), None)]
   for name in OURS:
     ours = safetensors.numpy.load_file(os.path.join(work, 'ours', f'{name}.logits.safetensors'))
     rows.append((f'ours -> AdapterHub {name}', relative_error(ours['logits'], theirs[f'ours/{name}']),
-                 relative_error(theirs[f'ours/{name}'], theirs['base'])))
+                 relative_error(theirs[f'ours/{name}'], unpadded_or(name, base, base_unpadded))))
   for name, expected in THEIRS.items():
     methods, peft = aj.peft.load_adapter(os.path.join(work, 'theirs', name), CONFIG)
-    if methods != (expected,):
-      sys.exit(f'AdapterHub {name} read as {methods[0].call_string()}, expected '
-               f'{expected.call_string()}')
-    ours = logits(params, methods, peft, tokens)
+    if methods != as_methods(expected):
+      sys.exit(f'AdapterHub {name} read as {", ".join(m.call_string() for m in methods)}, '
+               f'expected {", ".join(m.call_string() for m in as_methods(expected))}')
+    ours = logits(params, methods, peft, tokens, mask=mask_for(name))
     rows.append((f'AdapterHub {name} -> ours', relative_error(ours, theirs[f'theirs/{name}']),
-                 relative_error(theirs[f'theirs/{name}'], theirs['base'])))
+                 relative_error(theirs[f'theirs/{name}'], unpadded_or(name, base, base_unpadded))))
   ours = safetensors.numpy.load_file(os.path.join(work, 'smollm2', 'logits.safetensors'))
   rows.append(('SmolLM2-135M base model', relative_error(ours['base'], theirs['smollm2/base']), None))
   for name in SMOLLM2:
     rows.append((f'ours -> AdapterHub, SmolLM2 {name}', relative_error(
         ours[f'ours/{name}'], theirs[f'smollm2/ours/{name}']), relative_error(
-            theirs[f'smollm2/ours/{name}'], theirs['smollm2/base'])))
+            theirs[f'smollm2/ours/{name}'], unpadded_or(name, ours['base'],
+                                                        ours['base_unpadded']))))
   for label, error, effect in rows:
     effect_text = '' if effect is None else f'   (adapter changes the logits by {effect:.2f})'
     print(f'{label:<46} max relative error {error:.1e}{effect_text}')
