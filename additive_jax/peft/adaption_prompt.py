@@ -10,9 +10,10 @@ scalar gate g_l, is added to the attention's output heads before o_proj:
     out_l  = o_proj(a_l(x))
 
 o_proj is linear, so adding before it is PEFT's o_proj(attn) + o_proj(adapter) up to
-rounding (without o_proj's bias a second time: see below). Every query sees every adapter key: padding, packed segments
-and the causal mask do not apply to them (PEFT ignores `attention_mask` for them too), and
-with a KV cache the adapter keys are not cached; every decoding step attends to them.
+rounding (without o_proj's bias a second time: see below). Every query sees every adapter
+key: padding, packed segments and the causal mask do not apply to them (PEFT ignores
+`attention_mask` for them too), and with a KV cache the adapter keys are not cached; every
+decoding step attends to them.
 
 Parameters: num_layers · (n·D + 1) (SmolLM2-135M, the preset: 28 · (10·576 + 1) = 161,308).
 
@@ -29,9 +30,9 @@ the logits unchanged.
 Grouped-query attention: query head n reads kv head n // (N/K). PEFT computes the group size
 as `k_proj.in_features // k_proj.out_features` = D // (K·H) (layer.py:171, utils.py:74),
 which equals N/K only when H = D/N. For a model whose head_dim is set apart from D/N
-(`head_dim` in its config) PEFT's `view` to N // factor heads fails with a shape error, so
-no PEFT adapter exists for it; this class computes N/K there (tested against PEFT with the
-factor corrected).
+(`head_dim` in its config) PEFT's forward fails with a shape error (its `view` to
+N // factor heads, or the scores of N/factor·factor ≠ N heads), so no PEFT adapter runs on
+it; this class computes N/K there (tested against PEFT with the factor corrected).
 
 An attention bias (attention_bias=True; Llama checkpoints have none): PEFT's
 `o_proj(adapter_output)` (layer.py:216) adds o_proj's bias a second time, also at a zero
