@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from additive_jax.model.config import LlamaConfig
+from additive_jax.peft.adaption_prompt import AdaptionPrompt
 from additive_jax.peft.bottleneck import Bottleneck
 from additive_jax.peft.param_count import count_methods
 from additive_jax.peft.ia3 import IA3
@@ -85,7 +86,8 @@ def test_formula_equals_leaves_for_every_method(config):
   methods = [Bottleneck(dim=64), Bottleneck(reduction_factor=16.5, placement='houlsby'),
              Bottleneck(dim=32, placement='parallel'), IA3(), LoRA(rank=8, alpha=16),
              PromptTuning(num_tokens=20), PrefixTuning(num_tokens=30),
-             PrefixTuning(num_tokens=30, projection_dim=64), LadderSide(reduction=8)]
+             PrefixTuning(num_tokens=30, projection_dim=64), LadderSide(reduction=8),
+             AdaptionPrompt(num_tokens=10, num_layers=12)]
   for method in methods:
     (count,) = count_methods((method,), config)
     assert count.formula == count.leaves, method

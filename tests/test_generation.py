@@ -37,6 +37,7 @@ METHODS = {
     'ladder': (aj.peft.LadderSide(reduction=2),),
     'loreft': (aj.peft.ReFT(rank=2, layers=(1,), prefix_positions=3, tied=True,
                             activation='gelu'),),
+    'adaption_prompt': (aj.peft.AdaptionPrompt(num_tokens=3, num_layers=1),),
     'houlsby+ia3+lora+prompt+prefix': (aj.peft.Bottleneck(dim=4, placement='houlsby'),
                                        aj.peft.IA3(), aj.peft.LoRA(rank=2, alpha=4, targets=ALL),
                                        aj.peft.PromptTuning(num_tokens=2),
@@ -94,8 +95,10 @@ def test_cached_decoding_equals_the_full_forward_pass_at_every_step(params, name
   assert relative_error(cached_logits(model, variables, toks, prompt_length=5), full) <= 1e-5
 
 
-# the methods with decoding state of their own (prompt, ladder) and every other kind at once
-@pytest.mark.parametrize('name', ['prompt', 'ladder', 'loreft', 'houlsby+ia3+lora+prompt+prefix'])
+# the methods with decoding state of their own (prompt, ladder), the adaption prompt (keys no
+# cache holds, seen by padding too) and every other kind at once
+@pytest.mark.parametrize('name', ['prompt', 'ladder', 'loreft', 'adaption_prompt',
+                                  'houlsby+ia3+lora+prompt+prefix'])
 def test_greedy_equals_argmax_and_a_padded_row_decodes_as_alone(params, name):
   model = Llama(CONFIG, peft=METHODS[name])
   variables = {'params': params, 'peft': random_peft(METHODS[name], params, 1)}

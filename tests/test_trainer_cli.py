@@ -21,7 +21,8 @@ from conftest import xla_flags
 PRESET_KEYS = {'pfeiffer': 'bottleneck', 'houlsby': 'bottleneck', 'parallel': 'bottleneck',
                'ia3': 'ia3', 'lora': 'lora', 'prompt': 'prompt', 'prefix': 'prefix', 'ladder': 'ladder',
                'loreft': 'reft', 'direft': 'reft',
-               'compacter': 'compacter', 'compacterpp': 'compacter'}
+               'compacter': 'compacter', 'compacterpp': 'compacter',
+               'adaption_prompt': 'adaption_prompt'}
 
 
 def test_main_trains_evaluates_logs_and_checkpoints(tmp_path, tiny_with_tokenizer, small_sst2):

@@ -13,6 +13,13 @@ Per-layer sites (inside the scanned block; `p` is the method's slice of the
   prefix_kv(p)             key/value vectors [n, K, H] placed before the keys
   prefix_gate(p, x)        [B, T, 1] or None: query t sees those slots' keys and values
                            scaled by its entry (UniPELT's gated prefix); x: attention's input
+  attn_heads_delta(p, q_BTNH, project_kv)
+                           added to the attention's output heads [B, T, N, H] before o_proj
+                           (LLaMA-Adapter's gated attention over a prompt of its own);
+                           `q_BTNH` the layer's rotated queries, `project_kv(x_PD)` ->
+                           (k_PKH, v_PKH) the layer's key and value projections of vectors
+                           [P, D], as a token's input is projected (the `project` hooks
+                           included) but without rotary; None adds nothing
   layer_output(p, x, ctx)  the layer's output, the stream after the MLP and its deltas;
                            `ctx` (model/context.py) says where each token stands in its
                            sequence (ReFT intervenes at the first and last tokens)
@@ -86,6 +93,9 @@ class Hooks:
     return None
 
   def prefix_gate(self, p, x_BTD):
+    return None
+
+  def attn_heads_delta(self, p, q_BTNH, project_kv):
     return None
 
   def layer_output(self, p, x_BTD, ctx):

@@ -91,9 +91,11 @@ class Attention(nn.Module):
 
     heads = (cfg.num_heads, cfg.head_dim)
     kv_heads = (cfg.num_kv_heads, cfg.head_dim)
+    k_proj = projection('k_proj', kv_heads, ('kv_heads', 'head_dim'))
+    v_proj = projection('v_proj', kv_heads, ('kv_heads', 'head_dim'))
     q_BTNH = project('q', x_BTD, projection('q_proj', heads, ('q_heads', 'head_dim'))(x_BTD))
-    k_BTKH = project('k', x_BTD, projection('k_proj', kv_heads, ('kv_heads', 'head_dim'))(x_BTD))
-    v_BTKH = project('v', x_BTD, projection('v_proj', kv_heads, ('kv_heads', 'head_dim'))(x_BTD))
+    k_BTKH = project('k', x_BTD, k_proj(x_BTD))
+    v_BTKH = project('v', x_BTD, v_proj(x_BTD))
     q_BTNH = apply_rotary(q_BTNH, ctx.cos_BTH, ctx.sin_BTH)
     k_BTKH = apply_rotary(k_BTKH, ctx.cos_BTH, ctx.sin_BTH)
 
@@ -110,10 +112,20 @@ class Attention(nn.Module):
       k_BTKH, v_BTKH = (jax.lax.dynamic_index_in_dim(cache, layer, keepdims=False) for cache in kv)
     prefixes = [(*prefix, method.prefix_gate(p[method.key], x_BTD)) for method in self.methods
                 if (prefix := method.prefix_kv(p[method.key])) is not None]
-    q_BTNH, keys_BSKH, values_BSKH, gate_BT1 = with_prefixes(q_BTNH, k_BTKH, v_BTKH, prefixes)
-    out_BTNH = _attend(cfg, q_BTNH, keys_BSKH, values_BSKH, ctx)
+    queries_BTNH, keys_BSKH, values_BSKH, gate_BT1 = with_prefixes(q_BTNH, k_BTKH, v_BTKH,
+                                                                   prefixes)
+    out_BTNH = _attend(cfg, queries_BTNH, keys_BSKH, values_BSKH, ctx)
     if gate_BT1 is not None:
       out_BTNH = ungate(out_BTNH, gate_BT1)
+
+    def project_kv(x_PD):  # a method's own vectors, as one row of tokens' inputs
+      x_1PD = x_PD[None]
+      return project('k', x_1PD, k_proj(x_1PD))[0], project('v', x_1PD, v_proj(x_1PD))[0]
+
+    for method in self.methods:
+      delta_BTNH = method.attn_heads_delta(p[method.key], q_BTNH, project_kv)
+      if delta_BTNH is not None:
+        out_BTNH = out_BTNH + delta_BTNH.astype(out_BTNH.dtype)
     o_proj = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=cfg.attention_bias,
                              dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                              kernel_init=_init(('q_heads', 'head_dim', 'embed')),

@@ -1,5 +1,6 @@
 """Additive PEFT methods; each acts at the Llama's named sites (see base.py)."""
 
+from additive_jax.peft.adaption_prompt import AdaptionPrompt
 from additive_jax.peft.base import Method
 from additive_jax.peft.bottleneck import Bottleneck
 from additive_jax.peft.compacter import Compacter

@@ -8,7 +8,8 @@
 Formats:
   'aj'          ours (`aj_adapter_config.json` + `aj_adapter.safetensors`): any method set,
                 every leaf as trained (aj_format.py)
-  'hf_peft'     Hugging Face PEFT: LoRA, (IA)³, prompt or prefix tuning (hf_peft.py)
+  'hf_peft'     Hugging Face PEFT: LoRA, (IA)³, prompt or prefix tuning, adaption prompts,
+                P-tuning's inference form (hf_peft.py)
   'adapterhub'  AdapterHub `adapters`: a bottleneck (Pfeiffer, Houlsby, parallel), Compacter,
                 LoRA, prefix tuning, ReFT, or a union of a prefix, a bottleneck and a LoRA
                 (MAM, UniPELT) as one adapter (adapterhub.py)

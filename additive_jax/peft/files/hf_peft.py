@@ -11,6 +11,8 @@ One method per directory, as PEFT holds it, for `LlamaForCausalLM`
   prompt  prompt_embeddings [n, D] = prompt_PD
   prefix  prompt_embeddings [n, L·2·K·H], which PEFT views as [n, L·2, K, H]: layer l's
           keys at 2l, its values at 2l + 1 (GQA-aware: token_dim = K·H, num_attention_heads = K)
+  adaption prompt (LLaMA-Adapter), in each of the top `adapter_layers` layers l:
+          ...layers.{l}.self_attn.adaption_prompt [1, n, D], ...self_attn.adaption_gate [1]
 
 A prefix trained with a reparameterization MLP is written folded
 (`PrefixTuning.fold`), as PEFT saves one itself, and reads back as a plain
@@ -29,6 +31,7 @@ import os
 
 import numpy as np
 
+from additive_jax.peft.adaption_prompt import AdaptionPrompt
 from additive_jax.peft.files.file_io import (AdapterFileError, check_shapes, join_problems,
                                              read_json, read_tensors, write_json, write_tensors)
 from additive_jax.peft.ia3 import IA3
@@ -176,10 +179,46 @@ def _import_prefix(settings, tensors, config, path, weights_path):
   return method, {'k_LPKH': kv_L2PKH[:, 0], 'v_LPKH': kv_L2PKH[:, 1]}
 
 
+def _adaption_names(layer: int) -> tuple[str, str]:
+  prefix = LAYER.format(layer) + 'self_attn.'
+  return prefix + 'adaption_prompt', prefix + 'adaption_gate'
+
+
+def _export_adaption_prompt(method: AdaptionPrompt, tree, config):
+  tensors, first = {}, config.num_layers - method.num_layers
+  for index in range(method.num_layers):
+    prompt_name, gate_name = _adaption_names(first + index)
+    tensors[prompt_name] = np.asarray(tree['prompt_LPD'][index])[None]
+    tensors[gate_name] = np.asarray(tree['gate_L'][index]).reshape(1)
+  return tensors, {'peft_type': 'ADAPTION_PROMPT', 'adapter_len': method.num_tokens,
+                   'adapter_layers': method.num_layers, 'target_modules': 'self_attn'}
+
+
+def _import_adaption_prompt(settings, tensors, config, path, weights_path):
+  _refuse_set(settings, path, 'modules_to_save')
+  if settings.get('target_modules') not in (None, 'self_attn'):
+    raise AdapterFileError(f"{path}: target_modules={settings['target_modules']!r}; an adaption "
+                           "prompt here wraps a Llama's 'self_attn'")
+  method = _construct(path, AdaptionPrompt, settings.get('adapter_len'),
+                      settings.get('adapter_layers'))
+  try:
+    method.check(config)
+  except ValueError as err:
+    raise AdapterFileError(f'{path}: {err}') from None
+  names = [_adaption_names(l) for l in range(config.num_layers - method.num_layers,
+                                             config.num_layers)]
+  expected = {}
+  for prompt, gate in names:
+    expected[prompt], expected[gate] = (1, method.num_tokens, config.hidden_size), (1,)
+  check_shapes(expected, tensors, weights_path)
+  return method, {'prompt_LPD': np.stack([tensors[prompt][0] for prompt, _ in names]),
+                  'gate_L': np.concatenate([tensors[gate] for _, gate in names])}
+
+
 EXPORTERS = {'lora': _export_lora, 'ia3': _export_ia3, 'prompt': _export_prompt,
-             'prefix': _export_prefix}
+             'prefix': _export_prefix, 'adaption_prompt': _export_adaption_prompt}
 IMPORTERS = {'LORA': _import_lora, 'IA3': _import_ia3, 'PROMPT_TUNING': _import_prompt,
-             'PREFIX_TUNING': _import_prefix}
+             'PREFIX_TUNING': _import_prefix, 'ADAPTION_PROMPT': _import_adaption_prompt}
 
 
 def _refuse_set(settings, path, *names):
@@ -215,8 +254,8 @@ def save(directory, method, tree, config, base_model_name_or_path=None) -> None:
   exporter = EXPORTERS.get(method.key)
   if exporter is None:
     raise AdapterFileError(f'{method.call_string()} has no Hugging Face PEFT equivalent (PEFT files '
-                           'hold LoRA, (IA)³, prompt or prefix tuning); use format="aj"'
-                           + (' or "adapterhub"' if method.key == 'bottleneck' else ''))
+                           'hold LoRA, (IA)³, prompt or prefix tuning, adaption prompts); use '
+                           'format="aj"' + (' or "adapterhub"' if method.key == 'bottleneck' else ''))
   tensors, settings = exporter(method, tree, config)
   write_tensors(os.path.join(directory, WEIGHTS_NAME),
                 {name: np.asarray(t, np.float32) for name, t in tensors.items()}, {'format': 'pt'})
