@@ -8,7 +8,8 @@
 Formats:
   'aj'          ours (`aj_adapter_config.json` + `aj_adapter.safetensors`): any method set,
                 every leaf as trained (aj_format.py)
-  'hf_peft'     Hugging Face PEFT: LoRA, (IA)³, prompt or prefix tuning (hf_peft.py)
+  'hf_peft'     Hugging Face PEFT: LoRA, (IA)³, prompt tuning, P-tuning (written as its
+                prompt) or prefix tuning (hf_peft.py)
   'adapterhub'  AdapterHub `adapters`: a Pfeiffer, Houlsby or parallel bottleneck (adapterhub.py)
 
 Combinations. PEFT and AdapterHub files hold one method per directory and PEFT
