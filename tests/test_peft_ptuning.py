@@ -20,6 +20,7 @@ NUM_TOKENS = 4
 # widths found nowhere else in the tiny model, so a shape says which weight it is
 METHODS = {'mlp': PTuning(NUM_TOKENS, encoder_hidden=12),
            'lstm': PTuning(NUM_TOKENS, encoder='lstm', encoder_hidden=7, encoder_layers=2)}
+MOVED = {'mlp': ('mlp', 'layer1', 'kernel'), 'lstm': ('lstm', 'layer0', 'input_kernel')}
 
 
 def peft_model_of(hf_model, method, config, seed=0):
@@ -91,6 +92,13 @@ def test_logits_match_hf_peft_with_padding_and_fold_keeps_them(tiny_hf_llama, en
   assert relative_error(got[valid], ref[valid]) <= 1e-5
   base = np.asarray(Llama(config).apply({'params': params}, jnp.asarray(tokens)))
   assert np.abs(got - base).max() > 1e-2  # the prompt changes the answer: the parity is not vacuous
+  # one encoder weight moved by 0.01 (a few % of its scale) is seen: 6e-5 (mlp), 1.3e-4 (lstm)
+  group, layer, name = MOVED[encoder]
+  moved = jax.tree.map(np.array, tree)
+  weight = moved[group][layer][name]
+  weight[(0,) * weight.ndim] += 0.01
+  off = our_logits(config, params, method, moved, tokens, mask)
+  assert relative_error(off[valid], ref[valid]) > 2e-5
 
   folded_method, folded = method.fold(tree, config)
   assert folded_method == PromptTuning(NUM_TOKENS) and set(folded) == {'prompt_PD'}
