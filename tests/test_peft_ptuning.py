@@ -174,6 +174,9 @@ def test_call_string_and_errors(tiny_hf_llama):
   with pytest.raises(ValueError, match=r'PTuning num_tokens=12 leaves no position for a real token '
                                        r'\(max_position_embeddings=12\)'):
     Llama(config.replace(max_position_embeddings=12), peft=(PTuning(12),))
+  with pytest.raises(ValueError, match=r'PromptTuning\(num_tokens=2\) and PTuning\(num_tokens=3\) '
+                                       r'both prepend a soft prompt'):
+    Llama(config, peft=(PromptTuning(2), PTuning(3)))
 
 
 def test_smollm2_with_a_random_mlp_encoder_matches_hf_peft(smollm2, smollm2_torch):
