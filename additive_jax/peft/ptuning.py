@@ -34,7 +34,9 @@ bloomz-560m (D = 1024, n = 20, R = 128, MLP): 300,288, as its guide prints.
 The encoder runs once a step, on n vectors, not per token (`token_matmul_params` is 0,
 as for prompt tuning); `fold` evaluates it once into the plain `PromptTuning(n)` holding
 f(E), which inference, export and `aj.peft.stack` use: P-tuning adds nothing at
-inference that prompt tuning does not have.
+inference that prompt tuning does not have. Adapters of one n stack as prompts do (other
+n are refused, as PromptTuning refuses them); a model holds one soft prompt, so PTuning
+beside PromptTuning is refused (both would infer as a PromptTuning).
 
 Initialization, as PEFT's torch modules: E ~ N(0, 1) (torch.nn.Embedding), each Linear's
 weight and bias ~ U(±1/√fan_in), every LSTM weight and bias ~ U(±1/√R). Like prompt tuning
@@ -50,7 +52,8 @@ the leading 2 the (forward, backward) directions, I the layer's input width (D, 
 Liu, Zheng, Du, Ding, Qian, Yang & Tang, "GPT Understands, Too", 2021 (arXiv 2103.10385).
 HF PEFT: `PromptEncoderConfig(num_virtual_tokens=n, encoder_reparameterization_type='MLP'|
 'LSTM', encoder_hidden_size=R, encoder_num_layers=L)` (`encoder_num_layers` is ignored by its
-MLP, which always has 3 linear layers: here `encoder_layers` applies to the LSTM only).
+MLP, which always has 3 linear layers, though its warning says "Exactly 2 MLP layers": here
+`encoder_layers` applies to the LSTM only).
 """
 
 from __future__ import annotations
@@ -182,13 +185,13 @@ class PTuning(Method):
   def prompt(self, tree):
     """f(E): the encoder's output [n, D], the prompt the model reads."""
     x = tree['embedding_PD']
-    for i in range(self.encoder_layers if self.encoder == 'lstm' else 0):
-      x = lstm_layer(tree['lstm'][f'layer{i}'], x)
-    layers = [tree['mlp'][name] for name in sorted(tree['mlp'])]
-    for i, layer in enumerate(layers):
-      x = x @ layer['kernel'] + layer['bias']
-      if i < len(layers) - 1:
-        x = jax.nn.relu(x)
+    if self.encoder == 'lstm':
+      for i in range(self.encoder_layers):
+        x = lstm_layer(tree['lstm'][f'layer{i}'], x)  # [n, D], then [n, 2R]
+    linears = len(tree['mlp'])
+    for i in range(linears):  # ReLU between the linear layers, none after the last
+      x = x @ tree['mlp'][f'layer{i}']['kernel'] + tree['mlp'][f'layer{i}']['bias']
+      x = jax.nn.relu(x) if i < linears - 1 else x
     return x
 
   def prepend(self, tree):
