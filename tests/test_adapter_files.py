@@ -20,6 +20,7 @@ SINGLE = [aj.peft.Bottleneck(5, 'pfeiffer', 'gelu'),
           aj.peft.Bottleneck(placement='parallel', scale=4.0, reduction_factor=6.0),
           aj.peft.PromptTuning(3, init='text', text='hello'),
           aj.peft.PrefixTuning(4),
+          aj.peft.PTuning(3, encoder='lstm', encoder_hidden=5),
           aj.peft.LadderSide(reduction=2)]
 COMBINATION = (aj.peft.Bottleneck(5, 'houlsby', 'silu', scale=2.0), aj.peft.IA3(),
                aj.peft.LoRA(2, 4, ('k', 'down')), aj.peft.PromptTuning(2),

@@ -16,7 +16,8 @@ from conftest import relative_error
 
 ALL = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 EXPORTS = [aj.peft.LoRA(4, 6, ALL), aj.peft.IA3(), aj.peft.PromptTuning(3), aj.peft.PrefixTuning(4),
-           aj.peft.PrefixTuning(4, projection_dim=8)]
+           aj.peft.PrefixTuning(4, projection_dim=8),
+           aj.peft.PTuning(3, encoder='lstm', encoder_hidden=5, encoder_layers=2)]
 
 
 @pytest.fixture(scope='module')
@@ -25,7 +26,7 @@ def tokens():
 
 
 def virtual_tokens(method):
-  return method.num_tokens if isinstance(method, aj.peft.PromptTuning) else 0
+  return method.num_virtual_tokens
 
 
 @pytest.mark.parametrize('method', EXPORTS, ids=lambda m: m.call_string())
@@ -41,9 +42,9 @@ def test_export_loads_in_peft_with_our_logits_and_reads_back(tiny_hf_llama, toke
   assert relative_error(ours, ref) <= 1e-5
 
   methods, loaded = load_adapter(str(tmp_path), config)
-  if isinstance(method, aj.peft.PrefixTuning) and method.projection_dim:
-    method, folded = method.fold(peft_tree['prefix'], config)  # PEFT holds the folded prefix
-    peft_tree = {'prefix': folded}
+  # PEFT holds the inference form: a prefix's MLP or P-tuning's encoder evaluated once
+  method, folded = method.fold(peft_tree[method.key], config)
+  peft_tree = {method.key: folded}
   assert methods == (method,)
   assert_same_leaves(loaded, peft_tree)
   np.testing.assert_array_equal(our_logits(config, params, methods, loaded, tokens),
@@ -61,6 +62,12 @@ PEFT_SETTINGS = {
     'prefix-projection': (peft.PrefixTuningConfig(task_type='CAUSAL_LM', num_virtual_tokens=4,
                                                   prefix_projection=True, encoder_hidden_size=8),
                           aj.peft.PrefixTuning(4)),
+    # PEFT saves a P-tuning adapter's encoder output alone: it reads as that fixed prompt
+    'ptuning-mlp': (peft.PromptEncoderConfig(task_type='CAUSAL_LM', num_virtual_tokens=3,
+                                             encoder_hidden_size=6), aj.peft.PromptTuning(3)),
+    'ptuning-lstm': (peft.PromptEncoderConfig(task_type='CAUSAL_LM', num_virtual_tokens=3,
+                                              encoder_reparameterization_type='LSTM',
+                                              encoder_hidden_size=5), aj.peft.PromptTuning(3)),
 }
 
 

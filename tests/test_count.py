@@ -16,6 +16,7 @@ from additive_jax.peft.ladder import LadderSide
 from additive_jax.peft.lora import LoRA
 from additive_jax.peft.prefix import PrefixTuning
 from additive_jax.peft.prompt import PromptTuning
+from additive_jax.peft.ptuning import PTuning
 from conftest import LLAMA_3_2_1B_HF, LLAMA_3_2_3B_HF
 
 ALL_TARGETS = "('q', 'k', 'v', 'o', 'gate', 'up', 'down')"
@@ -87,7 +88,8 @@ def test_formula_equals_leaves_for_every_method(config):
              Bottleneck(dim=32, placement='parallel'), IA3(), LoRA(rank=8, alpha=16),
              PromptTuning(num_tokens=20), PrefixTuning(num_tokens=30),
              PrefixTuning(num_tokens=30, projection_dim=64), LadderSide(reduction=8),
-             AdaptionPrompt(num_tokens=10, num_layers=12)]
+             AdaptionPrompt(num_tokens=10, num_layers=12),
+             PTuning(num_tokens=20, encoder_hidden=128), PTuning(20, 'lstm', 64, encoder_layers=3)]
   for method in methods:
     (count,) = count_methods((method,), config)
     assert count.formula == count.leaves, method

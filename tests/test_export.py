@@ -107,7 +107,8 @@ def test_a_format_the_methods_cannot_take_is_one_line_from_the_cli(runs):
   assert result.returncode == 1 and 'Traceback' not in result.stderr
   assert result.stderr.strip().splitlines()[-1] == (
       "error: Bottleneck(dim=8, placement='houlsby') has no Hugging Face PEFT equivalent (PEFT files "
-      'hold LoRA, (IA)³, prompt or prefix tuning, adaption prompts); use format="aj" or "adapterhub"')
+      'hold LoRA, (IA)³, prompt tuning, P-tuning, prefix tuning or adaption prompts); use '
+      'format="aj" or "adapterhub"')
   assert not os.path.exists(os.path.join(runs['bottleneck'], 'export'))  # nothing half-written
 
 

@@ -34,6 +34,7 @@ METHODS = {
     'prompt': (aj.peft.PromptTuning(num_tokens=3),),
     'prefix': (aj.peft.PrefixTuning(num_tokens=3),),
     'prefix_projection': (aj.peft.PrefixTuning(num_tokens=2, projection_dim=5),),
+    'ptuning_lstm': (aj.peft.PTuning(num_tokens=3, encoder='lstm', encoder_hidden=5),),
     'ladder': (aj.peft.LadderSide(reduction=2),),
     'loreft': (aj.peft.ReFT(rank=2, layers=(1,), prefix_positions=3, tied=True,
                             activation='gelu'),),
@@ -201,7 +202,7 @@ def test_many_adapters_in_one_batch_give_each_row_its_own(params):
                                             [prompts[row]], max_new_tokens=5)[0], (kind, row)
 
 
-@pytest.mark.parametrize('name', ['ia3', 'prompt', 'prefix_projection', 'ladder',
+@pytest.mark.parametrize('name', ['ia3', 'prompt', 'prefix_projection', 'ptuning_lstm', 'ladder',
                                   'houlsby+ia3+lora+prompt+prefix'])
 def test_every_method_stacks(params, name):
   adapters = [(METHODS[name], random_peft(METHODS[name], params, seed)) for seed in (1, 2)]

@@ -18,6 +18,7 @@ from additive_jax.peft.ladder import LadderSide
 from additive_jax.peft.lora import LoRA
 from additive_jax.peft.prefix import PrefixTuning
 from additive_jax.peft.prompt import PromptTuning
+from additive_jax.peft.ptuning import PTuning
 from additive_jax.peft.reft import ReFT
 from additive_jax.train.optimizer import make_optimizer, method_settings
 from additive_jax.train.step import TrainState, batch_loss, train_step
@@ -35,6 +36,7 @@ SINGLES = {
     'prompt': PromptTuning(num_tokens=3),
     'prefix': PrefixTuning(num_tokens=3),
     'prefix_projection': PrefixTuning(num_tokens=2, projection_dim=5),
+    'ptuning_lstm': PTuning(num_tokens=3, encoder='lstm', encoder_hidden=5),
     'ladder': LadderSide(reduction=2),
     'loreft': ReFT(rank=2, prefix_positions=2, suffix_positions=2),
 }

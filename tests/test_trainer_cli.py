@@ -20,7 +20,7 @@ from conftest import xla_flags
 # The method each preset names, by its key.
 PRESET_KEYS = {'pfeiffer': 'bottleneck', 'houlsby': 'bottleneck', 'parallel': 'bottleneck',
                'ia3': 'ia3', 'lora': 'lora', 'prompt': 'prompt', 'prefix': 'prefix', 'ladder': 'ladder',
-               'loreft': 'reft', 'direft': 'reft',
+               'loreft': 'reft', 'direft': 'reft', 'ptuning': 'ptuning',
                'compacter': 'compacter', 'compacterpp': 'compacter',
                'adaption_prompt': 'adaption_prompt'}
 

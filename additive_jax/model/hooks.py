@@ -138,6 +138,10 @@ def check_methods(methods, config) -> None:
       raise ValueError(f'method {method.key!r} is configured twice; each method owns one '
                        f"subtree of variables['peft'] (merge the settings into one)")
     method.check(config)
+  prompts = [m for m in methods if m.num_virtual_tokens]
+  if len(prompts) > 1:  # their inference forms (`fold`) would both be a PromptTuning
+    raise ValueError(f'{prompts[0].call_string()} and {prompts[1].call_string()} both prepend a '
+                     'soft prompt and infer as one PromptTuning each; train one of them')
   outside = [m for m in methods if not m.acts_in_backbone]
   inside = [m for m in methods if m.acts_in_backbone]
   if outside and inside:

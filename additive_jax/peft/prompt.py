@@ -64,9 +64,7 @@ class PromptTuning(Method):
       raise ValueError(f"PromptTuning text is used only with init='text', got init={self.init!r}")
 
   def check(self, config) -> None:
-    if self.num_tokens >= config.max_position_embeddings:
-      raise ValueError(f'PromptTuning num_tokens={self.num_tokens} leaves no position for a real token '
-                       f'(max_position_embeddings={config.max_position_embeddings})')
+    check_positions('PromptTuning', self.num_tokens, config)
 
   def token_matmul_params(self, config) -> int:
     return 0  # the vectors cost the positions they take, counted as tokens
@@ -98,6 +96,13 @@ class PromptTuning(Method):
 
   def prepend(self, tree):
     return tree['prompt_PD']
+
+
+def check_positions(method: str, num_tokens: int, config) -> None:
+  """Refuses a prompt that fills the context: a real token needs a position after it."""
+  if num_tokens >= config.max_position_embeddings:
+    raise ValueError(f'{method} num_tokens={num_tokens} leaves no position for a real token '
+                     f'(max_position_embeddings={config.max_position_embeddings})')
 
 
 def text_token_ids(text: str, tokenizer, num_tokens: int) -> list[int]:

@@ -9,6 +9,7 @@ One method per directory, as PEFT holds it, for `LlamaForCausalLM`
   (IA)³   ...layers.{l}.self_attn.k_proj.ia3_l [K·H, 1] = l_k[l], ...v_proj.ia3_l [K·H, 1],
           ...mlp.down_proj.ia3_l [1, F] = l_ff[l]
   prompt  prompt_embeddings [n, D] = prompt_PD
+  P-tuning  prompt_embeddings [n, D] = the prompt encoder's output f(E)
   prefix  prompt_embeddings [n, L·2·K·H], which PEFT views as [n, L·2, K, H]: layer l's
           keys at 2l, its values at 2l + 1 (GQA-aware: token_dim = K·H, num_attention_heads = K)
   adaption prompt (LLaMA-Adapter), in each of the top `adapter_layers` layers l:
@@ -19,6 +20,13 @@ A prefix trained with a reparameterization MLP is written folded
 `PrefixTuning(n)`. A prompt is written with `prompt_tuning_init: RANDOM`: the
 init only matters before training, and PEFT's TEXT init would load a tokenizer
 on reading; it reads back as `PromptTuning(n)`.
+
+P-tuning is written in its inference form, as PEFT saves it (`get_peft_model_state_dict`
+keeps only the encoder's output, never the embedding E or the encoder's weights), with
+`peft_type: P_TUNING` and the encoder's settings for a reader. `PeftModel.from_pretrained`
+(inference mode, its default) builds no encoder and uses the saved vectors as the prompt;
+with `is_trainable=True` it would run a freshly initialized encoder over them instead. A
+PEFT P-tuning file reads back as the fixed prompt it holds: `PromptTuning(n)`.
 
 Reading refuses, by name, the PEFT settings our methods do not compute (DoRA,
 rsLoRA, per-layer ranks, trained biases, `modules_to_save`, other targets, ...)
@@ -38,6 +46,7 @@ from additive_jax.peft.ia3 import IA3
 from additive_jax.peft.lora import TARGETS, LoRA, widths
 from additive_jax.peft.prefix import PrefixTuning
 from additive_jax.peft.prompt import PromptTuning
+from additive_jax.peft.ptuning import PTuning
 
 CONFIG_NAME = 'adapter_config.json'
 WEIGHTS_NAME = 'adapter_model.safetensors'
@@ -149,6 +158,17 @@ def _export_prompt(method: PromptTuning, tree, config):
                                                                 'prompt_tuning_init': 'RANDOM'}
 
 
+def _export_ptuning(method: PTuning, tree, config):
+  folded, prompt = method.fold(tree, config)
+  tensors, settings = _export_prompt(folded, prompt, config)
+  settings = {**settings, 'peft_type': 'P_TUNING',
+              'encoder_reparameterization_type': method.encoder.upper(),
+              'encoder_hidden_size': method.width(config),
+              'encoder_num_layers': method.encoder_layers, 'encoder_dropout': 0.0}
+  del settings['prompt_tuning_init']
+  return tensors, settings
+
+
 def _import_prompt(settings, tensors, config, path, weights_path):
   _check_virtual_tokens(settings, path, {'token_dim': config.hidden_size})
   method = _construct(path, PromptTuning, settings.get('num_virtual_tokens'))
@@ -216,9 +236,12 @@ def _import_adaption_prompt(settings, tensors, config, path, weights_path):
 
 
 EXPORTERS = {'lora': _export_lora, 'ia3': _export_ia3, 'prompt': _export_prompt,
-             'prefix': _export_prefix, 'adaption_prompt': _export_adaption_prompt}
+             'ptuning': _export_ptuning, 'prefix': _export_prefix,
+             'adaption_prompt': _export_adaption_prompt}
+# a P-tuning file holds the encoder's output alone: the prompt that PEFT reads it as
 IMPORTERS = {'LORA': _import_lora, 'IA3': _import_ia3, 'PROMPT_TUNING': _import_prompt,
-             'PREFIX_TUNING': _import_prefix, 'ADAPTION_PROMPT': _import_adaption_prompt}
+             'P_TUNING': _import_prompt, 'PREFIX_TUNING': _import_prefix,
+             'ADAPTION_PROMPT': _import_adaption_prompt}
 
 
 def _refuse_set(settings, path, *names):
@@ -254,7 +277,8 @@ def save(directory, method, tree, config, base_model_name_or_path=None) -> None:
   exporter = EXPORTERS.get(method.key)
   if exporter is None:
     raise AdapterFileError(f'{method.call_string()} has no Hugging Face PEFT equivalent (PEFT files '
-                           'hold LoRA, (IA)³, prompt or prefix tuning, adaption prompts); use '
+                           'hold LoRA, (IA)³, prompt tuning, P-tuning, prefix tuning or '
+                           'adaption prompts); use '
                            'format="aj"' + (' or "adapterhub"' if method.key == 'bottleneck' else ''))
   tensors, settings = exporter(method, tree, config)
   write_tensors(os.path.join(directory, WEIGHTS_NAME),
