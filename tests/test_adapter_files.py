@@ -154,7 +154,10 @@ def test_two_formats_in_one_directory_need_format(tmp_path):
     ('hf_peft', (aj.peft.Bottleneck(4),), r'Bottleneck\(dim=4\) has no Hugging Face PEFT '
                                           r'equivalent.*use format="aj" or "adapterhub"'),
     ('hf_peft', (aj.peft.LadderSide(2),), r'LadderSide\(reduction=2\) has no Hugging Face PEFT'),
-    ('adapterhub', (aj.peft.LoRA(),), r'LoRA\(\) is not written as an AdapterHub adapter'),
+    ('adapterhub', (aj.peft.IA3(),), r'IA3\(\) is not written as an AdapterHub adapter'),
+    ('adapterhub', (aj.peft.LoRA(targets=('o',)),), r"AdapterHub's LoRA acts on q, k, v, up and "
+                                                     r"down projections only, not \['o'\]"),
+    ('adapterhub', (aj.peft.PrefixTuning(3),), r"positions='from_zero'"),
     ('adapterhub', (aj.peft.LadderSide(2),), 'not written as an AdapterHub adapter'),
 ])
 def test_formats_refuse_what_they_cannot_hold(tmp_path, format, methods, match):

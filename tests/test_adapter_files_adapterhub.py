@@ -100,13 +100,13 @@ def houlsby_dir(tmp_path):
 
 @pytest.mark.parametrize('change, match', [
     ({'ln_after': True}, r'ln_after=True \(needs False\): not a plain seq_bn'),
-    ({'use_gating': True}, r'use_gating=True \(needs False\)'),
+    ({'phm_layer': True, 'use_gating': True}, r'a gated Compacter \(use_gating\) is not read here'),
     ({'residual_before_ln': False}, r'residual_before_ln=False \(needs True\)'),
     ({'original_ln_before': True}, r"\{'mh_adapter': True, 'original_ln_before': True, "
                                    r"'is_parallel': False\} is none of seq_bn"),
     ({'non_linearity': 'tanh'}, r"non_linearity 'tanh' is not one of relu, gelu, swish, silu"),
     ({'reduction_factor': {'default': 16}}, r"reduction_factor=\{'default': 16\}; only a single"),
-    ({'architecture': 'lora'}, r"architecture 'lora' is not read here"),
+    ({'architecture': 'prompt_tuning'}, r"architecture 'prompt_tuning' is not read here"),
 ])
 def test_unsupported_adapterhub_configs_are_named(houlsby_dir, change, match):
   path = houlsby_dir / 'adapter_config.json'

@@ -15,6 +15,7 @@ import typing
 from typing import Any, Mapping
 
 from additive_jax.peft.base import Method, method_classes
+from additive_jax.peft.combinations import COMBINATIONS
 
 
 def class_for_key(key: str) -> type[Method]:
@@ -33,7 +34,6 @@ def presets() -> dict[str, tuple[type[Method], dict]]:
 
 def combinations() -> dict[str, tuple[tuple[type[Method], dict], ...]]:
   """Combination name -> its methods' (class, fields), e.g. 'mam' (peft/combinations.py)."""
-  from additive_jax.peft.combinations import COMBINATIONS  # it imports the method classes
   return {name: tuple((cls, dict(fields)) for cls, fields in parts)
           for name, parts in COMBINATIONS.items()}
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 import numpy as np
 
 from additive_jax.peft.files.file_io import AdapterFileError
-from additive_jax.peft.lora import LoRA
+from additive_jax.peft.lora import LoRA, widths
 from additive_jax.peft.prefix import PrefixTuning
 
 LORA_CONFIG = {'alpha': 8, 'architecture': 'lora', 'attn_matrices': ['q', 'v'],
@@ -111,7 +111,6 @@ def lora_names(method: LoRA, name: str, config) -> dict:
 
 
 def lora_shapes(method: LoRA, names: dict, config) -> dict:
-  from additive_jax.peft.lora import widths
   shapes = {}
   for (t, leaf, _), hub in names.items():
     i, o = widths(config, t)
