@@ -7,6 +7,8 @@ the logits well away from the base's and from the other adapters' (checked), and
 below holds by accident.
 """
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -39,6 +41,11 @@ METHODS = {
     'loreft': (aj.peft.ReFT(rank=2, layers=(1,), prefix_positions=3, tied=True,
                             activation='gelu'),),
     'adaption_prompt': (aj.peft.AdaptionPrompt(num_tokens=3, num_layers=1),),
+    'mam': (aj.peft.PrefixTuning(3, 5, embedding_width='hidden', positions='from_zero'),
+            aj.peft.Bottleneck(dim=4, placement='parallel', scale=4.0)),
+    'unipelt': (aj.peft.PrefixTuning(2, 4, embedding_width='hidden', positions='from_zero',
+                                     gate='token'),
+                aj.peft.Bottleneck(dim=3, gate='token'), aj.peft.LoRA(2, 2, gate='token')),
     'houlsby+ia3+lora+prompt+prefix': (aj.peft.Bottleneck(dim=4, placement='houlsby'),
                                        aj.peft.IA3(), aj.peft.LoRA(rank=2, alpha=4, targets=ALL),
                                        aj.peft.PromptTuning(num_tokens=2),
@@ -255,3 +262,21 @@ def test_a_decode_step_updates_the_cache_in_place():
   memory = compiled.memory_analysis()
   assert memory.alias_size_in_bytes >= cache_bytes
   assert memory.temp_size_in_bytes < cache_bytes / 2, (memory.temp_size_in_bytes, cache_bytes)
+
+
+def test_token_gates_are_causal_and_a_sequence_gate_refuses_a_cache(params):
+  """gate='token' (UniPELT here): a token's logits do not move when a later token changes; gate=
+  'sequence' (AdapterHub's mean over the call) moves them, and is refused with a KV cache."""
+  tokens = jnp.asarray(np.random.RandomState(3).randint(0, CONFIG.vocab_size, (2, 6)))
+  later = tokens.at[:, -1].set((tokens[:, -1] + 1) % CONFIG.vocab_size)
+  moved = {}
+  for gate in ('token', 'sequence'):
+    methods = tuple(dataclasses.replace(m, gate=gate) for m in METHODS['unipelt'])
+    model = Llama(CONFIG, peft=methods)
+    variables = {'params': params, 'peft': random_peft(methods, params, 1)}
+    before, after = (np.asarray(model.apply(variables, t))[:, :-1] for t in (tokens, later))
+    moved[gate] = np.abs(before - after).max()
+  assert moved['token'] == 0 and moved['sequence'] > 1e-4, moved
+  with pytest.raises(ValueError, match=r"PrefixTuning\(.*gate='sequence'\) reads every token of "
+                                       r'the sequence at each token: it cannot decode with a KV cache'):
+    model.apply(variables, tokens, cache=model.init_cache(2, 8))

@@ -13,7 +13,8 @@ methods added after the others were run:
 
 BASE = 'configs/sst2.py'
 PRESETS = ('pfeiffer', 'houlsby', 'parallel', 'ia3', 'lora', 'prompt', 'prefix', 'ladder',
-           'compacter', 'compacterpp', 'loreft', 'direft')
+           'compacter', 'compacterpp', 'loreft', 'direft', 'ptuning', 'adaption_prompt', 'mam',
+           'unipelt')
 
 
 def get_hyper(h, arg=None):
