@@ -7,7 +7,8 @@
 For Llama-3.2-1B and SmolLM2-135M: bottleneck adapters (Pfeiffer, Houlsby and
 parallel, R = 8…256), (IA)³, LoRA r = 4…64 on q,v and on all seven projections,
 prompt and prefix tuning at their presets' 20 virtual tokens, ladder side
-tuning, Compacter and Compacter++ (reduction factor 4…16) and LoReFT (r = 1…16); each
+tuning, Compacter and Compacter++ (reduction factor 4…16), LoReFT (r = 1…16), P-tuning,
+LLaMA-Adapter and AdapterHub's prefix (MAM's); each
 row gives the trainable parameters, their % of the base, and the adapter file's size in fp32 and bf16. Below the Llama tables, a note on the
 figures commonly quoted wrongly for it.
 
@@ -121,6 +122,18 @@ TABLES = (
     Table('loreft', 'LoReFT at every layer, separate prefix and suffix interventions (DiReFT and '
           'NoReFT count the same)', 'ReFT(rank={}, suffix_positions=3)', 'r', (1, 4, 8, 16),
           'L*2*(2*D*r + r)'),
+    Table('ptuning', 'P-tuning, n = 20 virtual tokens through the MLP encoder of width R (the '
+          '`ptuning` preset: R = 128)', 'PTuning(num_tokens=20, encoder_hidden={})', 'R',
+          (128, 512), 'n*D + 2*D*R + R*R + 2*R + D', where='n = 20',
+          derived=lambda r, s: {'n': 20}),
+    Table('adaption_prompt', 'LLaMA-Adapter, n = 10 prompt vectors in the top l layers',
+          'AdaptionPrompt(num_tokens=10, num_layers={})', 'l', (4, 8, 16), 'l*(n*D + 1)',
+          where='n = 10', derived=lambda l, s: {'n': 10}),
+    Table('prefix_adapterhub', "Prefix tuning in AdapterHub's form, n = 30 through an MLP of "
+          'width R reading [n, D] (the `mam` combination: R = 800; inference holds L*n*2*K*H)',
+          "PrefixTuning(num_tokens=30, projection_dim={}, embedding_width='hidden', "
+          "positions='from_zero')", 'R', (512, 800), 'n*D + D*R + R + 2*L*K*H*(R + 1)',
+          where='n = 30', derived=lambda r, s: {'n': 30}),
 )
 
 @dataclasses.dataclass(frozen=True)

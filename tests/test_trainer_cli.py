@@ -152,6 +152,28 @@ def test_every_method_preset_of_every_config_passes_the_checks(config_file):
     experiment_config(config_file, 'adapter')
 
 
+def test_combinations_configure_their_methods_and_a_sequence_gate_is_refused():
+  """`configs/sst2.py:mam` and `:unipelt` train AdapterHub's MAMConfig and UniPELTConfig
+  methods (peft/combinations.py), each with its own optimizer block; UniPELT with AdapterHub's
+  own gate, averaged over the whole sequence, is refused before anything loads."""
+  for name, keys in (('mam', ['bottleneck', 'prefix']), ('unipelt', ['bottleneck', 'lora', 'prefix'])):
+    config = experiment_config('sst2', name)
+    config.batch_size = 8  # the test process has 8 devices
+    methods = check_config(config)[1]
+    assert sorted(m.key for m in methods) == keys, name
+    assert all('learning_rate' in config.peft[key].optimizer for key in keys)
+  assert {m.key: m.gate for m in methods} == {'prefix': 'token', 'bottleneck': 'token',
+                                               'lora': 'token'}
+  config = experiment_config('sst2', 'unipelt')
+  config.batch_size = 8
+  config.peft.lora.gate = 'sequence'
+  with pytest.raises(ValueError, match=r"config.peft.lora: LoRA\(.*gate='sequence'\) reads every "
+                                       r"token of the sequence at each token .*train with gate='token'"):
+    check_config(config)
+  with pytest.raises(ValueError, match="presets 'mam' and 'unipelt' both configure"):
+    experiment_config('sst2', 'mam,unipelt')
+
+
 def test_gsm8k_smoke_run_with_the_chat_template(tmp_path, tiny_with_tokenizer):
   result = subprocess.run(
       [sys.executable, '-m', 'additive_jax.main', '--config=configs/gsm8k.py:prefix,runlocal',
