@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 
 from additive_jax import command  # noqa: E402
 from additive_jax.peft.lora import TARGETS as LORA_TARGETS  # noqa: E402
-from additive_jax.peft.registry import field_types, presets  # noqa: E402
+from additive_jax.peft.registry import combinations, field_types, presets  # noqa: E402
 from additive_jax.eval.metrics import METRICS  # noqa: E402
 from additive_jax.train.workdir import RunFolder  # noqa: E402
 from experiments.bootstrap import BOOTSTRAP_SEED, RESAMPLES, compare  # noqa: E402
@@ -60,6 +60,8 @@ SHOWN_FIELDS = {'bottleneck': ('placement', 'dim', 'reduction_factor'),
                 'lora': ('rank', 'alpha', 'targets'), 'prompt': ('num_tokens',),
                 'prefix': ('num_tokens',), 'ladder': ('reduction',),
                 'compacter': ('placement', 'reduction_factor'), 'reft': ('kind', 'rank')}
+# the combinations (peft/combinations.py) by the names their papers give them
+COMBINATION_NAMES = {'mam': 'MAM adapter', 'unipelt': 'UniPELT'}
 PLACEMENT_NAMES = {'pfeiffer': 'Pfeiffer adapter', 'houlsby': 'Houlsby adapter',
                    'parallel': 'parallel adapter'}
 MEMORY_HEADERS = {('peak',): 'peak memory MiB', ('compiled',): 'step memory MiB'}  # else mixed
@@ -91,6 +93,9 @@ def describe(words: tuple[str, ...], overrides: dict) -> tuple[str, str, dict]:
   """(label, family, the overrides the label leaves to the settings column). The label names
   each method with its size, `LoRA r 4 (all 7)`; the family is the label without the size."""
   known = presets()
+  if len(words) == 1 and words[0] in combinations():  # a named combination: its name
+    name = COMBINATION_NAMES.get(words[0], words[0])
+    return name, name, dict(overrides)
   if not words or any(w not in known for w in words):
     text = ','.join(words) or 'base config'
     return text, text, dict(overrides)
@@ -132,6 +137,12 @@ def method_text(key: str, fields: dict, preset: dict) -> tuple[str, str]:
     name = {'houlsby': 'Compacter', 'pfeiffer': 'Compacter++'}.get(
         fields['placement'], f"Compacter ({fields['placement']})")
     return name, f"{name} reduction {number(fields['reduction_factor'])}"
+  if key == 'ptuning':
+    encoder = f"{fields['encoder'].upper()} {fields['encoder_hidden'] or 'D'}"
+    return 'P-tuning', f"P-tuning {fields['num_tokens']} tokens ({encoder})"
+  if key == 'adaption_prompt':
+    return 'LLaMA-Adapter', (f"LLaMA-Adapter {fields['num_tokens']} tokens, top "
+                             f"{fields['num_layers']} layers")
   if key == 'reft':
     name = {'loreft': 'LoReFT', 'noreft': 'NoReFT', 'direft': 'DiReFT'}[fields['kind']]
     return name, f"{name} r {fields['rank']}"

@@ -104,7 +104,7 @@ def _entry(cls, chosen: dict) -> ml_collections.ConfigDict:
       entry[name] = ml_collections.config_dict.placeholder(kind)
     else:
       entry[name] = kind(value) if kind in (int, float) else value
-  entry.optimizer = method_settings(cls)
+  entry.optimizer = method_settings(cls, chosen.get('optimizer'))  # a combination's own rates
   return entry
 
 

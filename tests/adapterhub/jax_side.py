@@ -24,6 +24,7 @@ import safetensors.numpy
 
 import additive_jax as aj
 from additive_jax.peft.combinations import COMBINATIONS
+from additive_jax.peft.registry import method_from_fields
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 from adapter_files_helpers import random_peft  # noqa: E402
@@ -75,9 +76,9 @@ THEIRS = {'seq_bn': aj.peft.Bottleneck(6, 'pfeiffer', 'gelu'),
 # on SmolLM2, once per method family beyond the bottleneck
 SMOLLM2 = {'compacter': aj.peft.Compacter(**aj.peft.Compacter.presets['compacter']),
            'loreft': aj.peft.ReFT(4, layers=(3, 17, 29), prefix_positions=3, suffix_positions=2),
-           'mam': tuple(cls(**fields) for cls, fields in COMBINATIONS['mam']),
+           'mam': tuple(method_from_fields(cls.key, fields) for cls, fields in COMBINATIONS['mam']),
            # the unipelt combination with AdapterHub's gate
-           'unipelt': tuple(cls(**{**fields, 'gate': 'sequence'})
+           'unipelt': tuple(method_from_fields(cls.key, {**fields, 'gate': 'sequence'})
                             for cls, fields in COMBINATIONS['unipelt'])}
 # a left-padded row and a right-padded one: ReFT's positions count the real tokens
 MASK = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 0, 0]])
