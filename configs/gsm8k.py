@@ -5,8 +5,8 @@ r"""SmolLM2-135M-Instruct on GSM8K with one method (default LoRA), chat template
     .venv/bin/python -m additive_jax.main --config=configs/gsm8k.py:prefix,runlocal --workdir=/tmp/smoke
 
 The argument names a method preset (pfeiffer, houlsby, parallel, ia3, lora,
-prompt, prefix, ladder, compacter, compacterpp, loreft, direft; several for a
-combination) and `runlocal` shrinks the
+prompt, ptuning, prefix, ladder, compacter, compacterpp, loreft, direft, adaption_prompt,
+mam, unipelt; several for a combination) and `runlocal` shrinks the
 run to a smoke test. Each question is the user turn and its worked answer
 (ending `#### <number>`) the assistant turn of SmolLM2's chat template; rows of
 512 tokens hold one or two packed examples. On 2 CPU cores a step takes about

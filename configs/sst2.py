@@ -5,9 +5,8 @@ r"""SmolLM2-135M-Instruct on SST-2: one method (default Pfeiffer), accuracy befo
     .venv/bin/python -m additive_jax.main --config=configs/sst2.py:ia3,runlocal --workdir=/tmp/smoke
 
 The argument names a method preset (pfeiffer, houlsby, parallel, ia3, lora,
-prompt, ptuning, prefix, ladder, compacter, compacterpp, loreft, direft, adaption_prompt,
-mam, unipelt; several for a
-combination) and `runlocal` shrinks the
+prompt, ptuning, prefix, ladder, compacter, compacterpp, loreft, direft, adaption_prompt;
+several for a combination; or the combinations mam, unipelt) and `runlocal` shrinks the
 run to a smoke test. The default is the README's quickstart: about 5 minutes on
 2 CPU cores (60 steps of about 2.1 s, and 50 seconds for each scoring of the
 872-row test set).
