@@ -210,7 +210,7 @@ def test_many_adapters_in_one_batch_give_each_row_its_own(params):
 
 
 @pytest.mark.parametrize('name', ['ia3', 'prompt', 'prefix_projection', 'ptuning_lstm', 'ladder',
-                                  'houlsby+ia3+lora+prompt+prefix'])
+                                  'mam', 'unipelt', 'houlsby+ia3+lora+prompt+prefix'])
 def test_every_method_stacks(params, name):
   adapters = [(METHODS[name], random_peft(METHODS[name], params, seed)) for seed in (1, 2)]
   methods, stacked = aj.peft.stack(adapters, CONFIG)
