@@ -29,6 +29,8 @@ def with_prefixes(q_BTNH, k_BSKH, v_BSKH, prefixes):
   """(q, keys, values, gate_BT1) with the `prefixes` [(k [n,K,H], v [n,K,H], gate [B,T,1] or
   None), ...] placed before the keys; with a gate, q, keys and values are the doubled ones and
   `ungate` recovers the output."""
+  if not prefixes:
+    return q_BTNH, k_BSKH, v_BSKH, None
   batch = (k_BSKH.shape[0],)
 
   def slots(t_PKH):

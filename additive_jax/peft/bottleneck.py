@@ -128,7 +128,8 @@ class Bottleneck(Method):
     layers, d, r = config.num_layers, config.hidden_size, self.bottleneck_dim(config)
     tree = {}
     for site, key in zip(self.sites, jax.random.split(rng, len(self.sites))):
-      key, gate_key = jax.random.split(key)
+      if self.gate:  # only then: an ungated adapter draws exactly what it drew before gates
+        key, gate_key = jax.random.split(key)
       if self.placement == 'parallel':  # AdapterHub "mam_adapter": kaiming_uniform_(a=√5)
         bound = 1.0 / d ** 0.5
         down_LDR = jax.random.uniform(key, (layers, d, r), jnp.float32, -bound, bound)

@@ -133,7 +133,8 @@ class LoRA(Method):
     tree = {}
     for target, key in zip(self.targets, jax.random.split(rng, len(self.targets))):
       i, o = widths(config, target)
-      key, gate_key = jax.random.split(key)
+      if self.gate:  # only then: an ungated LoRA draws exactly what it drew before gates
+        key, gate_key = jax.random.split(key)
       bound = 1.0 / math.sqrt(i)  # kaiming_uniform_(a=√5) on [r, I]: gain √(1/3) · √(3/I)
       tree[target] = {
           'a': jax.random.uniform(key, (config.num_layers, i, self.rank), jnp.float32, -bound, bound),

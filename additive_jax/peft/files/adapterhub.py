@@ -258,18 +258,22 @@ def load(directory, config, allow_pickle=False):
   # saved from a LlamaModel (no LM head), the names lack the "model." of LlamaForCausalLM
   tensors = {(n if n.startswith('model.') else 'model.' + n): t for n, t in tensors.items()}
   methods, peft = [], {}
-  for settings in parts:
-    if len(parts) > 1:  # a union: each part checks the tensors under its modules' names
-      tensors_of = lambda name, a=settings.get('architecture'): (
-          UNION_MODULES[a] in name if a in UNION_MODULES else
-          not any(module in name for module in UNION_MODULES.values()))
-      part = {name: tensor for name, tensor in tensors.items() if tensors_of(name)}
-    else:
-      part = tensors
+  for settings in parts:  # in a union, each part checks the tensors under its modules' names
+    part = _union_part(tensors, settings.get('architecture')) if len(parts) > 1 else tensors
     method, tree = _load_part(raw, settings, part, weights_path, config, path)
     methods.append(method)
     peft[method.key] = tree
   return tuple(methods), peft
+
+
+def _union_part(tensors, architecture) -> dict:
+  """The tensors of a union's part: a LoRA's and a prefix's by their modules, a bottleneck's
+  the rest."""
+  def owned(name):
+    if architecture in UNION_MODULES:
+      return UNION_MODULES[architecture] in name
+    return not any(module in name for module in UNION_MODULES.values())
+  return {name: tensor for name, tensor in tensors.items() if owned(name)}
 
 
 def _load_part(raw, settings, tensors, weights_path, config, path):
