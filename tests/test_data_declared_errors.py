@@ -32,7 +32,7 @@ NEWS = {'name': 'news', 'format': 'tsv', 'columns': ('label', 'text'),
      r"config.data.source.held_out.split='test' has a file of its own"),
     ({'format': 'xml'}, r"config.data.source.format is 'xml': one of jsonl, json, tsv, csv, text"),
     ({'format': None}, r"config.data.source.format is not set: .* \('qa' is not a built-in "
-     r'source \(sst2, gsm8k, tinyshakespeare\)'),
+     r'source \(sst2, gsm8k, trec, tinyshakespeare\)'),
     ({'response': None}, r"config.data.source.response is not set"),
     ({'files': {}}, r'config.data.source.files names no file'),
     ({'columns': ('q', 'a')}, r"config.data.source.columns is set, but format 'jsonl' has no "

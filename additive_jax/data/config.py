@@ -67,7 +67,7 @@ def source_config(name: str = 'sst2') -> ml_collections.ConfigDict:
   """A source declaration: `name` and typed placeholders. A key left unset (None, or an empty
   `labels`) takes the value of the built-in source `name`, if there is one."""
   s = ml_collections.ConfigDict()
-  s.name = name                      # a built-in (sst2, gsm8k, tinyshakespeare), or your own
+  s.name = name                      # a built-in (sst2, gsm8k, trec, tinyshakespeare), or your own
   s.format = placeholder(str)        # jsonl | json | tsv | csv | text | paragraphs | parquet
   # the file of each split: relative to the data folder, absolute, or a URL (gs://...)
   s.files = ml_collections.ConfigDict({key: placeholder(str) for key in SPLIT_KEYS})
