@@ -10,6 +10,11 @@ that holds a chat conversation), label words, a held-out split. A built-in
 source is named by `name` and fills every key left unset (data/builtins.py);
 `data/declarations.py` checks a declaration and resolves it.
 
+`config.data.mixture` trains on several declared sources at once: one entry per
+source, each a source declaration with a `weight` (`mixture_entry()`); empty, the
+run trains on `config.data.source` alone. `config.data.source` stays the source
+the run evaluates and tests (data/mixture.py).
+
 The data folder (the source files) is, in this order: `config.data.data_dir`
 when set, else `$ADDITIVE_JAX_DATA`, else `../shared/data` beside the working
 directory. A relative file of a declaration is relative to it; an absolute path
@@ -83,9 +88,20 @@ def source_config(name: str = 'sst2') -> ml_collections.ConfigDict:
   return s
 
 
+def mixture_entry(name: str, weight: float = 1.0) -> ml_collections.ConfigDict:
+  """A mixture entry: a source declaration (`source_config(name)`, every key settable) and its
+  `weight`, relative to the other entries' (the weights are normalized)."""
+  entry = source_config(name)
+  entry.weight = float(weight)
+  return entry
+
+
 def data_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.source = source_config()  # the data set's declaration (see source_config)
+  # train on a weighted mixture of sources instead, each read at `split`: {entry:
+  # mixture_entry(name, weight)}; empty: train on `source`, which evaluation reads either way
+  config.mixture = ml_collections.ConfigDict()
   config.split = 'train'          # the split make_train_iterator reads
   config.eval_split = 'dev'       # the split make_eval_batches reads (SST-2 dev/test; else test)
   config.template = 'plain'       # 'plain': prompt + response + EOS | 'chat': the tokenizer's

@@ -28,8 +28,10 @@ _TABLES = {'files': "{'train': 'news/train.tsv'}", 'held_out': "{'split': 'dev',
            'labels': "{'label': {'1': ' World'}}"}
 
 
-def source_spec(declaration) -> SourceSpec:
-  """The spec of a declaration (ConfigDict or dict), of a built-in's name, or a spec itself."""
+def source_spec(declaration, key: str = KEY) -> SourceSpec:
+  """The spec of a declaration (ConfigDict or dict), of a built-in's name, or a spec itself;
+  `key` is the declaration's config key, which its errors name (a mixture entry's is
+  `config.data.mixture.<entry>`)."""
   if isinstance(declaration, SourceSpec):
     return declaration
   if isinstance(declaration, str):
@@ -39,19 +41,20 @@ def source_spec(declaration) -> SourceSpec:
     declaration = {'name': declaration}
   declared = _plain(declaration)
   if not isinstance(declared, dict):
-    raise ValueError(f'{KEY} must be a declaration (a ConfigDict), got {declaration!r}')
+    raise ValueError(f'{key} must be a declaration (a ConfigDict), got {declaration!r}')
   unknown = sorted(set(declared) - set(_KEYS))
   if unknown:
-    raise ValueError(f'{KEY} has unknown keys {unknown}; known: {", ".join(_KEYS)}')
-  for key, example in _TABLES.items():  # merged key by key, so each must be a table
-    if declared.get(key) is not None and not isinstance(declared[key], Mapping):
-      raise ValueError(f'{KEY}.{key} must be a mapping, e.g. {example}, got {declared[key]!r}')
+    raise ValueError(f'{key} has unknown keys {unknown}; known: {", ".join(_KEYS)}')
+  for table, example in _TABLES.items():  # merged key by key, so each must be a table
+    if declared.get(table) is not None and not isinstance(declared[table], Mapping):
+      raise ValueError(f'{key}.{table} must be a mapping, e.g. {example}, got '
+                       f'{declared[table]!r}')
   name = declared.get('name')
   if not isinstance(name, str) or not _NAME.fullmatch(name):
-    raise ValueError(f'{KEY}.name must be lower-case letters, digits and underscores, starting '
+    raise ValueError(f'{key}.name must be lower-case letters, digits and underscores, starting '
                      f'with a letter (it names the prepared data), got {name!r}')
   merged = _merge(BUILTIN_SOURCES.get(name, {}), declared)
-  return _spec(name, merged)
+  return _spec(name, merged, key)
 
 
 def _plain(value):
@@ -82,74 +85,75 @@ def _not_built_in(name: str) -> str:
           'declaration says everything)')
 
 
-def _spec(name: str, d: dict) -> SourceSpec:
+def _spec(name: str, d: dict, key: str) -> SourceSpec:
   if d.get('format') not in FORMATS:
     got = 'is not set' if d.get('format') is None else f'is {d["format"]!r}'
-    raise ValueError(f'{KEY}.format {got}: one of {", ".join(FORMATS)}{_not_built_in(name)}')
-  columns = _columns(d)
+    raise ValueError(f'{key}.format {got}: one of {", ".join(FORMATS)}{_not_built_in(name)}')
+  columns = _columns(d, key)
   messages = d.get('messages') or ''
   if not isinstance(messages, str):
-    raise ValueError(f'{KEY}.messages must name a field, got {messages!r}')
+    raise ValueError(f'{key}.messages must name a field, got {messages!r}')
   if messages:
-    for key in ('prompt', 'response', 'labels'):
-      if d.get(key):
-        raise ValueError(f'{KEY}.{key} is set beside {KEY}.messages={messages!r}: a '
+    for field in ('prompt', 'response', 'labels'):
+      if d.get(field):
+        raise ValueError(f'{key}.{field} is set beside {key}.messages={messages!r}: a '
                          "conversation is rendered by the tokenizer's chat template, not by "
                          'templates; leave prompt, response and labels unset')
   elif d.get('response') is None:
-    raise ValueError(f'{KEY}.response is not set: a template over the row\'s fields, e.g. '
-                     f"' {{answer}}' (or {KEY}.messages for chat data){_not_built_in(name)}")
-  for key in ('prompt', 'response'):
-    if not isinstance(d.get(key) or '', str):
-      raise ValueError(f'{KEY}.{key} must be a template string, got {d[key]!r}')
-  spec = SourceSpec(name=name, format=d['format'], splits=_splits(name, d),
+    raise ValueError(f'{key}.response is not set: a template over the row\'s fields, e.g. '
+                     f"' {{answer}}' (or {key}.messages for chat data){_not_built_in(name)}")
+  for field in ('prompt', 'response'):
+    if not isinstance(d.get(field) or '', str):
+      raise ValueError(f'{key}.{field} must be a template string, got {d[field]!r}')
+  spec = SourceSpec(name=name, format=d['format'], splits=_splits(name, d, key),
                     prompt=d.get('prompt') or '', response=d.get('response') or '',
-                    labels=_labels(d.get('labels') or {}), columns=columns, messages=messages)
+                    labels=_labels(d.get('labels') or {}, key), columns=columns, messages=messages,
+                    key=key)
   spec.templates  # a template that does not compile fails here, named by its key
   return spec
 
 
-def _columns(d: dict) -> tuple[str, ...]:
+def _columns(d: dict, key: str) -> tuple[str, ...]:
   columns = d.get('columns')
   if columns is None:
     return ()
   if d['format'] not in COLUMN_FORMATS:
-    raise ValueError(f'{KEY}.columns is set, but format {d["format"]!r} has no columns (only '
+    raise ValueError(f'{key}.columns is set, but format {d["format"]!r} has no columns (only '
                      f'{", ".join(COLUMN_FORMATS)} do)')
   if isinstance(columns, str):
     columns = (columns,)
   if (not isinstance(columns, (list, tuple)) or not columns
       or not all(isinstance(c, str) and c for c in columns)
       or len(set(columns)) != len(columns)):
-    raise ValueError(f'{KEY}.columns must be distinct column names, got {columns!r}')
+    raise ValueError(f'{key}.columns must be distinct column names, got {columns!r}')
   return tuple(columns)
 
 
-def _labels(labels: dict) -> dict[str, dict[str, str]]:
+def _labels(labels: dict, key: str) -> dict[str, dict[str, str]]:
   """{field: {value: word}}; values given as numbers (`{1: ' World'}` on a command line) become
   text, as the readers make every number text."""
   mapped = {}
   for field, words in labels.items():
     if not isinstance(words, Mapping) or not words:
-      raise ValueError(f'{KEY}.labels[{field!r}] must map each value of the field to its '
+      raise ValueError(f'{key}.labels[{field!r}] must map each value of the field to its '
                        f"label word, e.g. {{'1': ' World'}}, got {words!r}")
     for value, word in words.items():
       if not isinstance(word, str) or not word.strip():
-        raise ValueError(f'{KEY}.labels[{field!r}][{value!r}] must be a label word (text), '
+        raise ValueError(f'{key}.labels[{field!r}][{value!r}] must be a label word (text), '
                          f'got {word!r}')
     mapped[str(field)] = {str(value): word for value, word in words.items()}
   return mapped
 
 
-def _splits(name: str, d: dict) -> dict[str, Split]:
+def _splits(name: str, d: dict, key: str) -> dict[str, Split]:
   files = {split: file for split, file in (d.get('files') or {}).items() if file is not None}
   for split, file in files.items():
     if not isinstance(split, str) or not split:
-      raise ValueError(f'{KEY}.files has a split named {split!r}; name each split, e.g. train')
+      raise ValueError(f'{key}.files has a split named {split!r}; name each split, e.g. train')
     if not isinstance(file, str) or not file:
-      raise ValueError(f'{KEY}.files.{split} must be a file path, got {file!r}')
+      raise ValueError(f'{key}.files.{split} must be a file path, got {file!r}')
   if not files:
-    raise ValueError(f'{KEY}.files names no file: set {KEY}.files.train (and dev, test), '
+    raise ValueError(f'{key}.files names no file: set {key}.files.train (and dev, test), '
                      f'relative to the data folder{_not_built_in(name)}')
   splits = {split: Split(file) for split, file in files.items()}
   held_out = d.get('held_out') or {}
@@ -157,19 +161,19 @@ def _splits(name: str, d: dict) -> dict[str, Split]:
   if split is None and fraction is None:
     return _in_order(splits)
   if split is None or fraction is None:
-    raise ValueError(f'{KEY}.held_out needs both split and fraction, got split={split!r}, '
+    raise ValueError(f'{key}.held_out needs both split and fraction, got split={split!r}, '
                      f'fraction={fraction!r}')
   if not isinstance(split, str) or not split:
-    raise ValueError(f'{KEY}.held_out.split must name a split, e.g. dev, got {split!r}')
+    raise ValueError(f'{key}.held_out.split must name a split, e.g. dev, got {split!r}')
   if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-    raise ValueError(f'{KEY}.held_out.fraction={fraction!r} must be in (0, 1): the share of '
+    raise ValueError(f'{key}.held_out.fraction={fraction!r} must be in (0, 1): the share of '
                      'the train file held out')
   if 'train' not in splits:
-    raise ValueError(f'{KEY}.held_out cuts {split!r} from the train file, but {KEY}.files.train '
+    raise ValueError(f'{key}.held_out cuts {split!r} from the train file, but {key}.files.train '
                      'is not set')
   if split in splits:
-    raise ValueError(f'{KEY}.held_out.split={split!r} has a file of its own '
-                     f'({KEY}.files.{split}); hold out a split that has none')
+    raise ValueError(f'{key}.held_out.split={split!r} has a file of its own '
+                     f'({key}.files.{split}); hold out a split that has none')
   cut = 1.0 - fraction
   splits['train'] = Split(splits['train'].file, (0.0, cut))
   splits[split] = Split(splits['train'].file, (cut, 1.0))

@@ -20,23 +20,27 @@ import numpy as np
 _SEQUENCES = ('tokens', 'targets', 'loss_mask')
 
 
-def pack(examples: grain.IterDataset, seq_len: int, rows: int) -> grain.IterDataset:
-  """Packed rows; the packer emits `rows` bins at a time (one batch's worth)."""
+def pack(examples: grain.IterDataset, seq_len: int, rows: int,
+         extra: tuple[str, ...] = ()) -> grain.IterDataset:
+  """Packed rows; the packer emits `rows` bins at a time (one batch's worth). `extra` names
+  more per-token features of the examples (a mixture's source tag), packed along the tokens."""
   packed = grain.experimental.FirstFitPackIterDataset(
-      examples, length_struct={name: seq_len for name in _SEQUENCES}, num_packing_bins=rows,
-      shuffle_bins=False,
-      # targets and loss_mask share the tokens' segments: pack them without their own copies
-      meta_features=('targets', 'loss_mask'))
+      examples, length_struct={name: seq_len for name in _SEQUENCES + extra},
+      num_packing_bins=rows, shuffle_bins=False,
+      # they share the tokens' segments: pack them without their own copies
+      meta_features=('targets', 'loss_mask') + extra)
   return packed.map(lambda row: {'tokens': row['tokens'], 'targets': row['targets'],
                                  'loss_mask': row['loss_mask'],
                                  'positions': row['tokens_positions'],
-                                 'segment_ids': row['tokens_segment_ids']})
+                                 'segment_ids': row['tokens_segment_ids'],
+                                 **{name: row[name] for name in extra}})
 
 
 def pad(example: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
-  """One example at the start of a row of `seq_len` positions."""
+  """One example at the start of a row of `seq_len` positions (each of its per-token features
+  padded with 0)."""
   length = len(example['tokens'])
-  row = {name: np.pad(example[name], (0, seq_len - length)) for name in _SEQUENCES}
+  row = {name: np.pad(values, (0, seq_len - length)) for name, values in example.items()}
   row['positions'] = np.arange(seq_len, dtype=np.int32)
   row['segment_ids'] = (np.arange(seq_len) < length).astype(np.int32)
   return row

@@ -11,7 +11,9 @@ The grain pipeline: the split's TFDS records → shuffle with `seed`, differentl
 each epoch → repeat `num_epochs` times (None: forever) → template, tokenize, mask
 (in a grain reader thread) → pack or pad into rows → batches of `batch_size`
 rows → this process's rows of each (process p: rows p·r … (p+1)·r − 1, r =
-batch_size / process_count).
+batch_size / process_count). A mixture (`config.data.mixture`, data/mixture.py)
+runs the first steps for each entry, with a seed of the entry's, and mixes the
+encoded examples by weight (grain's `IterDataset.mix`) before packing.
 
 Elastic. Every process computes the same global stream (one example order, one
 deterministic packing into the batch's rows) and keeps its own rows, so a step's
@@ -40,6 +42,8 @@ import ml_collections
 
 from additive_jax.data import packing, tfds_builders
 from additive_jax.data.encode import EncodeRecord, LengthReport, check_policy, length_census
+from additive_jax.data.mixture import (TAG, MixtureBatches, MixtureReport, entry_seed,
+                                       mixture_entries, tagged)
 from additive_jax.data.sources import source_spec
 from additive_jax.data.templates import SegmentEncoder, check_template
 
@@ -56,11 +60,11 @@ def _rows_per_process(batch_size: int, process_count: int) -> int:
   return batch_size // process_count
 
 
-def _shard(data_config, split: str, tokenizer, seq_len: int, process_index: int,
+def _shard(data_config, spec, split: str, tokenizer, seq_len: int, process_index: int,
            process_count: int, cache_dir: str | None):
-  """This process's records, the split's size, the shard's census, the record encoder."""
+  """This process's records of `spec`'s split, the split's size, the shard's census, the
+  record encoder."""
   check_policy(data_config.over_long)  # before a first preparation of the data, not after
-  spec = source_spec(data_config.source)
   check_template(spec, data_config.template)
   encoder = SegmentEncoder(tokenizer, data_config.template)
   source = tfds_builders.data_source(spec, split, data_config.data_dir, cache_dir)
@@ -73,24 +77,52 @@ def _shard(data_config, split: str, tokenizer, seq_len: int, process_index: int,
   return records, len(source), report, EncodeRecord(encoder, seq_len + 1, data_config.over_long)
 
 
+def _examples(records: grain.MapDataset, encode, seed: int, num_epochs: int | None
+              ) -> grain.IterDataset:
+  """Shuffled (each epoch anew), repeated, encoded examples; one the over-long policy drops
+  maps to None, which to_iter_dataset leaves out."""
+  return records.shuffle(seed).repeat(num_epochs).map(encode).to_iter_dataset(_READ_OPTIONS)
+
+
+def _mixed_examples(data_config, entries, tokenizer, seq_len: int, seed: int,
+                    cache_dir: str | None) -> tuple[grain.IterDataset, MixtureReport]:
+  """Each entry's examples, tagged with its number and mixed by share (data/mixture.py)."""
+  streams, reports = {}, {}
+  for number, entry in enumerate(entries, start=1):
+    records, _, reports[entry.key], encode = _shard(data_config, entry.spec, data_config.split,
+                                                    tokenizer, seq_len, 0, 1, cache_dir)
+    streams[entry.key] = _examples(records, encode, entry_seed(seed, entry.key),
+                                   data_config.num_epochs).map(
+                                       functools.partial(tagged, number=number))
+  # keyed by entry: the mixed iterator's state names each entry's position
+  mixed = grain.IterDataset.mix(streams, {entry.key: entry.share for entry in entries})
+  return mixed, MixtureReport(entries, reports)
+
+
 def make_train_iterator(data_config: ml_collections.ConfigDict, tokenizer, *, batch_size: int,
                         seq_len: int, seed: int, process_index: int = 0, process_count: int = 1,
                         cache_dir: str | None = None
-                        ) -> tuple[grain.DatasetIterator, LengthReport]:
+                        ) -> tuple[grain.DatasetIterator, LengthReport | MixtureReport]:
   """This process's rows, [batch_size // process_count, seq_len], of the one global stream of
-  [batch_size, seq_len] batches of `split` (the module docstring: elastic)."""
+  [batch_size, seq_len] batches of `split` (the module docstring: elastic): of
+  `data_config.source`, or of the mixture `data_config.mixture` when it has entries."""
   rows = _rows_per_process(batch_size, process_count)
-  records, _, report, encode = _shard(data_config, data_config.split, tokenizer, seq_len,
-                                      0, 1, cache_dir)
-  # A dropped example maps to None, which to_iter_dataset leaves out.
-  examples = (records.shuffle(seed).repeat(data_config.num_epochs).map(encode)
-              .to_iter_dataset(_READ_OPTIONS))
+  entries = mixture_entries(data_config)  # a bad entry is named by its key before any reading
+  if entries:
+    examples, report = _mixed_examples(data_config, entries, tokenizer, seq_len, seed, cache_dir)
+  else:
+    records, _, report, encode = _shard(data_config, source_spec(data_config.source),
+                                        data_config.split, tokenizer, seq_len, 0, 1, cache_dir)
+    examples = _examples(records, encode, seed, data_config.num_epochs)
+  extra = (TAG,) if entries else ()
   if data_config.packing:
-    row_stream = packing.pack(examples, seq_len, batch_size)
+    row_stream = packing.pack(examples, seq_len, batch_size, extra)
   else:
     row_stream = examples.map(functools.partial(packing.pad, seq_len=seq_len))
   mine = slice(process_index * rows, (process_index + 1) * rows)
   batches = row_stream.batch(batch_size, drop_remainder=True)
+  if entries:
+    return MixtureBatches(iter(batches), tuple(entry.key for entry in entries), mine), report
   return iter(batches.map(lambda batch: {name: rows_BT[mine] for name, rows_BT in batch.items()})
               ), report
 
@@ -104,8 +136,9 @@ def make_eval_batches(data_config: ml_collections.ConfigDict, tokenizer, *, batc
   its shard, and examples the `drop` policy leaves out, are empty (loss mask 0).
   """
   rows = _rows_per_process(batch_size, process_count)
-  records, num_records, report, encode = _shard(data_config, data_config.eval_split, tokenizer,
-                                                seq_len, process_index, process_count, cache_dir)
+  records, num_records, report, encode = _shard(
+      data_config, source_spec(data_config.source), data_config.eval_split, tokenizer, seq_len,
+      process_index, process_count, cache_dir)
   longest_shard = -(-num_records // process_count)
   num_rows = -(-longest_shard // rows) * rows
 

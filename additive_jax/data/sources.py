@@ -57,7 +57,7 @@ def render_pair(spec: SourceSpec, fields: Mapping[str, object], where: str) -> t
   for name, words in spec.labels.items():
     if values[name] not in words:
       raise ValueError(f'{where}: {name} {values[name]!r} is not one of '
-                       f'{", ".join(map(repr, words))} (config.data.source.labels)')
+                       f'{", ".join(map(repr, words))} ({spec.key}.labels)')
     values[name] = words[values[name]]
   prompt, response = spec.templates
   try:
@@ -76,7 +76,7 @@ def read_rows(spec: SourceSpec, data_dir: str | None, split: str) -> Iterator[Ro
     where = f'{path}:{line}'
     if spec.messages:
       if spec.messages not in fields:
-        raise ValueError(f'{where}: missing field {spec.messages} (config.data.source.messages; '
+        raise ValueError(f'{where}: missing field {spec.messages} ({spec.key}.messages; '
                          f'the row has {", ".join(fields) or "none"})')
       messages = check_conversation(fields[spec.messages], f'{where}: field {spec.messages}')
       yield Row(line, fields, messages=tuple(messages))
@@ -88,7 +88,7 @@ def read_split(spec: SourceSpec, data_dir: str | None, split: str
                ) -> Iterator[tuple[int, str, str]]:
   """(line, prompt, response) for every row of a pair source's split, in file order."""
   if spec.messages:
-    raise ValueError(f'{spec.name} is a conversation source (config.data.source.messages='
+    raise ValueError(f'{spec.name} is a conversation source ({spec.key}.messages='
                      f'{spec.messages!r}): its rows have no single prompt and response; '
                      'read_rows gives their messages')
   for row in read_rows(spec, data_dir, split):

@@ -42,6 +42,9 @@ class SourceSpec:
   labels: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
   columns: tuple[str, ...] = ()        # tsv/csv without a header: the column names
   messages: str = ''                   # the field of a chat conversation; '' for pairs
+  # the declaration's config key, which errors name; not part of what the spec reads or renders,
+  # so out of its repr (the prepared data's fingerprint) and its equality
+  key: str = dataclasses.field(default='config.data.source', repr=False, compare=False)
 
   def path(self, data_dir: str | None, split: str) -> str:
     """The split's file: a relative one joined to the data folder (see data/config.py)."""
@@ -55,8 +58,8 @@ class SourceSpec:
   @functools.cached_property
   def templates(self) -> tuple[Template, Template]:
     """The (prompt, response) templates, compiled once."""
-    return (Template(self.prompt, 'config.data.source.prompt'),
-            Template(self.response, 'config.data.source.response'))
+    return (Template(self.prompt, f'{self.key}.prompt'),
+            Template(self.response, f'{self.key}.response'))
 
   def fields(self) -> set[str]:
     """The row fields a pair is made of: those the templates read."""

@@ -39,7 +39,7 @@ def check_template(spec, template: str) -> None:
   before any data is read."""
   if spec.messages and template != 'chat':
     raise ValueError(f'config.data.template={template!r}: the rows of {spec.name} are '
-                     f'conversations (config.data.source.messages={spec.messages!r}), rendered '
+                     f'conversations ({spec.key}.messages={spec.messages!r}), rendered '
                      "by the tokenizer's chat template: set config.data.template='chat'")
 
 

@@ -121,7 +121,7 @@ def fingerprint(spec: sources.SourceSpec, source_dir: str | None) -> str:
     if not epath.Path(path).exists():
       raise FileNotFoundError(
           f'{path}: no such data file (split {files[path]!r} of source {spec.name!r}; a relative '
-          f'file of config.data.source.files is in the data folder {data_dir(source_dir)})')
+          f'file of {spec.key}.files is in the data folder {data_dir(source_dir)})')
     digest.update(read_bytes(path))
   return digest.hexdigest()[:16]
 

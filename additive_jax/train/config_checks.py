@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from additive_jax.data.config import data_dir_origin, is_url
 from additive_jax.data.encode import OVER_LONG_POLICIES
+from additive_jax.data.mixture import mixture_entries
 from additive_jax.data.sources import source_spec
 from additive_jax.data.templates import TEMPLATES, check_template
 from additive_jax.model.config import ATTENTION_IMPLEMENTATIONS, DTYPES, REMAT_POLICIES
@@ -131,14 +132,12 @@ def _check_data(config) -> None:
     if data[key] not in allowed:
       raise ValueError(f'config.data.{key} must be one of {", ".join(allowed)}, got {data[key]!r}')
   spec = source_spec(data.source)  # a bad declaration is named by its key
-  if spec.format in _FORMAT_MODULES:
-    module = _FORMAT_MODULES[spec.format]
-    try:
-      importlib.import_module(module)
-    except ImportError:
-      raise ValueError(f'config.data.source.format={spec.format!r} is read by {module}, which is '
-                       f'not installed: {_missing_package(module)}') from None
+  _check_reader(spec)
   check_template(spec, data.template)
+  for entry in mixture_entries(data):  # each entry's declaration and weight, named by its key
+    _check_reader(entry.spec)
+    _check_split_file(entry.spec, data, f'data.split={data.split!r} of {entry.spec.key}',
+                      data.split)
   keys = [('data.split', data.split), ('data.eval_split', data.eval_split)]
   if config.test_metric:
     if not config.test_split:
@@ -165,15 +164,32 @@ def _check_data(config) -> None:
   except ValueError as err:
     raise ValueError(f'config.answer_regex: {err}') from None
   for key, split in keys:
+    _check_split_file(spec, data, f'{key}={split!r}', split)
+
+
+def _check_reader(spec) -> None:
+  """The package that reads the source's format, if it needs one, is installed."""
+  if spec.format in _FORMAT_MODULES:
+    module = _FORMAT_MODULES[spec.format]
     try:
-      path = spec.path(data.data_dir, split)
-    except ValueError as err:  # a split the source does not declare
-      raise ValueError(f'config.{key}={split!r}: {err}') from None
-    check_file_system(path, f'config.{key}={split!r}')
-    if not epath.Path(path).exists():
-      file = spec.splits[split].file
-      where = '' if is_url(file) or os.path.isabs(file) else f'; {data_dir_origin(data.data_dir)}'
-      raise FileNotFoundError(f'config.{key}={split!r}: no data file {path}{where}')
+      importlib.import_module(module)
+    except ImportError:
+      raise ValueError(f'{spec.key}.format={spec.format!r} is read by {module}, which is '
+                       f'not installed: {_missing_package(module)}') from None
+
+
+def _check_split_file(spec, data, key: str, split: str) -> None:
+  """`split` is declared by the source and its file exists; `key` (after `config.`) names the
+  setting that asks for it."""
+  try:
+    path = spec.path(data.data_dir, split)
+  except ValueError as err:  # a split the source does not declare
+    raise ValueError(f'config.{key}: {err}') from None
+  check_file_system(path, f'config.{key}')
+  if not epath.Path(path).exists():
+    file = spec.splits[split].file
+    where = '' if is_url(file) or os.path.isabs(file) else f'; {data_dir_origin(data.data_dir)}'
+    raise FileNotFoundError(f'config.{key}: no data file {path}{where}')
 
 
 def methods_of(config) -> tuple:

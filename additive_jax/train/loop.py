@@ -42,6 +42,7 @@ import jax
 import ml_collections
 import tqdm
 
+from additive_jax.data.mixture import ShareLog
 from additive_jax.data.pipeline import make_train_iterator
 from additive_jax.peft.param_count import count_methods, format_table
 from additive_jax.train.checkpoint import CheckpointError, Checkpoints, abstract_like, config_changes
@@ -72,6 +73,7 @@ class Session:
   run: Run
   say: Callable[[str], None]   # print on process 0, nothing elsewhere
   iterator: object             # the train batches, a grain iterator (its position checkpointed)
+  shares: ShareLog             # a mixture's realized share of each source (empty: one source)
   budget: int | None           # loss positions a row whose logits the step computes
   checkpoints: Checkpoints
   writer: MetricsWriter
@@ -107,7 +109,8 @@ def prepare(config, workdir: str, closing: contextlib.ExitStack) -> Session:
       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
   # Its prefetch thread stops with the run, however the run ends.
   closing.callback(iterator.close)
-  say(f'{config.data.source.name} {config.data.split}: {length_report}')
+  say(f'{"mixture" if config.data.mixture else config.data.source.name} {config.data.split}: '
+      f'{length_report}')
   budget = derive_budget(config.loss_positions, iterator, config.seq_len)
   say(f'logits at {budget} loss positions a row' if budget else 'logits at every position')
   folder = RunFolder(workdir)
@@ -117,11 +120,12 @@ def prepare(config, workdir: str, closing: contextlib.ExitStack) -> Session:
     state = _resume(checkpoints, latest, state, iterator, config, workdir)
     say(f'resumed from step {latest}')
   writer = closing.enter_context(contextlib.closing(MetricsWriter(folder, resumed_from=latest)))
+  shares = ShareLog(iterator)  # counted from the iterator's position, restored or not
   trainable = sum(c.leaves for c in counts)
   summary = {'trainable_params': trainable,
              'trainable_percent': 100 * trainable / run.model.config.num_base_params}
-  return Session(config, folder, methods, run, say, iterator, budget, checkpoints, writer, state,
-                 latest, trainable, summary)
+  return Session(config, folder, methods, run, say, iterator, shares, budget, checkpoints, writer,
+                 state, latest, trainable, summary)
 
 
 def _resume(checkpoints: Checkpoints, step: int, state, train_iterator, config, workdir):
@@ -205,10 +209,11 @@ def train(session: Session) -> int | None:
 
 def _log(session: Session, window: LogWindow, done: int) -> float:
   """The window's line written at step `done`; its loss."""
-  line = window.close(done)
+  line = {**window.close(done), **session.shares.window()}
   session.writer.write(done, line)
   session.summary.update(final_loss=line['loss'], loss_overflows=window.overflows,
-                         nonfinite_skipped=window.skipped, tokens_per_s=window.median_speed())
+                         nonfinite_skipped=window.skipped, tokens_per_s=window.median_speed(),
+                         **session.shares.totals())
   return line['loss']
 
 
