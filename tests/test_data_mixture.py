@@ -15,6 +15,7 @@ from additive_jax.data.mixture import mixture_entries
 from additive_jax.data.pipeline import make_train_iterator
 from additive_jax.train.config_checks import check_config
 from cli_helpers import experiment_config
+from conftest import SHARED_DATA
 from data_helpers import examples_of
 
 # name: (rows, prompt, the labelled field, {value: label word}, the value of row i)
@@ -214,7 +215,7 @@ def test_finite_epochs_end_with_the_first_entry_to_run_out(smollm2_tokenizer, fo
         format='jsonl', files={'train': 'beta/train.jsonl'}, messages='turns'),
      r"config.data.template='plain': the rows of chat are conversations "
      r"\(config.data.mixture.chat.messages='turns'\)"),
-])
+], ids=['weight_zero', 'weight_negative', 'weight_nan', 'weight_inf', 'no_weight', 'not_a_declaration', 'format', 'unknown_built_in', 'held_out', 'template', 'split', 'conversation'])
 def test_a_bad_entry_is_named_by_its_key(folders, change, message):
   config = mixed_config(folders, {'alpha': 1, 'beta': 1})
   change(config.mixture)
@@ -232,6 +233,13 @@ def test_the_mixed_config_names_its_primary_and_takes_weights_from_the_command_l
   assert [e.share for e in mixture_entries(config.data)] == [0.25, 0.75]
   with pytest.raises(AttributeError):
     config.data.mixture.news = mixture_entry('news')  # a locked config gains no entry
+  config.data.data_dir = SHARED_DATA
   config.data.mixture.trec.weight = 0.0
   with pytest.raises(ValueError, match='config.data.mixture.trec.weight must be positive'):
+    check_config(config)
+  config.data.mixture.trec.weight = 0.5
+  config.data.mixture.trec.files.train = 'trec/missing.tsv'
+  with pytest.raises(FileNotFoundError, match="config.data.split='train' of "
+                                              'config.data.mixture.trec: no data file '
+                                              '.*trec/missing.tsv'):
     check_config(config)

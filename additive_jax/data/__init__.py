@@ -8,6 +8,7 @@ their templates (`render`, `sources`; conversations in `chat`), one TFDS builder
 that prepares any declared source offline as ArrayRecord (`tfds_builders`), the
 tokenizer's template and tokenization into target/non-target segments
 (`templates`), the over-long policy and masks (`encode`), packing and padding
-(`packing`), and the grain pipeline (`pipeline`). `data_config()` lists the keys
+(`packing`), the grain pipeline (`pipeline`), and several declared sources trained
+mixed by weight (`mixture`, `config.data.mixture`). `data_config()` lists the keys
 of `config.data` and where the data and cache folders are.
 """

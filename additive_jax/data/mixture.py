@@ -13,11 +13,11 @@ still evaluates and tests `config.data.source` alone, its primary source, which
 need not be an entry (train on a mixture, test on a held-out task).
 
 Mixing is grain's `IterDataset.mix`, before packing, on the examples each entry
-keeps after the over-long policy: it interleaves deterministically, so in every
-window of k examples an entry's count is within about one example per entry of
-k × its share (grain rounds the weights to integers, the smallest to 100: the
-shares are exact to 1%). What is random is each entry's order, shuffled with a
-seed of its own. A row may pack examples of several entries; its segments keep
+keeps after the over-long policy: it interleaves deterministically, so after any
+k examples an entry's count is within a few examples of k × its share (at most
+the number of entries, measured; grain rounds the weights to whole numbers, the
+smallest 100, so the shares are exact to about 1%). What is random is each
+entry's order, shuffled with a seed of its own. A row may pack examples of several entries; its segments keep
 them apart. The examples carry a per-token `source` tag through the packer,
 which `MixtureBatches` counts and takes out of the batch.
 """
