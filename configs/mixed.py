@@ -2,7 +2,8 @@ r"""SmolLM2-135M-Instruct on SST-2 and TREC mixed 1:1: one method (default Pfeif
 of the primary source before and after.
 
     .venv/bin/python -m additive_jax.main --config=configs/mixed.py --workdir=/tmp/mixed
-    .venv/bin/python -m additive_jax.main --config=configs/mixed.py:lora,trec --workdir=/tmp/mixed_trec
+    .venv/bin/python -m additive_jax.main --config=configs/mixed.py:lora,trec \
+      --workdir=/tmp/mixed_trec
     .venv/bin/python -m additive_jax.main --config=configs/mixed.py --workdir=/tmp/mixed_1to3 \
       --config.data.mixture.trec.weight=1.5
 

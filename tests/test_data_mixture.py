@@ -47,7 +47,8 @@ def folders(tmp_path_factory):
 def entry(name, weight):
   e = mixture_entry(name, weight)
   _, prompt, field, words, _ = TASKS[name]
-  e.format, e.files.train, e.prompt, e.response = 'jsonl', f'{name}/train.jsonl', prompt, f'{{{field}}}'
+  e.format, e.files.train = 'jsonl', f'{name}/train.jsonl'
+  e.prompt, e.response = prompt, f'{{{field}}}'
   e.labels = {field: words}
   return e
 
@@ -215,7 +216,9 @@ def test_finite_epochs_end_with_the_first_entry_to_run_out(smollm2_tokenizer, fo
         format='jsonl', files={'train': 'beta/train.jsonl'}, messages='turns'),
      r"config.data.template='plain': the rows of chat are conversations "
      r"\(config.data.mixture.chat.messages='turns'\)"),
-], ids=['weight_zero', 'weight_negative', 'weight_nan', 'weight_inf', 'no_weight', 'not_a_declaration', 'format', 'unknown_built_in', 'held_out', 'template', 'split', 'conversation'])
+], ids=['weight_zero', 'weight_negative', 'weight_nan', 'weight_inf', 'no_weight',
+        'not_a_declaration', 'format', 'unknown_built_in', 'held_out', 'template', 'split',
+        'conversation'])
 def test_a_bad_entry_is_named_by_its_key(folders, change, message):
   config = mixed_config(folders, {'alpha': 1, 'beta': 1})
   change(config.mixture)

@@ -17,9 +17,11 @@ keeps after the over-long policy: it interleaves deterministically, so after any
 k examples an entry's count is within a few examples of k × its share (at most
 the number of entries, measured; grain rounds the weights to whole numbers, the
 smallest 100, so the shares are exact to about 1%). What is random is each
-entry's order, shuffled with a seed of its own. A row may pack examples of several entries; its segments keep
-them apart. The examples carry a per-token `source` tag through the packer,
-which `MixtureBatches` counts and takes out of the batch.
+entry's order, shuffled with a seed of its own. A row may pack examples of
+several entries; its segments keep them apart. Mixing examples rather than
+packed rows makes the weights shares of examples, whatever their lengths. The
+examples carry a per-token `source` tag through the packer, which
+`MixtureBatches` counts and takes out of the batch.
 """
 
 from __future__ import annotations
