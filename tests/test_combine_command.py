@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import additive_jax as aj
-from additive_jax.combine import combine
+from additive_jax.combine import combine, parse_weights
 from additive_jax.model.load import load_config
 from additive_jax.train.restore import restore_run
 from adapter_files_helpers import assert_same_leaves, random_peft
@@ -132,3 +132,13 @@ def test_a_format_that_cannot_hold_the_result_is_one_line_and_writes_nothing(
       'files hold LoRA, (IA)³, prompt tuning, P-tuning, prefix tuning or adaption prompts); use '
       'format="aj" or "adapterhub"')
   assert not out.exists()
+
+
+def test_bad_flags_are_named(tmp_path):
+  with pytest.raises(ValueError, match='--weights=0.5,x: each weight must be a number'):
+    parse_weights(['0.5', 'x'])
+  with pytest.raises(ValueError, match='give the adapters to combine: --adapter=PATH, repeated'):
+    combine([], str(tmp_path / 'out'))
+  with pytest.raises(ValueError, match=f'{tmp_path / "nowhere"} is not a directory'):
+    combine([str(tmp_path / 'nowhere')], str(tmp_path / 'out'))
+  assert not os.path.exists(tmp_path / 'out')

@@ -1,5 +1,6 @@
 """`aj.peft.average`: the weighted average of adapters of one method set, against AdapterHub's
-`average_adapter` on the same weights, and its refusals.
+`average_adapter` on the same weights (and HF PEFT's (IA)³ `add_weighted_adapter`, an
+unnormalized average), and its refusals.
 
 AdapterHub pins transformers 4.57, so it averages in its own venv (the one
 tests/adapterhub/run.sh creates; this test runs run.sh once if the venv is not there):
@@ -8,6 +9,7 @@ them there and saves the averages, and we read those back and compare them with 
 ADDITIVE_JAX_ADAPTERHUB=0 skips it.
 """
 
+import copy
 import json
 import os
 import subprocess
@@ -15,7 +17,9 @@ import sys
 
 import jax
 import numpy as np
+import peft
 import pytest
+import torch
 from flax import traverse_util
 
 import additive_jax as aj
@@ -176,3 +180,27 @@ def test_bad_averages_are_named(adapters, kwargs, message):
       built.append((methods, random_peft(methods, CONFIG)))
   with pytest.raises(ValueError, match=message):
     aj.peft.average(built, **kwargs)
+
+
+def test_unnormalized_average_of_ia3_is_pefts_add_weighted_adapter(tiny_hf_llama, tmp_path):
+  """HF PEFT's (IA)³ `add_weighted_adapter` is Σ w_i l_i, weights as given."""
+  hf_model, config, _ = tiny_hf_llama
+  model = peft.get_peft_model(copy.deepcopy(hf_model), peft.IA3Config(), adapter_name='a0')
+  model.add_adapter('a1', peft.IA3Config())
+  generator = torch.Generator().manual_seed(0)
+  with torch.no_grad():
+    for name, weight in model.named_parameters():
+      if '.ia3_l.' in name:
+        weight.copy_(1 + 0.3 * torch.randn(weight.shape, generator=generator))
+  weights = [0.7, 0.6]
+  model.add_weighted_adapter(['a0', 'a1'], weights, 'merged')
+  model.save_pretrained(str(tmp_path), selected_adapters=['a0', 'a1', 'merged'])
+  adapters = [aj.peft.load_adapter(str(tmp_path / name), config) for name in ('a0', 'a1')]
+  theirs = aj.peft.load_adapter(str(tmp_path / 'merged'), config)
+  ours = aj.peft.average(adapters, weights, normalize_weights=False)
+  assert ours[0] == theirs[0] == (aj.peft.IA3(),)
+  error, leaf = worst_error(ours, theirs, 'linear')
+  print(f'(IA)³: max relative error {error:.2e} ({leaf})')
+  assert error <= TOLERANCE
+  normalized = aj.peft.average(adapters, weights)  # what AdapterHub's default would give
+  assert worst_error(normalized, theirs, 'linear')[0] > TOLERANCE
