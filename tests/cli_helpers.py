@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from additive_jax.train.config import entries_of
+from additive_jax.train.loop import train_and_evaluate
 from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,3 +45,14 @@ def in_process_config(model, data_dir, methods):
   config.model, config.data.data_dir, config.test_metric = model, data_dir, ''
   config.batch_size, config.peft = 8, entries_of(methods)
   return config
+
+
+def moving_run(model, data_dir, method, directory, steps=2):
+  """Trains `method` (one aj.peft method) for `steps` steps in this process at a constant, high
+  learning rate, so that its adapter moves well off its identity init; returns `directory`."""
+  config = in_process_config(model, data_dir, [method])
+  config.seq_len, config.num_steps, config.checkpoint_every = 32, steps, steps
+  config.peft[method.key].optimizer.learning_rate = 0.05
+  config.peft[method.key].optimizer.schedule = 'constant'
+  train_and_evaluate(config, str(directory))
+  return str(directory)

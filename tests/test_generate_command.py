@@ -11,9 +11,8 @@ import pytest
 import additive_jax as aj
 from additive_jax.eval.decode import generate
 from additive_jax.export import export_run
-from additive_jax.train.loop import train_and_evaluate
 from additive_jax.train.restore import restore_run
-from cli_helpers import ROOT, in_process_config
+from cli_helpers import ROOT, moving_run
 from conftest import save_tiny_hf_llama, xla_flags
 
 PROMPT = 'Review: a gentle, funny and moving film\nSentiment:'
@@ -22,14 +21,8 @@ PROMPT = 'Review: a gentle, funny and moving film\nSentiment:'
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory, tiny_with_tokenizer, small_sst2):
   """A 2-step LoRA run at a high learning rate, so that its adapter moves off the identity."""
-  config = in_process_config(tiny_with_tokenizer, small_sst2,
-                             [aj.peft.LoRA(rank=4, alpha=8, targets=('q', 'v'))])
-  config.seq_len, config.num_steps, config.checkpoint_every = 32, 2, 2
-  config.peft.lora.optimizer.learning_rate = 0.05
-  config.peft.lora.optimizer.schedule = 'constant'
-  directory = str(tmp_path_factory.mktemp('run'))
-  train_and_evaluate(config, directory)
-  return directory
+  return moving_run(tiny_with_tokenizer, small_sst2,
+                    aj.peft.LoRA(rank=4, alpha=8, targets=('q', 'v')), tmp_path_factory.mktemp('run'))
 
 
 def run_generate(*args):
