@@ -38,7 +38,8 @@ def stacked_hits(row: dict) -> tuple[np.ndarray, dict]:
   name, missing = row['names'][0], [p for p, h in zip(row['points'], row['hits']) if h is None]
   if missing:
     raise ValueError(f'{name}: {", ".join(missing)} wrote no test_hits.json')
-  scored = [{'metric': h['metric'], 'split': h['split'], 'limit': h['limit'],
+  scored = [{'metric': h['metric'], 'source': h.get('source'), 'split': h['split'],
+             'limit': h['limit'],
              'rows': len(h['hits'])} for h in row['hits']]
   if any(s != scored[0] for s in scored):
     raise ValueError(f'{name}: its seeds were tested on different rows: {scored}')

@@ -10,8 +10,10 @@
       ])
 
 A point is a dict: `arg` is the base config's argument (a method preset, or several joined
-by ','), `base` another experiment config than the sweep file's `BASE`, and each
-`config.<key>` a value given to the run on the command line as `--config.<key>=<value>`.
+by ','), `base` another experiment config than the sweep file's `BASE`, `name` its workdir's
+name when the one made from its values would not read well, and each `config.<key>` a value
+given to the run on the command line as `--config.<key>=<value>`, where `{root}` stands for
+the sweep's root (a point that reads an earlier point's run: `'{root}/sst2/adapter'`).
 Every function returns a list of points.
 """
 
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import builtins
 import itertools
+
+POINT_KEYS = ('arg', 'base', 'name')  # a point's keys besides its `config.<key>` values
 
 
 def sweep(key: str, values) -> list[dict]:
@@ -51,8 +55,8 @@ def chain(sweeps: list[list[dict]]) -> list[dict]:
 
 
 def _check_key(key: str) -> None:
-  if key not in ('arg', 'base') and not key.startswith('config.'):
-    raise ValueError(f"a sweep key is 'arg', 'base' or 'config.<key>', got {key!r}")
+  if key not in POINT_KEYS and not key.startswith('config.'):
+    raise ValueError(f"a sweep key is 'arg', 'base', 'name' or 'config.<key>', got {key!r}")
 
 
 def _merge(points) -> dict:

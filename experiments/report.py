@@ -6,7 +6,7 @@ r"""The tables, plot and paired comparisons of a finished (or partly finished) s
 reads `ROOT/sweep.json` (experiments/sweep.py writes it) and each done point's
 `summary.json` and `test_hits.json`; writes `PREFIX.md` (printed too), `PREFIX.json` (the
 same numbers) and `PREFIX.png` (the test metric against trainable parameters), a table and
-a panel per base config (task); PREFIX defaults to `ROOT/report`; paths go through epath.
+a panel per task (the data source and split a run's test hits name, else its base config); PREFIX defaults to `ROOT/report`; paths go through epath.
 
 A *setting* is a point's base config, its argument without `runlocal` and its overrides
 without `seed`; its points are its seeds, one row (metric mean ± std with ddof=1, median
@@ -153,6 +153,10 @@ def settings_text(overrides: dict, words: tuple[str, ...]) -> str:
   keys = [presets()[w][0].key for w in words if w in presets()]
   parts = []
   for key, value in sorted(overrides.items()):
+    if key == 'start_from':  # adapters by their run's (or file's) folder name
+      parts.append('from ' + ' + '.join(epath.Path(p).name if epath.Path(p).name != 'adapter'
+                                         else epath.Path(p).parent.name for p in value))
+      continue
     for method in keys:
       if key.startswith(f'peft.{method}.'):
         key = ('' if len(keys) == 1 else f'{method} ') + key.removeprefix(f'peft.{method}.')
@@ -180,6 +184,16 @@ def load_points(root: epath.Path) -> tuple[dict, list[dict], list[dict]]:
                  'summary': folder.read_summary(),
                  'hits': read_json(folder.test_hits) if folder.test_hits.exists() else None})
   return sweep, done, unfinished
+
+
+def task_of(point: dict) -> str:
+  """What a point was scored on, which makes its table: the data source and split of its test
+  hits (`sst2 test`), so runs of several configs scored on one task share a table; a run
+  whose hits do not say (or that has none) is its base config's."""
+  hits = point['hits']
+  if hits and hits.get('source'):
+    return f"{hits['source']} {hits['split']}"
+  return point['base']
 
 
 def metric_of(points: list[dict]) -> tuple[str, str]:
@@ -262,12 +276,19 @@ def settings_of(points: list[dict], value: str) -> list[dict]:
   """The table's rows (`value`: the summary key of the metric), by family, then trainable
   parameters."""
   groups, common = {}, common_overrides(points)
+  several = len({p['base'] for p in points}) > 1  # a task scored by runs of several configs
   for point in points:
     overrides = {k: v for k, v in point['overrides'].items() if k not in PER_RUN_KEYS}
-    setting = (method_words(point.get('arg')), json.dumps(overrides, sort_keys=True))
+    setting = (point['base'], method_words(point.get('arg')),
+               json.dumps(overrides, sort_keys=True))
     groups.setdefault(setting, []).append(point)
   rows = [aggregate(words, json.loads(text), members, value, common)
-          for (words, text), members in groups.items()]
+          for (_, words, text), members in groups.items()]
+  if several:  # the config names what each row did (trained on a mixture, fused, averaged)
+    for row, (base, _, _) in zip(rows, groups):
+      config = base.rsplit('/', 1)[-1].removesuffix('.py')
+      row['label'] = f"{config}: {row['label']}"
+      row['title'] = f"{config}: {row['title']}"
   return sorted(rows, key=lambda r: r['order'])
 
 
@@ -374,8 +395,8 @@ def report(root: str, out: str | None = None, pairs=()) -> tuple[dict, str]:
   root = epath.Path(root)
   sweep, points, unfinished = load_points(root)
   tasks = []
-  for base in dict.fromkeys(p['base'] for p in points):  # each its own metric and zero shot
-    members = [p for p in points if p['base'] == base]
+  for base in dict.fromkeys(map(task_of, points)):  # each its own metric and zero shot
+    members = [p for p in points if task_of(p) == base]
     metric, scored = metric_of(members)
     tasks.append({'base': base, 'metric': metric, 'scored': scored,
                   'common': common_overrides(members),

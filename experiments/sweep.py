@@ -68,7 +68,10 @@ def point_names(points: list[dict]) -> list[str]:
   varying = {k for p in points for k in p if len({repr(q.get(k)) for q in points}) > 1}
   names = []
   for point in points:
-    keys = [k for k in point if k in varying and k not in ('arg', 'base')]  # the point's order
+    if point.get('name'):
+      names.append(point['name'])
+      continue
+    keys = [k for k in point if k in varying and k not in hyper.POINT_KEYS]  # the point's order
     lasts = collections.Counter(_short(k) for k in keys)
     parts = [os.path.splitext(os.path.basename(point.get('base', 'base')))[0]] if 'base' in varying else []
     parts += [point['arg'].replace(',', '+')] if point.get('arg') else []
@@ -92,9 +95,20 @@ def _text(value) -> str:
 
 def command(base: str, point: dict, workdir: epath.Path) -> list[str]:
   arg = f':{point["arg"]}' if point.get('arg') else ''
+  root = str(workdir.parent)  # `{root}` in a value: the sweep's root (an earlier point's run)
   return [sys.executable, '-m', 'additive_jax.main', f'--config={point.get("base", base)}{arg}',
-          f'--workdir={workdir}'] + [f'--{key}={_text(value)}' for key, value in point.items()
-                                     if key not in ('arg', 'base')]
+          f'--workdir={workdir}'] + [f'--{key}={_text(_rooted(value, root))}'
+                                     for key, value in point.items()
+                                     if key not in hyper.POINT_KEYS]
+
+
+def _rooted(value, root: str):
+  """`value` with `{root}` replaced in its text, or in each text of a tuple or list."""
+  if isinstance(value, str):
+    return value.replace('{root}', root)
+  if isinstance(value, (tuple, list)):
+    return type(value)(_rooted(v, root) for v in value)
+  return value
 
 
 def status(workdir: epath.Path) -> str:
@@ -156,7 +170,7 @@ def write_index(root: epath.Path, sweep: str, base: str, arg, points, names) -> 
   listed = [{'name': name, 'arg': point.get('arg'), 'base': point.get('base', base),
              'workdir': str(root / name),
              'overrides': {k.removeprefix('config.'): v for k, v in point.items()
-                           if k not in ('arg', 'base')},
+                           if k not in hyper.POINT_KEYS},
              'status': status(root / name)} for point, name in zip(points, names)]
   staged = root / f'sweep.json.{os.getpid()}.tmp'
   staged.write_text(json.dumps({'sweep': sweep, 'arg': arg, 'base': base, 'points': listed},

@@ -54,7 +54,7 @@ def test_a_bad_declaration_is_named_by_its_key(changes, message):
 
 def test_an_unknown_built_in_and_split_are_named():
   with pytest.raises(ValueError, match=r"unknown data source 'imdb' \(known: sst2, gsm8k, "
-                                       r'tinyshakespeare\)'):
+                                       r'trec, tinyshakespeare\)'):
     source_spec('imdb')
   with pytest.raises(ValueError, match=r"qa has no split 'dev' \(splits: test\)"):
     source_spec(QA).path('/data', 'dev')

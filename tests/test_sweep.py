@@ -11,7 +11,7 @@ import pytest
 
 from additive_jax.train.config_checks import check_config
 from experiments import hyper
-from experiments.sweep import load_sweep, point_names
+from experiments.sweep import command, load_sweep, point_names
 from cli_helpers import ROOT, USER_ENV, experiment_config
 from conftest import xla_flags
 
@@ -128,10 +128,22 @@ def test_hyper_algebra():
     hyper.zip([hyper.sweep('config.seed', [0, 1]), hyper.sweep('config.dtype', ['float32'])])
   with pytest.raises(ValueError, match="'config.seed' is set twice"):
     hyper.product([hyper.fixed('config.seed', 0), hyper.fixed('config.seed', 1)])
-  with pytest.raises(ValueError, match="a sweep key is 'arg', 'base' or 'config.<key>'"):
+  with pytest.raises(ValueError, match="a sweep key is 'arg', 'base', 'name' or 'config.<key>'"):
     hyper.sweep('seed', [0])
   with pytest.raises(ValueError, match='points with the same values'):
     point_names([{'arg': 'ia3'}, {'arg': 'ia3'}, {'arg': 'lora'}])
+
+
+def test_a_named_point_reads_an_earlier_point_under_the_root(tmp_path):
+  """`name` names a point's workdir; `{root}` in a value (or in a tuple's texts) is the root."""
+  points = hyper.chain([
+      hyper.product([hyper.fixed('name', 'first'), hyper.fixed('arg', 'ia3')]),
+      hyper.product([hyper.fixed('name', 'second'), hyper.fixed('base', 'configs/average.py'),
+                     hyper.fixed('config.start_from', ('{root}/first', '{root}/x/adapter'))])])
+  assert point_names(points) == ['first', 'second']
+  argv = command('configs/sst2.py', points[1], tmp_path / 'second')
+  assert argv[3:] == ['--config=configs/average.py', f'--workdir={tmp_path / "second"}',
+                      f"--config.start_from=('{tmp_path}/first', '{tmp_path}/x/adapter')"]
 
 
 @pytest.mark.parametrize('spec', ['configs/sweeps/presets.py', 'configs/sweeps/small.py',

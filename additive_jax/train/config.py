@@ -41,6 +41,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.peak_tflops = 0.0                # one device's peak for MFU; 0: the datasheet's (train/flops.py)
   # the trained methods: one entry per key, its fields and its optimizer (see with_methods)
   c.peft = method_entries('pfeiffer')
+  # adapter files or run folders the trainables start from, averaged (train/start_from.py);
+  # with config.peft empty, their methods are the run's; () starts from the methods' init
+  c.start_from = ()
+  c.start_weights = ()               # their weights in the average; (): equal
   c.clip_norm = 1.0                  # global gradient-norm clip over the trainable partition; 0: off
   # a NaN or infinite loss or gradient norm: 'stop' the run (the last good checkpoint kept) or
   # 'skip' that step's update inside the step, counted in the metrics
@@ -49,7 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.batch_size = 8                   # rows per optimizer step, over all processes
   c.seq_len = 256                    # tokens per row
   c.accumulation = 1                 # micro-batches per step (divides the rows of each device)
-  c.num_steps = 200
+  c.num_steps = 200                  # 0: nothing trains; the start_from adapters are scored
   c.seed = 0                         # parameter init and data order
   c.log_every = 10
   c.eval_every = 100                 # eval loss on eval_batches of data.eval_split; 0: at the end only

@@ -36,12 +36,12 @@ from additive_jax.train import mesh as mesh_lib
 from additive_jax.train.loss_budget import check_setting as check_loss_positions
 from additive_jax.train.optimizer import SCHEDULES, method_settings
 
-_POSITIVE = ('batch_size', 'seq_len', 'num_steps', 'accumulation', 'log_every', 'checkpoint_every',
+_POSITIVE = ('batch_size', 'seq_len', 'accumulation', 'log_every', 'checkpoint_every',
              'max_new_tokens')
 # implementations that run on one backend alone ('pallas' runs on GPU and TPU, and on a CPU
 # only in Pallas's interpreter, which the tests use)
 _ATTENTION_BACKENDS = {'cudnn': 'gpu', 'splash': 'tpu'}
-_NOT_NEGATIVE = ('eval_every', 'eval_batches', 'keep_best', 'test_limit', 'eval_metric_limit')
+_NOT_NEGATIVE = ('num_steps', 'eval_every', 'eval_batches', 'keep_best', 'test_limit', 'eval_metric_limit')
 # The extra of setup.py that installs what a file system or a format needs.
 _EXTRAS = {'gcsfs': 'gcs', 'pyarrow': 'parquet'}
 # Formats read by a package the install does not require (data/readers.py imports it when read).

@@ -1,7 +1,7 @@
 """The end of a run: the test metric of the checkpoint `config.test_checkpoint` names, each test
 row's outcome, and the tested trainables as an adapter, all written into the workdir.
 
-    test_hits.json   {'metric', 'split', 'limit', 'step', 'hits': [1, 0, ...]} in the order of
+    test_hits.json   {'metric', 'source', 'split', 'limit', 'step', 'hits': [1, 0, ...]} in the order of
                      the split's fixed subset: what a paired comparison of two runs on the
                      same rows (experiments/report.py's bootstrap) reads
     adapter/         the trainables tested, in additive_jax's adapter format (`aj.peft.
@@ -48,7 +48,7 @@ def test_and_keep(run, state, step: int, config, folder: RunFolder) -> dict:
   out = {f'{metric}_after': result[metric], 'test_step': step}
   if jax.process_index() == 0:
     write_json(str(folder.test_hits), {
-        'metric': metric, 'split': config.test_split, 'limit': config.test_limit, 'step': step,
+        'metric': metric, 'source': config.data.source.name, 'split': config.test_split, 'limit': config.test_limit, 'step': step,
         'hits': result['hits']})
     out['adapter_bytes'] = _save_adapter(folder.adapter, run, peft, config.model)
   return out

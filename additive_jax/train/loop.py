@@ -55,6 +55,7 @@ from additive_jax.train.mesh import global_batch
 from additive_jax.train.metrics_log import MetricsWriter
 from additive_jax.train.preemption import Preemption
 from additive_jax.train.prepare import Run, build
+from additive_jax.train.start_from import load_start
 from additive_jax.train.step import jit_train_step
 from additive_jax.train.step_memory import compiled_bytes, device_peak_bytes
 from additive_jax.train.workdir import RunFolder
@@ -98,8 +99,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def prepare(config, workdir: str, closing: contextlib.ExitStack) -> Session:
   """The run built, its data iterator, its checkpoints opened and, if it has some, resumed
   from the latest; what needs closing is entered into `closing`."""
+  start = load_start(config)  # fills an empty config.peft from its adapters
   mesh, methods = check_config(config, workdir)
-  run = build(config, mesh, methods)
+  run = build(config, mesh, methods, start.peft if start else None)
   counts = count_methods(methods, run.model.config)
   say = print if jax.process_index() == 0 else (lambda *_: None)
   say(format_table(counts, run.model.config.num_base_params))
@@ -169,6 +171,8 @@ def train(session: Session) -> int | None:
   window = LogWindow(run.model.config, session.methods, config, session.budget,
                      session.trainable, run.optimizer_settings)
   first = int(session.state.step)
+  if config.num_steps == 0 and first == 0:  # a scoring run keeps what it scores, restorable
+    session.checkpoints.save(0, session.state, session.iterator, config.to_dict())
   with contextlib.closing(Preemption()) as preemption, tqdm.tqdm(
       range(first, config.num_steps), initial=first, total=config.num_steps, desc='train',
       disable=jax.process_index() != 0) as progress:

@@ -31,11 +31,15 @@ def load_base(path: str, mesh: Mesh, rules: Rules, **overrides):
   return config, params, shardings, fallback
 
 
-def create_train_state(model: Llama, params, optimizer, rng, mesh: Mesh, tokenizer=None):
-  """(TrainState at its initial value, replicated on `mesh`; the state's shardings)."""
-  def init(rng, params):
-    return TrainState.create(model.init_peft(rng, params, tokenizer)['peft'], optimizer)
+def create_train_state(model: Llama, params, optimizer, rng, mesh: Mesh, tokenizer=None,
+                       peft=None):
+  """(TrainState at its initial value, replicated on `mesh`; the state's shardings). `peft`:
+  trainables to start from (config.start_from) instead of the methods' init."""
+  def init(rng, params, peft):
+    if peft is None:
+      peft = model.init_peft(rng, params, tokenizer)['peft']
+    return TrainState.create(peft, optimizer)
 
-  shardings = jax.tree.map(lambda _: replicated(mesh), jax.eval_shape(init, rng, params))
-  return jax.jit(init, out_shardings=shardings)(rng, params), shardings
+  shardings = jax.tree.map(lambda _: replicated(mesh), jax.eval_shape(init, rng, params, peft))
+  return jax.jit(init, out_shardings=shardings)(rng, params, peft), shardings
 

@@ -38,7 +38,9 @@ class Run:
   compute: str  # one line: the backend, the compute dtype and the attention, and why
 
 
-def build(config: ml_collections.ConfigDict, mesh: Mesh, methods) -> Run:
+def build(config: ml_collections.ConfigDict, mesh: Mesh, methods, start_peft=None) -> Run:
+  """`start_peft`: the trainables a `config.start_from` run starts from (else the methods'
+  init)."""
   tokenizer = load_tokenizer(config.model)
   dtype = compute_dtype_name(config.dtype)
   model_config, params, param_shardings, fallback = load_base(
@@ -62,7 +64,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, methods) -> Run:
              f'{" (auto)" if config.attention == "auto" else ""}' + (f'\n{note}' if note else ''))
   optimizer, settings = run_optimizer(config, methods)
   state, state_shardings = create_train_state(model, params, optimizer,
-                                              jax.random.key(config.seed), mesh, tokenizer)
+                                              jax.random.key(config.seed), mesh, tokenizer,
+                                              start_peft)
   return Run(mesh, tokenizer, model, params, param_shardings, optimizer, settings, state,
              state_shardings, compute)
 
