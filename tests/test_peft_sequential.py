@@ -22,7 +22,6 @@ import pytest
 
 import additive_jax as aj
 from additive_jax.model.llama import Llama
-from additive_jax.model.load import load_config
 from additive_jax.peft.bottleneck import Bottleneck
 from additive_jax.peft.files import AdapterFileError, load_adapter, save_adapter
 from additive_jax.peft.param_count import count_methods
@@ -131,10 +130,10 @@ def test_counts_trained_and_frozen(mixed):
   per = lambda d: 2 * 48 * d + d + 48
   assert count.formula == count.leaves == 2 * 3 * per(4)
   assert count.frozen_formula == count.frozen == 2 * 3 * per(5) + 3 * per(8)
-  # the docstring's example: SmolLM2, a language adapter of reduction factor 2 under a task one
-  # of 16 (the settings alone: counting reads no file)
+  # the docstring's example: SmolLM2's D = 576 and L = 30, a language adapter of reduction
+  # factor 2 under a task one of 16 (the settings alone: counting reads no file)
   madx = aj.peft.Sequential(adapter_methods=('Bottleneck(dim=288)',), reduction_factor=16)
-  (count,) = count_methods((madx,), load_config('smollm2-135m-instruct'))
+  (count,) = count_methods((madx,), TINY.replace(hidden_size=576, num_layers=30))
   assert (count.formula, count.leaves, count.frozen_formula, count.frozen) == (
       1_262_520, 1_262_520, 9_979_200, 9_979_200)
 
