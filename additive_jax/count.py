@@ -5,7 +5,9 @@
 
 `--config` is a `config.json`, an HF checkpoint directory, a `.gguf` file or
 "smollm2-135m-instruct". Prints method, trainable parameters (formula = leaves,
-checked), % of the base, and the adapter's tensor bytes in fp32 and bf16.
+checked), % of the base, and the adapter's tensor bytes in fp32 and bf16; a method that
+holds frozen leaves (AdapterFusion's fused adapters) has them counted in a `frozen` column,
+never among the trainable ones.
 """
 
 import sys

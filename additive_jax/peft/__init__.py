@@ -14,5 +14,6 @@ from additive_jax.peft.prefix import PrefixTuning
 from additive_jax.peft.prompt import PromptTuning
 from additive_jax.peft.ptuning import PTuning
 from additive_jax.peft.reft import ReFT
+from additive_jax.peft.sequential import Sequential
 from additive_jax.peft.stack import stack
 from additive_jax.peft.files import AdapterFileError, load_adapter, save_adapter, save_merged

@@ -14,6 +14,9 @@ A method is one frozen dataclass in one file. Besides the hooks the model calls
   mergeable, merge, unmerge, fold   whether and how it folds into the base weights, and its
                       inference form
   stack_with, widen   how adapters of it trained apart share one stack (aj.peft.stack)
+  frozen_keys         top-level keys of its subtree that never train (adapters it loads from
+                      files, beside the leaves it trains); num_frozen_params counts them, and
+                      frozen_sources, with_frozen say where they are read from (below)
 
 Defining a subclass registers it (by constructor name and by key), so a method
 written anywhere — a test file, a user's module — trains through the config,
@@ -25,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from typing import Any, ClassVar
+
+import jax
 
 from additive_jax.model.hooks import Hooks
 
@@ -53,6 +58,13 @@ class Method(Hooks):
   presets: ClassVar[dict[str, dict]] = {}
   optimizer_defaults: ClassVar[dict] = {}
   mergeable: ClassVar[bool] = False     # can be folded into the frozen weights
+  # Top-level keys of its subtree whose leaves never train: adapters loaded from files (the
+  # adapters AdapterFusion fuses) or state a schedule sets. The optimizer gives them no state
+  # and a zero update (optax.set_to_zero: no Adam moments, no weight decay), the train step
+  # reads them under stop_gradient (no weight gradient; the global-norm clip never sees them),
+  # and counts report them apart from the trainable leaves. They are part of variables['peft']
+  # all the same: checkpoints and our adapter files keep them.
+  frozen_keys: ClassVar[tuple[str, ...]] = ()
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
@@ -63,8 +75,23 @@ class Method(Hooks):
     _CLASSES[cls.__name__] = cls
 
   def num_params(self, config) -> int:
-    """Trainable parameters, from the method's formula."""
+    """Trainable parameters, from the method's formula (the leaves under `frozen_keys` not
+    included)."""
     raise NotImplementedError(f'{type(self).__name__} defines no num_params')
+
+  def num_frozen_params(self, config) -> int:
+    """The leaves under `frozen_keys`, from the method's formula."""
+    return 0
+
+  def frozen_sources(self) -> tuple[str, ...]:
+    """Where its frozen leaves are read from when it is initialized: adapter file directories
+    (`peft/frozen.py`), or run folders, which the trainer reads (`train/frozen_sources.py`)."""
+    return ()
+
+  def with_frozen(self, paths: tuple[str, ...], methods: tuple[Method, ...]) -> Method:
+    """This method reading its frozen adapters from `paths` (one per `frozen_sources` entry),
+    which hold `methods`: what the trainer builds once it has read (and copied) the sources."""
+    return self
 
   def token_matmul_params(self, config) -> int:
     """Trainable weights every token's activations are multiplied by: the 6 FLOPs per token
@@ -109,6 +136,18 @@ class Method(Hooks):
   def unmerge(self, tree, params, config, stage=None):
     """The inverse of `merge`: the original params back."""
     raise NotImplementedError(f'{type(self).__name__} cannot be merged into the base weights')
+
+
+def stop_frozen(methods, peft: dict) -> dict:
+  """`peft` with each method's `frozen_keys` subtrees under stop_gradient: differentiated,
+  the loss builds no gradient for them (the train step's view of the trainables)."""
+  stopped = dict(peft)
+  for method in methods:
+    frozen = getattr(method, 'frozen_keys', ())
+    if frozen and method.key in peft:
+      stopped[method.key] = {name: jax.lax.stop_gradient(sub) if name in frozen else sub
+                             for name, sub in peft[method.key].items()}
+  return stopped
 
 
 def method_classes() -> dict[str, type[Method]]:

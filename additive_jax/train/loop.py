@@ -49,6 +49,7 @@ from additive_jax.train.checkpoint import CheckpointError, Checkpoints, abstract
 from additive_jax.train.config_checks import check_config
 from additive_jax.train.eval_loss import LossEvaluator, task_metric
 from additive_jax.train.final_test import test_and_keep, tested_state
+from additive_jax.train.frozen_sources import keep_copies, read_sources
 from additive_jax.train.log_window import LogWindow
 from additive_jax.train.loss_budget import derive_budget
 from additive_jax.train.mesh import global_batch
@@ -100,7 +101,9 @@ def prepare(config, workdir: str, closing: contextlib.ExitStack) -> Session:
   """The run built, its data iterator, its checkpoints opened and, if it has some, resumed
   from the latest; what needs closing is entered into `closing`."""
   start = load_start(config)  # fills an empty config.peft from its adapters
+  found = read_sources(config, workdir)  # frozen adapters' sources: their methods into config.peft
   mesh, methods = check_config(config, workdir)
+  methods = keep_copies(found, methods, config, workdir)  # and the model reads their copies
   run = build(config, mesh, methods, start.peft if start else None)
   counts = count_methods(methods, run.model.config)
   say = print if jax.process_index() == 0 else (lambda *_: None)
@@ -126,6 +129,8 @@ def prepare(config, workdir: str, closing: contextlib.ExitStack) -> Session:
   trainable = sum(c.leaves for c in counts)
   summary = {'trainable_params': trainable,
              'trainable_percent': 100 * trainable / run.model.config.num_base_params}
+  if any(c.frozen for c in counts):  # adapters a method loads and never trains
+    summary['frozen_params'] = sum(c.frozen for c in counts)
   return Session(config, folder, methods, run, say, iterator, shares, budget, checkpoints, writer,
                  state, latest, trainable, summary)
 

@@ -2,7 +2,8 @@
 
 `jax.value_and_grad` differentiates the loss with respect to `state.peft`; the
 frozen base `params` is an ordinary input, so no gradient (and no optimizer
-state) ever exists for it. Gradient accumulation splits the batch into
+state) ever exists for it; a method's frozen leaves (`Method.frozen_keys`) are read under
+stop_gradient, so none is built for them either. Gradient accumulation splits the batch into
 micro-batches inside the step and sums the token-weighted loss and gradients
 with `lax.scan`, so the result equals one step on the whole batch.
 """
@@ -21,6 +22,7 @@ import optax
 
 from jax.sharding import Mesh
 
+from additive_jax.peft.base import stop_frozen
 from additive_jax.train.loss import masked_token_loss
 from additive_jax.train.mesh import Rules, batch_sharding, replicated
 
@@ -39,6 +41,7 @@ class TrainState:
 def batch_loss(model, peft, params, batch, budget: int | None = None):
   """(summed token loss, (number of loss tokens, whether the batch overflowed `budget`)) of
   one batch, the LM head applied at its loss positions alone (`train/loss.py`)."""
+  peft = stop_frozen(model.peft, peft)
   hidden_BTD = model.apply({'params': params, 'peft': peft}, batch['tokens'],
                            positions=batch['positions'], segment_ids=batch['segment_ids'],
                            return_hidden=True)

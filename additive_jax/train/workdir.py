@@ -11,6 +11,8 @@
       summary.json              written once, whole, when the run ends
       test_hits.json            each test row's outcome, for paired comparisons of runs
       adapter/                  the tested trainables in our adapter format
+      frozen/<key>/<i>/         the adapters a method loads frozen (AdapterFusion's), copied from
+                                their sources when the run started (train/frozen_sources.py)
       eval_<split>.json         what `evaluate --workdir` scored
       export/<format>_<step>/   what `export` wrote
 
@@ -70,6 +72,10 @@ class RunFolder:
 
   def eval_output(self, split: str) -> epath.Path:
     return self.path / f'eval_{split}.json'
+
+  def frozen(self, key: str, index: int) -> epath.Path:
+    """The copy of the `index`-th frozen adapter of method `key`."""
+    return self.path / 'frozen' / key / str(index)
 
   def export(self, format: str, step: int) -> epath.Path:
     return self.path / 'export' / f'{format}_{step}'

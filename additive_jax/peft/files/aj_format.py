@@ -48,7 +48,9 @@ def save(directory, methods, peft, config, base_model_name_or_path=None) -> None
       'base_model_name_or_path': base_model_name_or_path,
       'base_model': {fact: getattr(config, fact) for fact in BASE_FACTS},
       'methods': [{'method': m.call_string(), **m.file_fields(config),
-                   'num_params': m.num_params(config)} for m in methods]})
+                   'num_params': m.num_params(config),
+                   **({'num_frozen_params': m.num_frozen_params(config)}
+                      if getattr(m, 'frozen_keys', ()) else {})} for m in methods]})
 
 
 def load(directory, config):
