@@ -4,6 +4,7 @@ from additive_jax.peft.adaption_prompt import AdaptionPrompt
 from additive_jax.peft.base import Method
 from additive_jax.peft.bottleneck import Bottleneck
 from additive_jax.peft.compacter import Compacter
+from additive_jax.peft.fusion import Fusion
 from additive_jax.peft.ia3 import IA3
 from additive_jax.peft.ladder import LadderSide
 from additive_jax.peft.lora import LoRA

@@ -114,8 +114,10 @@ def combinable(methods) -> bool:
   return all(type(m) in UNION_ORDER for m in methods)
 
 
-def save(directory, methods, peft, config, base_model_name_or_path=None) -> None:
-  """Writes `methods` (one, or a union of a prefix, a bottleneck and a LoRA) as one adapter."""
+def save(directory, methods, peft, config, base_model_name_or_path=None,
+         name: str = ADAPTER_NAME) -> None:
+  """Writes `methods` (one, or a union of a prefix, a bottleneck and a LoRA) as one adapter
+  named `name` (AdapterHub loads it under that name; a fusion's adapters need one each)."""
   if len(methods) == 1 and isinstance(methods[0], ReFT):
     return adapterhub_reft.save(directory, methods[0], peft[methods[0].key], config, 'reft',
                                 FORMAT_VERSION, base_model_name_or_path)
@@ -128,7 +130,7 @@ def save(directory, methods, peft, config, base_model_name_or_path=None) -> None
   tensors, configs = {}, []
   for method in sorted(methods, key=lambda m: UNION_ORDER.index(type(m)) if type(m) in
                        UNION_ORDER else 0):
-    part_tensors, part_config = _part(method, peft[method.key], config)
+    part_tensors, part_config = _part(method, peft[method.key], config, name)
     tensors.update(part_tensors)
     configs.append(part_config)
   write_tensors(os.path.join(directory, WEIGHTS_NAME), tensors, {'format': 'pt'})
@@ -136,23 +138,23 @@ def save(directory, methods, peft, config, base_model_name_or_path=None) -> None
       'config': configs[0] if len(configs) == 1 else {'architecture': 'union', 'configs': configs},
       **({GATE_KEY: 'token'} if gates == {'token'} else {}),
       'hidden_size': config.hidden_size, 'model_class': 'LlamaForCausalLM',
-      'model_name': base_model_name_or_path or '', 'model_type': 'llama', 'name': ADAPTER_NAME,
+      'model_name': base_model_name_or_path or '', 'model_type': 'llama', 'name': name,
       'version': FORMAT_VERSION})
 
 
-def _part(method, tree, config) -> tuple[dict, dict]:
+def _part(method, tree, config, name) -> tuple[dict, dict]:
   """One method's tensors and AdapterHub config."""
   if isinstance(method, PrefixTuning):
-    return (adapterhub_prefix_lora.prefix_tensors(method, tree, ADAPTER_NAME, config),
+    return (adapterhub_prefix_lora.prefix_tensors(method, tree, name, config),
             adapterhub_prefix_lora.prefix_config(method, config))
   if isinstance(method, LoRA):
-    return (adapterhub_prefix_lora.lora_tensors(method, tree, ADAPTER_NAME, config),
+    return (adapterhub_prefix_lora.lora_tensors(method, tree, name, config),
             adapterhub_prefix_lora.lora_config(method))
   if isinstance(method, Compacter):
-    tensors = adapterhub_compacter.hub_tensors(method, tree, ADAPTER_NAME, config)
+    tensors = adapterhub_compacter.hub_tensors(method, tree, name, config)
     fields = adapterhub_compacter.hub_fields(method, config)
   elif isinstance(method, Bottleneck):
-    tensors, fields = _bottleneck_tensors(method, tree, config)
+    tensors, fields = _bottleneck_tensors(method, tree, config, name)
   else:
     raise AdapterFileError(f'{method.call_string()} is not written as an AdapterHub adapter; '
                            'AdapterHub files hold the bottleneck adapters (Pfeiffer, Houlsby, '
@@ -165,7 +167,7 @@ def _part(method, tree, config) -> tuple[dict, dict]:
                                **fields}.items()))
 
 
-def _bottleneck_tensors(method, tree, config) -> tuple[dict, dict]:
+def _bottleneck_tensors(method, tree, config, name) -> tuple[dict, dict]:
   """A bottleneck's tensors, and its reduction factor as a config field."""
   hidden, dim = config.hidden_size, method.bottleneck_dim(config)
   rf = method.reduction_factor
@@ -174,12 +176,12 @@ def _bottleneck_tensors(method, tree, config) -> tuple[dict, dict]:
   tensors = {}
   for site in method.sites:
     for layer in range(config.num_layers):
-      for leaf, hub_name in tensor_names(ADAPTER_NAME, site, layer).items():
+      for leaf, hub_name in tensor_names(name, site, layer).items():
         if leaf in tree[site]:
           value = np.asarray(tree[site][leaf][layer], np.float32)
           tensors[hub_name] = value.T if value.ndim == 2 else value  # torch Linear: [out, in]
       if method.gate:  # torch Linear(D, 1): [1, D], [1]
-        names = tensor_names(ADAPTER_NAME, site, layer)
+        names = tensor_names(name, site, layer)
         tensors[names['gate']] = np.asarray(tree[site]['gate'][layer], np.float32)[None]
         tensors[names['gate_bias']] = np.asarray(tree[site]['gate_bias'][layer], np.float32)[None]
   return tensors, {'reduction_factor': rf}

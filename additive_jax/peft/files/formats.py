@@ -12,7 +12,8 @@ Formats:
                 P-tuning's inference form (hf_peft.py)
   'adapterhub'  AdapterHub `adapters`: a bottleneck (Pfeiffer, Houlsby, parallel), Compacter,
                 LoRA, prefix tuning, ReFT, or a union of a prefix, a bottleneck and a LoRA
-                (MAM, UniPELT) as one adapter (adapterhub.py)
+                (MAM, UniPELT) as one adapter (adapterhub.py); an AdapterFusion as a setup
+                folder of the fusion layer and its adapters (adapterhub_fusion.py)
 
 Combinations. PEFT files hold one method per directory and PEFT cannot apply
 two of ours together; AdapterHub's `ConfigUnion` holds a prefix, a bottleneck and
@@ -35,7 +36,7 @@ import jax
 
 from etils import epath
 
-from additive_jax.peft.files import adapterhub, aj_format, hf_peft
+from additive_jax.peft.files import adapterhub, adapterhub_fusion, aj_format, hf_peft
 from additive_jax.peft.files.complete import check_complete
 from additive_jax.peft.files.file_io import AdapterFileError, check_shapes, read_json
 from additive_jax.model.hooks import check_methods
@@ -67,6 +68,8 @@ def save_adapter(directory: str, methods, peft, config, format: str = 'aj',
   epath.Path(directory).mkdir(parents=True, exist_ok=True)
   if format == 'aj':
     aj_format.save(directory, methods, peft, config, base_model_name_or_path)
+  elif format == 'adapterhub' and methods[0].key == 'fusion':  # the fusion and its adapters
+    adapterhub_fusion.save(directory, methods[0], peft['fusion'], config, base_model_name_or_path)
   elif format == 'adapterhub':  # one method, or a union of a prefix, a bottleneck and a LoRA
     adapterhub.save(directory, methods, peft, config, base_model_name_or_path)
   else:
@@ -83,6 +86,8 @@ def detect_format(directory: str) -> str:
   shared = str(epath.Path(directory) / hf_peft.CONFIG_NAME)  # AdapterHub's CONFIG_NAME as well
   if epath.Path(shared).exists():
     found.append('hf_peft' if 'peft_type' in read_json(shared) else 'adapterhub')
+  elif adapterhub_fusion.holds_fusion(directory):  # AdapterHub's fusion: a setup folder
+    found.append('adapterhub')
   if not found:
     raise AdapterFileError(f'{directory} holds no adapter (no {aj_format.CONFIG_NAME} or '
                            f'{hf_peft.CONFIG_NAME})')
@@ -102,6 +107,8 @@ def load_adapter(directory: str, config, format: str | None = None, expected_met
   format = format or detect_format(directory)
   if format == 'aj':
     methods, peft = aj_format.load(directory, config)
+  elif format == 'adapterhub' and adapterhub_fusion.holds_fusion(directory):
+    methods, peft = adapterhub_fusion.load(directory, config, allow_pickle)
   elif format == 'adapterhub':
     methods, peft = adapterhub.load(directory, config, allow_pickle)
   elif format == 'hf_peft':
