@@ -18,6 +18,8 @@ to Σ_n p_n u_n instead; `residual_before` adds the residual f to every u_n befo
 projections (AdapterHub adds it in place to the one tensor its keys and values share, so
 the keys see it too) and not after: x = r + Σ_n p_n v_n. Only the fusion layers train; the
 adapters are frozen leaves (`frozen_keys`), read from their files when it is initialized.
+(b_k adds the same q·b_k to every adapter's score, which the softmax ignores: its gradient is
+zero; it is kept because AdapterHub's layer and files have it.)
 
 Temperature (`temperature=True`): T starts at 50 and falls by 50/1000 a step to 1,
 T_s = max(50 − 0.05·s, 1) at optimizer step s. AdapterHub lowers it after every forward
@@ -73,7 +75,9 @@ REGULARIZATION = 0.01               # AdapterHub's get_fusion_regularization_los
 @dataclasses.dataclass(frozen=True)
 class Fusion(Method):
   adapters: tuple[str, ...] = ()         # adapter file directories (or, in a config, run folders)
-  adapter_methods: tuple[str, ...] = ()  # their constructor calls (read from them when empty)
+  # their constructor calls (read from them by Fusion.of or the trainer); given alone, with no
+  # adapters, the adapters start at their own init: the shapes that counting and restore trace
+  adapter_methods: tuple[str, ...] = ()
   projections: tuple[str, ...] = PROJECTIONS
   query_before_ln: bool = False
   residual_before: bool = False
@@ -221,27 +225,27 @@ class Fusion(Method):
 
   def fuse(self, p, site: str, h_BTD, query_BTD, residual_BTD):
     """Σ_n p_n v_n at one layer's `site` (residual_before: that minus the residual f, so that
-    the stream gets r + Σ_n p_n v_n)."""
+    the stream gets r + Σ_n p_n v_n). A: the fused adapters (N is the table's query heads)."""
     dtype = h_BTD.dtype
-    u_BTND = jnp.stack([m.adapter(p['adapters'][str(n)][site], h_BTD)
+    u_BTAD = jnp.stack([m.adapter(p['adapters'][str(n)][site], h_BTD)
                         for n, m in enumerate(self.fused)], axis=2)
     if self.residual_before:  # in AdapterHub's one tensor of keys and values: both see it
-      u_BTND = u_BTND + residual_BTD[:, :, None, :]
+      u_BTAD = u_BTAD + residual_BTD[:, :, None, :]
     w = {name: leaf.astype(dtype) for name, leaf in p[site].items()}
     q_BTD = query_BTD
     if 'query' in w:
       q_BTD = jnp.einsum('btd,de->bte', query_BTD, w['query']) + w['query_bias']
-    k_BTND = u_BTND
+    k_BTAD = u_BTAD
     if 'key' in w:
-      k_BTND = jnp.einsum('btnd,de->btne', u_BTND, w['key']) + w['key_bias']
-    v_BTND = u_BTND
+      k_BTAD = jnp.einsum('btad,de->btae', u_BTAD, w['key']) + w['key_bias']
+    v_BTAD = u_BTAD
     if 'value' in w and self.value_before_softmax:
-      v_BTND = jnp.einsum('btnd,de->btne', u_BTND, w['value'])
-    scores_BTN = jnp.einsum('btd,btnd->btn', q_BTD, k_BTND).astype(jnp.float32)
+      v_BTAD = jnp.einsum('btad,de->btae', u_BTAD, w['value'])
+    scores_BTA = jnp.einsum('btd,btad->bta', q_BTD, k_BTAD).astype(jnp.float32)
     if self.temperature:
-      scores_BTN = scores_BTN / p['temperature']
-    probs_BTN = jax.nn.softmax(scores_BTN, axis=-1).astype(dtype)
-    out_BTD = jnp.einsum('btn,btnd->btd', probs_BTN, v_BTND)
+      scores_BTA = scores_BTA / p['temperature']
+    probs_BTA = jax.nn.softmax(scores_BTA, axis=-1).astype(dtype)
+    out_BTD = jnp.einsum('bta,btad->btd', probs_BTA, v_BTAD)
     if 'value' in w and not self.value_before_softmax:
       out_BTD = jnp.einsum('btd,de->bte', out_BTD, w['value'])
     return out_BTD - residual_BTD if self.residual_before else out_BTD
