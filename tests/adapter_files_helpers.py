@@ -20,7 +20,7 @@ def random_peft(methods, config, seed=0):
   but the signs on LoReFT's diagonal."""
   rng = np.random.RandomState(seed)
   flat = {name: (rng.uniform(0.5, 1.5, shape) if name.startswith('ia3/') else
-                 0.1 * rng.randn(*shape)).astype(np.float32)
+                 0.1 * np.asarray(rng.randn(*shape))).astype(np.float32)
           for name, shape in leaf_shapes(methods, config).items()}
   if 'reft/original' in flat:  # LoReFT's signs: ±1 on the diagonal, as it keeps them
     original = flat['reft/original']

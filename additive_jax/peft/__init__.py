@@ -5,6 +5,7 @@ from additive_jax.peft.average import average
 from additive_jax.peft.base import Method
 from additive_jax.peft.bottleneck import Bottleneck
 from additive_jax.peft.compacter import Compacter
+from additive_jax.peft.fusion import Fusion
 from additive_jax.peft.ia3 import IA3
 from additive_jax.peft.ladder import LadderSide
 from additive_jax.peft.lora import LoRA

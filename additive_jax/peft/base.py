@@ -13,6 +13,8 @@ A method is one frozen dataclass in one file. Besides the hooks the model calls
   file_fields         its settings under the names adapter libraries use, for our adapter file
   mergeable, merge, unmerge, fold   whether and how it folds into the base weights, and its
                       inference form
+  after_step, extra_loss   leaves a schedule sets after each step, and a term of its own added
+                      to the training loss (AdapterFusion's temperature and regularization)
   stack_with, widen   how adapters of it trained apart share one stack (aj.peft.stack)
   frozen_keys         top-level keys of its subtree that never train (adapters it loads from
                       files, beside the leaves it trains); num_frozen_params counts them, and
@@ -109,6 +111,17 @@ class Method(Hooks):
     reader (loading rebuilds the method from its constructor call alone)."""
     return {}
 
+  def after_step(self, tree, step):
+    """Its subtree after `step` optimizer steps, for a frozen leaf a schedule sets rather than
+    the optimizer (AdapterFusion's temperature); the train step calls it after each update.
+    The tree unchanged by default."""
+    return tree
+
+  def extra_loss(self, tree, step):
+    """A scalar of its subtree added to the training loss at optimizer step `step`, once a step
+    (AdapterFusion's regularization of its value matrices), or None (the default) for none."""
+    return None
+
   def fold(self, tree, config):
     """(method, tree) for inference: a training-time reparameterization evaluated once (prefix
     tuning's MLP), the same logits for less work per call. Most methods have none."""
@@ -148,6 +161,13 @@ def stop_frozen(methods, peft: dict) -> dict:
       stopped[method.key] = {name: jax.lax.stop_gradient(sub) if name in frozen else sub
                              for name, sub in peft[method.key].items()}
   return stopped
+
+
+def advance(methods, peft: dict, step) -> dict:
+  """`peft` after `step` optimizer steps: each method's `after_step` applied to its subtree."""
+  scheduled = {m.key: m for m in methods if hasattr(m, 'after_step')}
+  return {key: scheduled[key].after_step(tree, step) if key in scheduled else tree
+          for key, tree in peft.items()}
 
 
 def method_classes() -> dict[str, type[Method]]:

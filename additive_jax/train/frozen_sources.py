@@ -33,7 +33,7 @@ from additive_jax.peft.files.complete import COMPLETE, check_complete, writing
 from additive_jax.peft.files.file_io import AdapterFileError, check_shapes, write_json
 from additive_jax.peft.frozen import load_frozen
 from additive_jax.peft.param_count import leaf_shapes
-from additive_jax.peft.registry import method_from_fields
+from additive_jax.train.config_checks import methods_of
 from additive_jax.train.restore import restore_run
 from additive_jax.train.workdir import RunFolder
 
@@ -70,15 +70,12 @@ def read_source(path: str, model_config):
 def read_sources(config, workdir: str) -> dict[str, list[Source]]:
   """Each method's frozen sources read (a complete copy in the workdir instead, when it has one
   of the same source), their methods written into the config entries; by method key."""
-  model_config = load_config(config.model)
   folder, found = RunFolder(workdir), {}
-  for key, entry in config.peft.items():
-    try:
-      method = method_from_fields(key, entry)
-    except (ValueError, TypeError) as err:
-      raise ValueError(f'config.peft.{key}: {err}') from None
+  for method in methods_of(config):
     if not method.frozen_sources():
       continue
+    model_config = load_config(config.model)  # only then: a run without them reads nothing here
+    key, entry = method.key, config.peft[method.key]
     sources = []
     for index, path in enumerate(method.frozen_sources()):
       copy = folder.frozen(key, index)

@@ -16,6 +16,10 @@ position, inside the same compiled step (`lax.cond`): no position is ever
 dropped, and the step reports that it overflowed. Either way the logits exist a
 chunk of rows at a time (`chunk_rows`), recomputed in the backward pass rather
 than stored, so the [B, T, V] logits never exist whole.
+
+A method may add a loss term of its own (`Method.extra_loss`: AdapterFusion's
+regularization of its value matrices toward the identity); `methods_extra_loss` sums them,
+None when no method has one, and the train step adds its gradient once a step.
 """
 
 from __future__ import annotations
@@ -97,3 +101,10 @@ def masked_token_loss(config: LlamaConfig, params, hidden_BTD, targets_BT, loss_
                                  take(targets_BT).reshape(-1), weights_BM.reshape(-1))
 
   return jax.lax.cond(overflowed, every_position, loss_positions), jnp.sum(mask_BT), overflowed
+
+
+def methods_extra_loss(methods, peft, step):
+  """Σ of the methods' own loss terms at optimizer step `step`, or None when none has one."""
+  terms = [term for m in methods if hasattr(m, 'extra_loss')
+           and (term := m.extra_loss(peft[m.key], step)) is not None]
+  return sum(terms) if terms else None

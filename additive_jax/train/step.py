@@ -5,7 +5,9 @@ frozen base `params` is an ordinary input, so no gradient (and no optimizer
 state) ever exists for it; a method's frozen leaves (`Method.frozen_keys`) are read under
 stop_gradient, so none is built for them either. Gradient accumulation splits the batch into
 micro-batches inside the step and sums the token-weighted loss and gradients
-with `lax.scan`, so the result equals one step on the whole batch.
+with `lax.scan`, so the result equals one step on the whole batch. A method's own loss
+term (`Method.extra_loss`) adds its gradient once a step, and a method's scheduled leaves
+(`Method.after_step`) are set after the update.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import optax
 
 from jax.sharding import Mesh
 
-from additive_jax.peft.base import stop_frozen
-from additive_jax.train.loss import masked_token_loss
+from additive_jax.peft.base import advance, stop_frozen
+from additive_jax.train.loss import masked_token_loss, methods_extra_loss
 from additive_jax.train.mesh import Rules, batch_sharding, replicated
 
 
@@ -72,8 +74,14 @@ def train_step(model, optimizer, accumulation: int, state: TrainState, params, b
   # the floor only avoids 0 / 0.
   weight = jnp.maximum(weight, 1.0)
   grads = jax.tree.map(lambda g: g / weight, grads)
+  if methods_extra_loss(model.peft, state.peft, state.step) is not None:
+    # a method's own term (AdapterFusion's regularization): once a step, whatever the
+    # accumulation, beside the token loss it is not averaged with
+    extra = jax.grad(functools.partial(methods_extra_loss, model.peft))(state.peft, state.step)
+    grads = jax.tree.map(jnp.add, grads, extra)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.peft)
-  peft = optax.apply_updates(state.peft, updates)
+  # leaves a schedule sets (AdapterFusion's temperature), at the step that follows
+  peft = advance(model.peft, optax.apply_updates(state.peft, updates), state.step + 1)
   grad_norm = optax.tree.norm(grads)
   metrics = {'loss': loss_sum / weight, 'grad_norm': grad_norm, 'loss_tokens': weight,
              # with config.nonfinite='skip', the optimizer did not apply this step's update

@@ -4,12 +4,16 @@
 
 Loads the shared base (WORK/base) as a `LlamaForCausalLM`, then
   * each of our adapters (WORK/ours/<config>) with `load_adapter(..., use_safetensors=True)`:
-    every tensor must be used and none missing; its logits are kept;
+    every tensor must be used and none missing; its logits are kept; a fusion (a setup
+    folder) as its adapters so loaded, then its fusion layer, every tensor of it checked;
     (our DiReFT's tensors go into a DiReftConfig adapter: AdapterHub's files cannot say DiReFT);
   * creates its own seq_bn, double_seq_bn, par_bn, Compacter, Compacter++, LoReFT and NoReFT
     adapters, sets every adapter weight (a Compacter's shared ones too) to random values
     (N(0, 0.3²): nothing at its init, so every term shows; ±1 on LoReFT's diagonal), keeps their
     logits and saves them with `save_adapter(..., use_safetensors=True)` to WORK/theirs/<config>;
+  * fuses two of its own adapters (`add_adapter_fusion`) with random fusion weights (the value
+    matrix the identity plus N(0, 0.3²)), keeps their logits and saves each with
+    `save_adapter_setup(..., Fuse(...), use_safetensors=True)` to WORK/theirs/<fusion>;
   * loads SmolLM2-135M (WORK/smollm2/base) and our adapters for it (WORK/smollm2/adapters/<name>).
 Every forward pass takes WORK/mask.json (a left-padded and a right-padded row). All logits go to
 WORK/adapterhub_logits.safetensors ('base', 'ours/<config>', 'theirs/<config>', 'smollm2/base',
@@ -48,6 +52,20 @@ THEIRS = {'seq_bn': adapters.SeqBnConfig(reduction_factor=8, non_linearity='gelu
           'unipelt': adapters.UniPELTConfig(
               adapters.PrefixTuningConfig(prefix_length=3, bottleneck_size=6),
               adapters.SeqBnConfig(reduction_factor=12), adapters.LoRAConfig(r=2, alpha=4))}
+# AdapterFusion: the fused adapters' configs, and the fusion's
+THEIR_FUSIONS = {
+    'fusion_dynamic': ((adapters.SeqBnConfig(reduction_factor=8, non_linearity='gelu'),
+                        adapters.SeqBnConfig(reduction_factor=12)),
+                       adapters.AdapterFusionConfig.load('dynamic', temperature=True)),
+    'fusion_houlsby_static': ((adapters.DoubleSeqBnConfig(reduction_factor=12),
+                               adapters.DoubleSeqBnConfig(reduction_factor=16, non_linearity='swish')),
+                              adapters.AdapterFusionConfig.load('static', residual_before=True)),
+    'fusion_value_after': ((adapters.SeqBnConfig(reduction_factor=8),
+                            adapters.SeqBnConfig(reduction_factor=16)),
+                           adapters.AdapterFusionConfig.load('dynamic', query_before_ln=True,
+                                                             value_before_softmax=False,
+                                                             residual_before=True)),
+}
 # the modules that hold an adapter's weights, named `.{module}.{adapter name}.`
 MODULES = ('adapters', 'shared_parameters', 'refts', 'loras', 'prefix_tunings', 'prefix_gates')
 
@@ -94,6 +112,47 @@ def load_ours(model, directory):
   return name
 
 
+def load_fusion(model, directory):
+  """Loads our AdapterHub setup folder: each adapter by `load_ours` (every tensor checked), then
+  the fusion layer, each of its tensors checked to be the model's; returns what to delete."""
+  with open(os.path.join(directory, 'adapter_setup.json'), encoding='utf-8') as f:
+    names = [c['children'][0] for c in json.load(f)['adapter_setup']['children']]
+  for name in names:
+    load_ours(model, os.path.join(directory, name))
+  fusion = ','.join(names)
+  model.load_adapter_fusion(os.path.join(directory, fusion), use_safetensors=True, set_active=True)
+  tensors = safetensors.numpy.load_file(os.path.join(directory, fusion,
+                                                     'model_adapter_fusion.safetensors'))
+  own = {n: p for n, p in model.named_parameters() if f'.adapter_fusion_layer.{fusion}.' in n}
+  if sorted(own) != sorted(tensors) or any(
+      not torch.equal(own[n], torch.from_numpy(t)) for n, t in tensors.items()):
+    sys.exit(f'{directory}: the fusion layer holds other tensors than its file')
+  model.set_active_adapters(adapters.Fuse(*names))
+  return names, fusion
+
+
+def delete_fusion(model, names, fusion):
+  model.delete_adapter_fusion(fusion)
+  for name in names:
+    model.delete_adapter(name)
+
+
+def add_their_fusion(model, name, adapter_configs, fusion_config, generator):
+  """AdapterHub's own fusion of new adapters, every weight random; (adapter names, fusion)."""
+  names = [f'{name}_{n}' for n in range(len(adapter_configs))]
+  for adapter_name, config in zip(names, adapter_configs):
+    model.add_adapter(adapter_name, config=config)
+  model.add_adapter_fusion(adapters.Fuse(*names), fusion_config, set_active=True)
+  fusion = ','.join(names)
+  with torch.no_grad():
+    for weight_name, weight in model.named_parameters():
+      if any(f'.adapters.{n}.' in weight_name for n in names) or f'.{fusion}.' in weight_name:
+        weight.copy_(0.3 * torch.randn(weight.shape, generator=generator))
+        if weight_name.endswith('.value.weight'):  # off the identity, not far from it
+          weight.add_(torch.eye(weight.shape[0]))
+  return names, fusion
+
+
 def save_theirs(model, directory, name):
   """save_adapter with safetensors; a prefix adapter cannot be (its pool aliases share
   tensors: adapters loading.py:96), so its own pickle is written, read back here and rewritten
@@ -133,6 +192,11 @@ def main(work):
     directory = os.path.join(work, 'ours', config)
     if not os.path.isdir(directory):
       continue
+    if config.startswith('fusion'):
+      names, fusion = load_fusion(model, directory)
+      out[f'ours/{config}'] = logits(model, tokens, mask, config)
+      delete_fusion(model, names, fusion)
+      continue
     name = direft_with(model, directory) if config == 'direft' else load_ours(model, directory)
     out[f'ours/{config}'] = logits(model, tokens, mask, config)
     model.delete_adapter(name)
@@ -151,12 +215,24 @@ def main(work):
     out[f'theirs/{name}'] = logits(model, tokens, mask, name)
     save_theirs(model, os.path.join(work, 'theirs', name), name)
     model.delete_adapter(name)
+  for name, (adapter_configs, fusion_config) in THEIR_FUSIONS.items():
+    names, fusion = add_their_fusion(model, name, adapter_configs, fusion_config, generator)
+    out[f'theirs/{name}'] = logits(model, tokens, mask, name)  # its first pass: T = 50
+    model.save_adapter_setup(os.path.join(work, 'theirs', name), adapters.Fuse(*names),
+                             use_safetensors=True)
+    delete_fusion(model, names, fusion)
   smollm2 = base_model(os.path.join(work, 'smollm2', 'base'))
   tokens = torch.tensor(safetensors.numpy.load_file(
       os.path.join(work, 'smollm2', 'logits.safetensors'))['tokens'])
   out['smollm2/base'] = logits(smollm2, tokens, mask)
   for config in sorted(os.listdir(os.path.join(work, 'smollm2', 'adapters'))):
-    name = load_ours(smollm2, os.path.join(work, 'smollm2', 'adapters', config))
+    directory = os.path.join(work, 'smollm2', 'adapters', config)
+    if config.startswith('fusion'):
+      names, fusion = load_fusion(smollm2, directory)
+      out[f'smollm2/ours/{config}'] = logits(smollm2, tokens, mask, config)
+      delete_fusion(smollm2, names, fusion)
+      continue
+    name = load_ours(smollm2, directory)
     out[f'smollm2/ours/{config}'] = logits(smollm2, tokens, mask, config)
     smollm2.delete_adapter(name)
   safetensors.numpy.save_file(out, os.path.join(work, 'adapterhub_logits.safetensors'))

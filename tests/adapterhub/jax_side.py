@@ -1,8 +1,8 @@
 """Our side of the AdapterHub cross-check (see run.sh); runs in the main venv.
 
     jax_side.py export WORK    a tiny random Llama (WORK/base), our bottleneck adapters,
-                               Compacters, ReFTs, LoRA, prefix tuning, MAM and UniPELT
-                               with random weights as AdapterHub files
+                               Compacters, ReFTs, LoRA, prefix tuning, MAM, UniPELT and
+                               fusions with random weights as AdapterHub files
                                (WORK/ours/<config>), our logits; SmolLM2-135M (WORK/smollm2/base)
                                with one adapter per method family (SMOLLM2) likewise, once, unless
                                WORK/smollm2 is there (the pytest test exports it from its
@@ -55,7 +55,20 @@ OURS = {'seq_bn': aj.peft.Bottleneck(6, 'pfeiffer', 'gelu'),
                 aj.peft.Bottleneck(24, 'parallel', 'relu', scale=4.0)),
         'unipelt': (aj.peft.PrefixTuning(4, 8, **HUB_PREFIX, gate='sequence'),
                     aj.peft.Bottleneck(3, 'pfeiffer', 'relu', gate='sequence'),
-                    aj.peft.LoRA(4, 2, ('q', 'v'), gate='sequence'))}
+                    aj.peft.LoRA(4, 2, ('q', 'v'), gate='sequence')),
+        # AdapterFusion: random fusion weights (the value matrix far from the identity) over
+        # adapters of different widths and activations; written as AdapterHub setup folders
+        'fusion_dynamic': aj.peft.Fusion(adapter_methods=("Bottleneck(dim=6, activation='gelu')",
+                                                          'Bottleneck(dim=4, scale=0.5)')),
+        'fusion_houlsby_static': aj.peft.Fusion(
+            adapter_methods=("Bottleneck(dim=5, placement='houlsby', activation='silu')",
+                             "Bottleneck(dim=3, placement='houlsby')", "Bottleneck(dim=4, "
+                             "placement='houlsby')"),
+            projections=('query', 'key'), residual_before=True),
+        # T = 50, AdapterHub's T at a loaded fusion's first forward pass
+        'fusion_temperature': aj.peft.Fusion(
+            adapter_methods=('Bottleneck(dim=6)', 'Bottleneck(dim=8)'), temperature=True,
+            query_before_ln=True, value_before_softmax=False)}
 # what AdapterHub's adapters in adapterhub_side.py are here
 THEIRS = {'seq_bn': aj.peft.Bottleneck(6, 'pfeiffer', 'gelu'),
           'double_seq_bn': aj.peft.Bottleneck(4, 'houlsby', 'silu'),
@@ -72,14 +85,28 @@ THEIRS = {'seq_bn': aj.peft.Bottleneck(6, 'pfeiffer', 'gelu'),
                   aj.peft.Bottleneck(12, 'parallel', 'relu', scale=4.0)),
           'unipelt': (aj.peft.PrefixTuning(3, 6, **HUB_PREFIX, gate='sequence'),
                       aj.peft.Bottleneck(4, 'pfeiffer', 'relu', gate='sequence'),
-                      aj.peft.LoRA(2, 4, ('q', 'v'), gate='sequence'))}
+                      aj.peft.LoRA(2, 4, ('q', 'v'), gate='sequence')),
+          # the folders of the fused adapters are WORK's: compared without `adapters`
+          'fusion_dynamic': aj.peft.Fusion(adapter_methods=(
+              "Bottleneck(dim=6, activation='gelu')", 'Bottleneck(dim=4)'), temperature=True),
+          'fusion_houlsby_static': aj.peft.Fusion(
+              adapter_methods=("Bottleneck(dim=4, placement='houlsby', activation='silu')",
+                               "Bottleneck(dim=3, placement='houlsby', activation='silu')"),
+              projections=('query', 'key'), residual_before=True, value_initialized=False,
+              regularization=False),  # AdapterHub's 'static' says both
+          'fusion_value_after': aj.peft.Fusion(
+              adapter_methods=('Bottleneck(dim=6)', 'Bottleneck(dim=3)'), query_before_ln=True,
+              value_before_softmax=False, residual_before=True)}
 # on SmolLM2, once per method family beyond the bottleneck
 SMOLLM2 = {'compacter': aj.peft.Compacter(**aj.peft.Compacter.presets['compacter']),
            'loreft': aj.peft.ReFT(4, layers=(3, 17, 29), prefix_positions=3, suffix_positions=2),
            'mam': tuple(method_from_fields(cls.key, fields) for cls, fields in COMBINATIONS['mam']),
            # the unipelt combination with AdapterHub's gate
            'unipelt': tuple(method_from_fields(cls.key, {**fields, 'gate': 'sequence'})
-                            for cls, fields in COMBINATIONS['unipelt'])}
+                            for cls, fields in COMBINATIONS['unipelt']),
+           # AdapterFusion's default ('dynamic') over two Pfeiffer adapters
+           'fusion': aj.peft.Fusion(adapter_methods=('Bottleneck(dim=8)',
+                                                     "Bottleneck(dim=8, activation='gelu')"))}
 # a left-padded row and a right-padded one: ReFT's positions count the real tokens
 MASK = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 0, 0]])
 # AdapterHub's gates average over every position of the call, padding included, and no two
@@ -104,8 +131,10 @@ def as_methods(entry) -> tuple:
 
 def random_leaves(methods, config, seed):
   """random_peft's N(0, 0.1²) leaves; a Compacter's N(0, 0.4²), since each of its matrices is
-  a product of two or three of them."""
+  a product of two or three of them; a fusion's temperature at 50, where AdapterHub starts."""
   peft = random_peft(methods, config, seed)
+  if 'temperature' in peft.get('fusion', {}):
+    peft['fusion']['temperature'] = np.float32(50.0)
   return {key: jax.tree.map(lambda x: 4 * x, tree) if key == 'compacter' else tree
           for key, tree in peft.items()}
 
@@ -162,6 +191,12 @@ def export_smollm2(work, config, params):
     if 'bottleneck' in peft:
       peft['bottleneck'] = {site: {**leaves, 'down': 0.02 * leaves['down']}
                             for site, leaves in peft['bottleneck'].items()}
+    if 'fusion' in peft:  # the fused adapters' down-projections and the query read the stream
+      fusion = peft['fusion']
+      fusion['adapters'] = {n: {site: {**leaves, 'down': 0.02 * leaves['down']}
+                                for site, leaves in adapter.items()}
+                            for n, adapter in fusion['adapters'].items()}
+      fusion['mlp'] = {**fusion['mlp'], 'query': 0.02 * fusion['mlp']['query']}
     aj.peft.save_adapter(os.path.join(work, 'adapters', name), methods, peft, config,
                          format='adapterhub')
     out[f'ours/{name}'] = logits(params, methods, peft, tokens, config, mask_for(name))
@@ -183,6 +218,8 @@ def compare(work):
                  relative_error(theirs[f'ours/{name}'], unpadded_or(name, base, base_unpadded))))
   for name, expected in THEIRS.items():
     methods, peft = aj.peft.load_adapter(os.path.join(work, 'theirs', name), CONFIG)
+    if name.startswith('fusion'):  # its adapters' folders are WORK's
+      methods = tuple(dataclasses.replace(m, adapters=()) for m in methods)
     if methods != as_methods(expected):
       sys.exit(f'AdapterHub {name} read as {", ".join(m.call_string() for m in methods)}, '
                f'expected {", ".join(m.call_string() for m in as_methods(expected))}')

@@ -11,7 +11,8 @@
 #   2. AdapterHub: loads them (use_safetensors=True) and computes logits; creates its own seq_bn,
 #                  double_seq_bn and par_bn adapters with random weights, saves them, computes logits
 #   3. here:       compares both sets of logits (max relative error <= 1e-5) and reads AdapterHub's files
-# The same with Compacter adapters, and once on SmolLM2-135M (ours -> AdapterHub, a Compacter): its
+# The same with Compacters, ReFTs, LoRA, prefixes, MAM, UniPELT and AdapterFusion (a setup folder: its
+# adapters and its fusion layer), and on SmolLM2-135M (ours -> AdapterHub, one adapter per family): its
 # export is SMOLLM2_EXPORT when set (a directory jax_side.export_smollm2 wrote), else made in step 1.
 # Run from anywhere: bash tests/adapterhub/run.sh   (MAIN_PYTHON: the interpreter with additive_jax)
 set -euo pipefail

@@ -116,8 +116,9 @@ def combinable(methods) -> bool:
 
 def save(directory, methods, peft, config, base_model_name_or_path=None,
          name: str = ADAPTER_NAME) -> None:
-  """Writes `methods` (one, or a union of a prefix, a bottleneck and a LoRA) as one adapter,
-  named `name` (the adapters of one Stack need names of their own: adapterhub_stack.py)."""
+  """Writes `methods` (one, or a union of a prefix, a bottleneck and a LoRA) as one adapter
+  named `name` (AdapterHub loads it under that name; the adapters of a fusion or a Stack need
+  one each)."""
   if len(methods) == 1 and isinstance(methods[0], ReFT):
     return adapterhub_reft.save(directory, methods[0], peft[methods[0].key], config, 'reft',
                                 FORMAT_VERSION, base_model_name_or_path)

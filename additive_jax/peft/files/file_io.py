@@ -44,7 +44,9 @@ def write_json(path: str, value: dict) -> None:
 def write_tensors(path: str, tensors: dict, metadata: dict[str, str] | None = None) -> None:
   """Writes `tensors` (name -> array, any dtype) as safetensors; `metadata={'format': 'pt'}`
   is what transformers asks of a checkpoint it loads."""
-  arrays = {name: np.ascontiguousarray(tensor) for name, tensor in tensors.items()}
+  # np.ascontiguousarray makes a 0-d array 1-d: a scalar leaf (a fusion's temperature) keeps ()
+  arrays = {name: np.ascontiguousarray(tensor).reshape(np.shape(tensor))
+            for name, tensor in tensors.items()}
   staged = epath.Path(path + '.tmp')
   staged.write_bytes(safetensors.numpy.save(arrays, metadata=metadata))
   staged.replace(path)

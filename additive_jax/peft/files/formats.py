@@ -13,7 +13,8 @@ Formats:
   'adapterhub'  AdapterHub `adapters`: a bottleneck (Pfeiffer, Houlsby, parallel), Compacter,
                 LoRA, prefix tuning, ReFT, or a union of a prefix, a bottleneck and a LoRA
                 (MAM, UniPELT) as one adapter (adapterhub.py); a Sequential as a Stack, one
-                adapter directory each, 0/, 1/, … (adapterhub_stack.py)
+                adapter directory each, 0/, 1/, … (adapterhub_stack.py); an AdapterFusion as a
+                setup folder of the fusion layer and its adapters (adapterhub_fusion.py)
 
 Combinations. PEFT files hold one method per directory and PEFT cannot apply
 two of ours together; AdapterHub's `ConfigUnion` holds a prefix, a bottleneck and
@@ -36,7 +37,8 @@ import jax
 
 from etils import epath
 
-from additive_jax.peft.files import adapterhub, adapterhub_stack, aj_format, hf_peft
+from additive_jax.peft.files import (adapterhub, adapterhub_fusion, adapterhub_stack, aj_format,
+                                       hf_peft)
 from additive_jax.peft.files.complete import check_complete
 from additive_jax.peft.files.file_io import AdapterFileError, check_shapes, read_json
 from additive_jax.model.hooks import check_methods
@@ -71,6 +73,8 @@ def save_adapter(directory: str, methods, peft, config, format: str = 'aj',
   elif format == 'adapterhub' and adapterhub_stack.holds_stack(methods):  # a directory an adapter
     adapterhub_stack.save(directory, methods[0], peft[methods[0].key], config,
                           base_model_name_or_path)
+  elif format == 'adapterhub' and methods[0].key == 'fusion':  # the fusion and its adapters
+    adapterhub_fusion.save(directory, methods[0], peft['fusion'], config, base_model_name_or_path)
   elif format == 'adapterhub':  # one method, or a union of a prefix, a bottleneck and a LoRA
     adapterhub.save(directory, methods, peft, config, base_model_name_or_path)
   else:
@@ -88,6 +92,8 @@ def detect_format(directory: str) -> str:
   if epath.Path(shared).exists():
     found.append('hf_peft' if 'peft_type' in read_json(shared) else 'adapterhub')
   elif adapterhub_stack.is_stack_directory(directory):  # a Sequential: 0/, 1/, … each an adapter
+    found.append('adapterhub')
+  elif adapterhub_fusion.holds_fusion(directory):  # AdapterHub's fusion: a setup folder
     found.append('adapterhub')
   if not found:
     raise AdapterFileError(f'{directory} holds no adapter (no {aj_format.CONFIG_NAME} or '
@@ -110,6 +116,8 @@ def load_adapter(directory: str, config, format: str | None = None, expected_met
     methods, peft = aj_format.load(directory, config)
   elif format == 'adapterhub' and adapterhub_stack.is_stack_directory(directory):
     methods, peft = adapterhub_stack.load(directory, config, allow_pickle)
+  elif format == 'adapterhub' and adapterhub_fusion.holds_fusion(directory):
+    methods, peft = adapterhub_fusion.load(directory, config, allow_pickle)
   elif format == 'adapterhub':
     methods, peft = adapterhub.load(directory, config, allow_pickle)
   elif format == 'hf_peft':
