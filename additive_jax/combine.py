@@ -46,19 +46,6 @@ from additive_jax.train.restore import restore_run
 AVERAGES = {'average': 'linear', **{s: s for s in STRATEGIES if s != 'linear'}}
 CHOICES = tuple(AVERAGES) + HOWS
 
-_ADAPTERS = flags.DEFINE_multi_string('adapter', [], 'a folder of adapter files or a run; repeated')
-_WEIGHTS = flags.DEFINE_list('weights', None, 'one weight per adapter (default: 1/n each)')
-_HOW = flags.DEFINE_enum('how', 'average', CHOICES, 'how the adapters are combined')
-_NORMALIZE = flags.DEFINE_bool('normalize', True, 'averages: divide the weights by their sum')
-_DENSITY = flags.DEFINE_float('density', None, 'ties, dare_*, magnitude_prune*: the fraction kept')
-_RANK = flags.DEFINE_integer('rank', None, "_svd merges, lora_delta_w_svd: the result's rank")
-_SIGN = flags.DEFINE_enum('majority_sign_method', 'total', ('total', 'frequency'),
-                          "ties, dare_ties: TIES' sign election")
-_SVD_CLAMP = flags.DEFINE_float('svd_clamp', None, '_svd merges: the quantile to clamp to')
-_SEED = flags.DEFINE_integer('seed', 0, "dare_*: the seed of the masks")
-_OUT = flags.DEFINE_string('out', None, 'the folder written', required=True)
-_FORMAT = flags.DEFINE_enum('format', 'aj', FORMATS, 'the adapter format written')
-_MODEL = flags.DEFINE_string('model', None, 'the base (default: the one the adapters record)')
 
 
 def is_run(path: str) -> bool:
@@ -147,18 +134,37 @@ def parse_weights(values) -> list[float] | None:
     raise ValueError(f'--weights={",".join(values)}: each weight must be a number') from None
 
 
+def define_flags() -> None:
+  """The command's flags, defined only when it runs as a command: a process that imports this
+  module beside `export` (which owns --out, --format and --model too) must not clash."""
+  flags.DEFINE_multi_string('adapter', [], 'a folder of adapter files or a run; repeated')
+  flags.DEFINE_list('weights', None, 'one weight per adapter (default: 1/n each)')
+  flags.DEFINE_enum('how', 'average', CHOICES, 'how the adapters are combined')
+  flags.DEFINE_bool('normalize', True, 'averages: divide the weights by their sum')
+  flags.DEFINE_float('density', None, 'ties, dare_*, magnitude_prune*: the fraction kept')
+  flags.DEFINE_integer('rank', None, "_svd merges, lora_delta_w_svd: the result's rank")
+  flags.DEFINE_enum('majority_sign_method', 'total', ('total', 'frequency'),
+                    "ties, dare_ties: TIES' sign election")
+  flags.DEFINE_float('svd_clamp', None, '_svd merges: the quantile to clamp to')
+  flags.DEFINE_integer('seed', 0, "dare_*: the seed of the masks")
+  flags.DEFINE_string('out', None, 'the folder written', required=True)
+  flags.DEFINE_enum('format', 'aj', FORMATS, 'the adapter format written')
+  flags.DEFINE_string('model', None, 'the base (default: the one the adapters record)')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  f = flags.FLAGS
   try:
-    out = combine(_ADAPTERS.value, _OUT.value, _HOW.value, parse_weights(_WEIGHTS.value),
-                  _FORMAT.value, _MODEL.value, normalize=_NORMALIZE.value, density=_DENSITY.value,
-                  rank=_RANK.value, majority_sign_method=_SIGN.value, svd_clamp=_SVD_CLAMP.value,
-                  seed=_SEED.value)
+    out = combine(f.adapter, f.out, f.how, parse_weights(f.weights), f.format, f.model,
+                  normalize=f.normalize, density=f.density, rank=f.rank,
+                  majority_sign_method=f.majority_sign_method, svd_clamp=f.svd_clamp, seed=f.seed)
   except (ValueError, OSError) as err:  # bad input: one clear line, no traceback
     sys.exit(f'error: {err}')
   print(f'wrote {out}')
 
 
 if __name__ == '__main__':
+  define_flags()
   command.run(main)
