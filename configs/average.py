@@ -16,28 +16,13 @@ one task is scored on another.
 
 import ml_collections
 
-from additive_jax.train.config import default_config
-
-# the task's built-in source and its held-out split for the eval loss
-TASKS = {'sst2': 'dev', 'trec': 'dev'}
+from additive_jax.train.config import default_config, task_arg, task_run
 
 
 def get_config(arg=None):
-  words = [w for w in (arg or 'sst2').split(',') if w]
-  tasks = [w for w in words if w in TASKS]
-  unknown = [w for w in words if w not in TASKS and w != 'runlocal']
-  if len(tasks) != 1 or unknown:
-    raise ValueError(f'configs/average.py takes one task of {", ".join(TASKS)} (and runlocal), '
-                     f'got {arg!r}')
-  c = default_config()
+  args = task_arg(arg, 'configs/average.py', methods=False)
+  c = task_run(default_config(), args['task'], args['runlocal'])  # its scoring settings
   c.peft = ml_collections.ConfigDict()  # the adapters' methods (train/start_from.py)
-  c.data.source.name = tasks[0]
-  c.data.split, c.data.eval_split = 'train', TASKS[tasks[0]]
-  c.batch_size, c.seq_len = 8, 128
-  c.num_steps = 0
-  c.test_metric, c.test_split, c.test_before = 'accuracy', 'test', False
-  c.eval_batches = 4
-  if 'runlocal' in words:
-    c.batch_size, c.seq_len, c.eval_batches, c.test_limit = 2, 64, 1, 16
+  c.num_steps, c.test_before = 0, False
   c.lock()
   return c

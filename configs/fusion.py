@@ -16,31 +16,14 @@ as our adapters' 1e-3 against AdapterHub's usual 1e-4.
 """
 
 from additive_jax.peft.fusion import Fusion
-from additive_jax.train.config import default_config, entries_of
-
-# the task's built-in source and the split of its eval loss
-TASKS = {'sst2': 'dev', 'trec': 'dev'}
+from additive_jax.train.config import default_config, entries_of, task_arg, task_run
 
 
 def get_config(arg=None):
-  words = [w for w in (arg or 'sst2').split(',') if w]
-  tasks = [w for w in words if w in TASKS]
-  unknown = [w for w in words if w not in TASKS and w != 'runlocal']
-  if len(tasks) != 1 or unknown:
-    raise ValueError(f'configs/fusion.py takes one task of {", ".join(TASKS)} (and runlocal), '
-                     f'got {arg!r}')
+  args = task_arg(arg, 'configs/fusion.py', methods=False)
   c = default_config()
   c.peft = entries_of((Fusion(),))  # the adapters are set by the command line or a sweep
   c.peft.fusion.optimizer.learning_rate = 5e-4
-  c.data.source.name = tasks[0]
-  c.data.split, c.data.eval_split = 'train', TASKS[tasks[0]]
-  c.batch_size, c.seq_len = 8, 128
-  c.num_steps = 60
-  c.log_every, c.eval_every, c.eval_batches, c.checkpoint_every = 5, 30, 4, 30
-  c.test_metric, c.test_split = 'accuracy', 'test'
-  if 'runlocal' in words:
-    c.batch_size, c.seq_len, c.num_steps = 2, 64, 4
-    c.log_every, c.eval_every, c.eval_batches, c.checkpoint_every = 1, 2, 1, 2
-    c.test_limit = 16
+  task_run(c, args['task'], args['runlocal'])  # configs/sst2.py's run on the task
   c.lock()
   return c

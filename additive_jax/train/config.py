@@ -20,6 +20,8 @@ from additive_jax.data.config import data_config
 from additive_jax.peft.registry import combinations, field_types, presets
 from additive_jax.train.optimizer import method_settings
 
+# the built-in classification sources a config's argument may name as its task (task_run)
+TASKS = ('sst2', 'trec')
 # Logical axis of a base weight or an activation -> mesh axis. A weight size the mesh axis does
 # not divide is replicated instead (mesh.shardings_for reports which). Activations keep their
 # batch split over data × fsdp in every layer, so FSDP gathers weights, never activations.
@@ -124,6 +126,37 @@ def with_methods(config: ml_collections.ConfigDict, *names: str) -> ml_collectio
   """`config` training the preset methods `names` (e.g. 'pfeiffer', 'lora')."""
   config.peft = method_entries(*names)
   return config
+
+
+def task_run(c: ml_collections.ConfigDict, task: str, runlocal: bool = False
+             ) -> ml_collections.ConfigDict:
+  """`c` set to the quickstart's run on a built-in classification task of TASKS: train on its
+  train split, the eval loss on dev, 60 steps of 8 packed rows of 128 tokens, accuracy on
+  test before and after; `runlocal` shrinks it to a smoke test."""
+  c.data.source.name = task  # the built-in declaration (additive_jax/data/builtins.py)
+  c.data.split, c.data.eval_split = 'train', 'dev'
+  c.batch_size, c.seq_len, c.num_steps = 8, 128, 60
+  c.log_every, c.eval_every, c.eval_batches, c.checkpoint_every = 5, 30, 4, 30
+  c.test_metric, c.test_split = 'accuracy', 'test'
+  if runlocal:
+    c.batch_size, c.seq_len, c.num_steps = 2, 64, 4
+    c.log_every, c.eval_every, c.eval_batches, c.checkpoint_every = 1, 2, 1, 2
+    c.test_limit = 16
+  return c
+
+
+def task_arg(arg: str | None, config_file: str, methods: bool = True) -> dict:
+  """`parse_arg` of a config taking a task of TASKS (default sst2) and `runlocal`, and method
+  presets unless `methods` is False: {'task', 'runlocal', 'methods'}."""
+  args = parse_arg(arg, runlocal=False, **dict.fromkeys(TASKS, False))
+  named = [task for task in TASKS if args[task]]
+  if len(named) > 1:
+    raise ValueError(f'{config_file}: name one task of {", ".join(TASKS)}, got {", ".join(named)}')
+  if args['methods'] and not methods:
+    raise ValueError(f'{config_file} takes a task of {", ".join(TASKS)} and runlocal, not '
+                     f'{", ".join(args["methods"])}')
+  return {'task': named[0] if named else 'sst2', 'runlocal': args['runlocal'],
+          'methods': args['methods']}
 
 
 def parse_arg(arg: str | None, **defaults) -> dict:
