@@ -230,7 +230,7 @@ def test_the_mixed_config_names_its_primary_and_takes_weights_from_the_command_l
   config = experiment_config('mixed', 'pfeiffer,trec')
   assert config.data.source.name == 'trec' and sorted(config.data.mixture) == ['sst2', 'trec']
   assert experiment_config('mixed', 'runlocal').data.source.name == 'sst2'
-  with pytest.raises(ValueError, match='name one primary source, got sst2, trec'):
+  with pytest.raises(ValueError, match='configs/mixed.py: name one task of sst2, trec, got sst2, trec'):
     experiment_config('mixed', 'sst2,trec')
   config.data.mixture.trec.weight = 1.5  # what --config.data.mixture.trec.weight=1.5 sets
   assert [e.share for e in mixture_entries(config.data)] == [0.25, 0.75]
