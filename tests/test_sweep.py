@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from additive_jax.train.config_checks import check_config
+from additive_jax.train.start_from import check_start_keys
 from experiments import hyper
 from experiments.sweep import command, load_sweep, point_names
 from cli_helpers import ROOT, USER_ENV, experiment_config
@@ -164,3 +165,23 @@ def test_every_point_of_the_sweep_files_is_a_valid_config(spec):
     config = experiment_config(os.path.splitext(os.path.basename(key[0]))[0], point.get('arg'))
     config.update_from_flattened_dict(overrides)  # a locked config: an unknown key raises
     check_config(config)
+
+
+def test_the_combining_sweep_reads_only_earlier_points():
+  """configs/sweeps/combining.py: every point's config and overrides load; a trained point
+  passes the trainer's checks; a point reading other runs (`{root}/NAME`) reads earlier points
+  only, so the sweep runs in order without a missing source."""
+  base, points, _ = load_sweep(os.path.join(ROOT, 'configs/sweeps/combining.py'))
+  names = point_names(points)
+  for index, point in enumerate(points):
+    config = experiment_config(os.path.splitext(os.path.basename(point['base']))[0],
+                               point.get('arg'))
+    overrides = {k.removeprefix('config.'): v for k, v in point.items() if k.startswith('config.')}
+    config.update_from_flattened_dict(overrides)  # a locked config: an unknown key raises
+    read = [p for v in overrides.values() for p in (v if isinstance(v, tuple) else (v,))
+            if isinstance(p, str) and p.startswith('{root}/')]
+    assert all(p.split('/')[1] in names[:index] for p in read), (names[index], read)
+    if config.num_steps == 0:
+      check_start_keys(config)
+    elif not read:
+      check_config(config)
