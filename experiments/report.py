@@ -44,6 +44,7 @@ from additive_jax import command  # noqa: E402
 from additive_jax.peft.lora import TARGETS as LORA_TARGETS  # noqa: E402
 from additive_jax.peft.registry import combinations, field_types, presets  # noqa: E402
 from additive_jax.eval.metrics import METRICS  # noqa: E402
+from additive_jax.train.config import TASKS  # noqa: E402
 from additive_jax.train.workdir import RunFolder  # noqa: E402
 from experiments.bootstrap import BOOTSTRAP_SEED, RESAMPLES, compare  # noqa: E402
 
@@ -285,10 +286,12 @@ def settings_of(points: list[dict], value: str) -> list[dict]:
   rows = [aggregate(words, json.loads(text), members, value, common)
           for (_, words, text), members in groups.items()]
   if several:  # the config names what each row did (trained on a mixture, fused, averaged)
-    for row, (base, _, _) in zip(rows, groups):
+    for row, (base, words, _) in zip(rows, groups):
       config = base.rsplit('/', 1)[-1].removesuffix('.py')
-      row['label'] = f"{config}: {row['label']}"
-      row['title'] = f"{config}: {row['title']}"
+      # an argument that only names the task (configs/fusion.py:trec) says nothing more here
+      method = row['label'] if set(words) - set(TASKS) else ''
+      row['label'] = f'{config}: {method}' if method else config
+      row['title'] = row['label'] + (f", {row['settings']}" if row['settings'] else '')
   return sorted(rows, key=lambda r: r['order'])
 
 

@@ -195,6 +195,40 @@ def test_each_base_config_has_its_own_table_and_metric(tmp_path):
     report.report(str(tmp_path), str(tmp_path / 'r'), [(PFEIFFER, 'gsm8k_ia3')])
 
 
+def test_runs_of_several_configs_tested_on_one_task_share_its_table(tmp_path):
+  """A table per task tested (the hits' source and split), whatever config each run was of:
+  a run trained on SST-2, one fused for it and one scored on it after training on TREC share
+  SST-2's table, labelled by their configs; TREC's runs make another."""
+  points = []
+  for name, base, arg, overrides, source, seed in (
+      ('sst2', 'configs/sst2.py', 'pfeiffer', {}, 'sst2', 1),
+      ('fusion_sst2', 'configs/fusion.py', 'sst2', {}, 'sst2', 2),
+      ('trec_on_sst2', 'configs/average.py', 'sst2', {'start_from': ['{root}/trec']}, 'sst2', 3),
+      ('trec', 'configs/trec.py', 'pfeiffer', {}, 'trec', 4)):
+    (tmp_path / name).mkdir()
+    hits = hits_of(seed)
+    (tmp_path / name / 'summary.json').write_text(json.dumps({
+        'trainable_params': 1000, 'trainable_percent': 0.1, 'accuracy_after': accuracy(hits)}))
+    (tmp_path / name / 'test_hits.json').write_text(json.dumps({
+        'metric': 'accuracy', 'source': source, 'split': 'test', 'limit': 0, 'step': 60,
+        'hits': hits}))
+    points.append({'name': name, 'arg': arg, 'base': base, 'overrides': overrides,
+                   'status': 'done'})
+  (tmp_path / 'sweep.json').write_text(json.dumps({'sweep': 'combining', 'arg': None,
+                                                   'base': 'configs/sst2.py', 'points': points}))
+  result, text = report.report(str(tmp_path), str(tmp_path / 'r'), [('fusion_sst2', 'sst2')])
+  tables = {t['base']: [(r['label'], r['settings'], r['names']) for r in t['rows']]
+            for t in result['tasks']}
+  assert tables == {
+      'sst2 test': [('sst2: Pfeiffer adapter dim 64', '', ['sst2']),
+                    ('fusion', '', ['fusion_sst2']),
+                    ('average', 'from trec', ['trec_on_sst2'])],
+      'trec test': [('Pfeiffer adapter dim 64', '', ['trec'])]}
+  assert '## sst2 test: test accuracy' in text and result['pairs'][0]['rows'] == ROWS
+  with pytest.raises(ValueError, match='cannot pair trec with sst2: .*source'):
+    report.report(str(tmp_path), str(tmp_path / 'r'), [('trec', 'sst2')])
+
+
 def test_command(tmp_path):
   # workdirs recorded where the sweep ran, since moved: each is found under ROOT by its name
   write_sweep(tmp_path, recorded_root='/moved/elsewhere')
