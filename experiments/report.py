@@ -154,9 +154,10 @@ def settings_text(overrides: dict, words: tuple[str, ...]) -> str:
   keys = [presets()[w][0].key for w in words if w in presets()]
   parts = []
   for key, value in sorted(overrides.items()):
-    if key == 'start_from':  # adapters by their run's (or file's) folder name
-      parts.append('from ' + ' + '.join(epath.Path(p).name if epath.Path(p).name != 'adapter'
-                                         else epath.Path(p).parent.name for p in value))
+    if key == 'start_from' or key.endswith('.adapters'):  # paths: the runs' (files') names
+      names = [epath.Path(p).parent.name if epath.Path(p).name == 'adapter' else epath.Path(p).name
+               for p in value]
+      parts.append(' + '.join(names) if len(names) > 1 else f'{names[0]} alone')
       continue
     for method in keys:
       if key.startswith(f'peft.{method}.'):

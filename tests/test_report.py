@@ -202,7 +202,8 @@ def test_runs_of_several_configs_tested_on_one_task_share_its_table(tmp_path):
   points = []
   for name, base, arg, overrides, source, seed in (
       ('sst2', 'configs/sst2.py', 'pfeiffer', {}, 'sst2', 1),
-      ('fusion_sst2', 'configs/fusion.py', 'sst2', {}, 'sst2', 2),
+      ('fusion_sst2', 'configs/fusion.py', 'sst2',
+       {'peft.fusion.adapters': ['{root}/sst2/adapter', '{root}/trec']}, 'sst2', 2),
       ('trec_on_sst2', 'configs/average.py', 'sst2', {'start_from': ['{root}/trec']}, 'sst2', 3),
       ('trec', 'configs/trec.py', 'pfeiffer', {}, 'trec', 4)):
     (tmp_path / name).mkdir()
@@ -221,8 +222,8 @@ def test_runs_of_several_configs_tested_on_one_task_share_its_table(tmp_path):
             for t in result['tasks']}
   assert tables == {
       'sst2 test': [('sst2: Pfeiffer adapter dim 64', '', ['sst2']),
-                    ('fusion', '', ['fusion_sst2']),
-                    ('average', 'from trec', ['trec_on_sst2'])],
+                    ('fusion', 'sst2 + trec', ['fusion_sst2']),
+                    ('average', 'trec alone', ['trec_on_sst2'])],
       'trec test': [('Pfeiffer adapter dim 64', '', ['trec'])]}
   assert '## sst2 test: test accuracy' in text and result['pairs'][0]['rows'] == ROWS
   with pytest.raises(ValueError, match='cannot pair trec with sst2: .*source'):

@@ -10,7 +10,8 @@ one trained on the two mixed 1:1 (configs/mixed.py); AdapterFusion of the first 
 for each task (configs/fusion.py); their average (configs/average.py); and each adapter
 scored on the task it was not trained for (configs/average.py with one adapter: nothing
 trains). Every point but the averages and the scorings trains 60 steps of 8 rows of 128
-tokens, as the quickstart; about 45 minutes on 2 CPU cores in all.
+tokens, as the quickstart; the fusions are the slowest (both adapters and the fusion in every
+layer): 97 minutes in all on 2 busy CPU cores, about half of that on idle ones.
 """
 
 BASE = 'configs/sst2.py'
