@@ -58,6 +58,7 @@ def test_one_run_scored_again_gives_its_accuracy_and_its_leaves(
   scored = train_and_evaluate(config, str(tmp_path))
   assert scored['accuracy_after'] == summary['accuracy_after']
   assert scored['test_step'] == 0 and 'tokens_per_s' not in scored
+  assert scored['eval_loss'] > 0  # its checkpoint is ranked by it, as every checkpoint is
   jax.tree.map(np.testing.assert_array_equal, leaves(tmp_path), leaves(source))
   run = restore_run(str(tmp_path), 'latest')  # the run names what it holds: IA3, from the adapters
   assert run.methods == (IA3(),) and run.step == 0

@@ -176,8 +176,9 @@ def train(session: Session) -> int | None:
   window = LogWindow(run.model.config, session.methods, config, session.budget,
                      session.trainable, run.optimizer_settings)
   first = int(session.state.step)
-  if config.num_steps == 0 and first == 0:  # a scoring run keeps what it scores, restorable
-    session.checkpoints.save(0, session.state, session.iterator, config.to_dict())
+  if config.num_steps == 0 and first == 0:  # a scoring run keeps what it scores, restorable,
+    session.checkpoints.save(0, session.state, session.iterator, config.to_dict(),  # ranked
+                             metrics=_evaluate(session, evaluate_loss, 0))  # as any checkpoint
   with contextlib.closing(Preemption()) as preemption, tqdm.tqdm(
       range(first, config.num_steps), initial=first, total=config.num_steps, desc='train',
       disable=jax.process_index() != 0) as progress:
