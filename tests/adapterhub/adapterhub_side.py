@@ -181,12 +181,18 @@ def base_model(directory):
   return model
 
 
-def main(work):
+def read_inputs(work):
+  """(the base model, tokens, mask) that our side wrote into `work`."""
   model = base_model(os.path.join(work, 'base'))
   with open(os.path.join(work, 'tokens.json'), encoding='utf-8') as f:
     tokens = torch.tensor(json.load(f))
   with open(os.path.join(work, 'mask.json'), encoding='utf-8') as f:
     mask = torch.tensor(json.load(f))
+  return model, tokens, mask
+
+
+def main(work):
+  model, tokens, mask = read_inputs(work)
   out = {'base': logits(model, tokens, mask)}
   for config in sorted(os.listdir(os.path.join(work, 'ours'))):
     directory = os.path.join(work, 'ours', config)

@@ -151,7 +151,9 @@ def unpadded_or(name, padded, unpadded):
   return unpadded if UNPADDED in name else padded
 
 
-def export(work):
+def export_base(work):
+  """The tiny random base (`work/base`), its tokens and their mask, written for AdapterHub's
+  side; (the base's params, the tokens)."""
   params = nn.unbox(aj.Llama(CONFIG).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))['params']
   aj.peft.save_merged(os.path.join(work, 'base'), aj.Llama(CONFIG), {'params': params})
   tokens = np.random.RandomState(1).randint(0, CONFIG.vocab_size, (2, 9))
@@ -159,6 +161,11 @@ def export(work):
     json.dump(tokens.tolist(), f)
   with open(os.path.join(work, 'mask.json'), 'w', encoding='utf-8') as f:
     json.dump(MASK.tolist(), f)
+  return params, tokens
+
+
+def export(work):
+  params, tokens = export_base(work)
   for seed, (name, entry) in enumerate(OURS.items()):
     methods = as_methods(entry)
     peft = random_leaves(methods, CONFIG, seed)

@@ -17,9 +17,7 @@ import json
 import os
 import sys
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
@@ -29,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]  # tests/ and tests/adapterhub/
 from adapter_files_helpers import random_peft  # noqa: E402
 from conftest import TINY as CONFIG, relative_error  # noqa: E402
-from jax_side import MASK, TOLERANCE, logits  # noqa: E402
+from jax_side import MASK, TOLERANCE, export_base, logits  # noqa: E402
 
 B = aj.peft.Bottleneck
 # case -> (the frozen adapters, the trained adapter's fields)
@@ -74,13 +72,7 @@ def sequential_of(case, work, params):
 
 
 def export(work):
-  params = nn.unbox(aj.Llama(CONFIG).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))['params']
-  aj.peft.save_merged(os.path.join(work, 'base'), aj.Llama(CONFIG), {'params': params})
-  tokens = np.random.RandomState(1).randint(0, CONFIG.vocab_size, (2, 9))
-  with open(os.path.join(work, 'tokens.json'), 'w', encoding='utf-8') as f:
-    json.dump(tokens.tolist(), f)
-  with open(os.path.join(work, 'mask.json'), 'w', encoding='utf-8') as f:
-    json.dump(MASK.tolist(), f)
+  params, tokens = export_base(work)
   for case in OURS:
     method, peft = sequential_of(case, work, params)
     aj.peft.save_adapter(os.path.join(work, 'ours', case), (method,), peft, CONFIG,

@@ -16,7 +16,6 @@ All logits go to WORK/sequential_logits.safetensors ('base', 'ours/<case>', 'the
 'parallel/stack', 'parallel/last').
 """
 
-import json
 import os
 import sys
 
@@ -26,7 +25,7 @@ import safetensors.numpy
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under PYTHONSAFEPATH
-from adapterhub_side import MODULES, base_model, load_ours, logits, save_theirs  # noqa: E402
+from adapterhub_side import MODULES, load_ours, logits, read_inputs, save_theirs  # noqa: E402
 
 THEIRS = {
     # MAD-X: a wide language adapter under a narrow task adapter, both Pfeiffer
@@ -57,11 +56,7 @@ def stack_logits(model, names, tokens, mask, case):
 
 
 def main(work):
-  model = base_model(os.path.join(work, 'base'))
-  with open(os.path.join(work, 'tokens.json'), encoding='utf-8') as f:
-    tokens = torch.tensor(json.load(f))
-  with open(os.path.join(work, 'mask.json'), encoding='utf-8') as f:
-    mask = torch.tensor(json.load(f))
+  model, tokens, mask = read_inputs(work)
   out = {'base': logits(model, tokens, mask)}
   for case in sorted(os.listdir(os.path.join(work, 'ours'))):
     directory = os.path.join(work, 'ours', case)
