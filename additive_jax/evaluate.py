@@ -25,6 +25,7 @@ from additive_jax.data.config import data_config
 from additive_jax.eval.metrics import Settings, check_metric, score
 from additive_jax.model.llama import Llama
 from additive_jax.model.load import load_model
+from additive_jax.model.quant_layout import MODES
 from additive_jax.model.tokenizer import load_tokenizer
 from additive_jax.train.restore import restore_run
 from additive_jax.train.workdir import RunFolder
@@ -39,13 +40,16 @@ _METRICS = flags.DEFINE_list('metric', None, "metrics (default: a run's test met
 _LIMIT = flags.DEFINE_integer('limit', 0, 'a fixed-seed subset of this many rows (0: all)')
 _OUTPUT = flags.DEFINE_string('output', None, "the JSON written (default: a run's eval_<split>.json)")
 _MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', None, 'exact_match: the budget')
+_BASE_QUANT = flags.DEFINE_enum('base_quant', None, MODES,
+                                "the base in blocks (default: a run's own, else none)")
 _DECODE_ROWS = flags.DEFINE_integer('decode_rows', Settings.decode_rows,
                                     'exact_match: prompts decoded together', lower_bound=1)
 
 
 def setup():
   """(base path, variables' peft or None, methods, data config, split, metrics, settings,
-  output path) from the flags and, with --workdir, the run."""
+  output path, what was scored, the base's (quant, quant_block)) from the flags and, with
+  --workdir, the run (scored over the base it trained over)."""
   if bool(_WORKDIR.value) == bool(_MODEL.value):
     raise app.UsageError('give --workdir=DIR (a run) or --model=BASE --source=NAME (the base)')
   if _WORKDIR.value:
@@ -57,8 +61,10 @@ def setup():
                         max_new_tokens=_MAX_NEW_TOKENS.value or config.max_new_tokens,
                         answer_regex=config.answer_regex, decode_rows=_DECODE_ROWS.value)
     output = _OUTPUT.value or str(RunFolder(_WORKDIR.value).eval_output(split))
+    quant = (_BASE_QUANT.value or config.get('base_quant', 'none'),
+             config.get('base_quant_block', 0))
     return (config.model, run.peft, run.methods, config.data, split, metrics, settings, output,
-            {'workdir': _WORKDIR.value, 'step': run.step})
+            {'workdir': _WORKDIR.value, 'step': run.step}, quant)
   if not _SOURCE.value:
     raise app.UsageError('--model needs --source, the data to score on')
   data = data_config()
@@ -68,17 +74,17 @@ def setup():
   settings = Settings(max_new_tokens=_MAX_NEW_TOKENS.value or Settings.max_new_tokens,
                       decode_rows=_DECODE_ROWS.value)
   return (_MODEL.value, None, (), data, _SPLIT.value or 'test', metrics, settings, _OUTPUT.value,
-          {'model': _MODEL.value})
+          {'model': _MODEL.value}, (_BASE_QUANT.value or 'none', 0))
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   try:
-    base, peft, methods, data, split, metrics, settings, output, scored = setup()
+    base, peft, methods, data, split, metrics, settings, output, scored, quant = setup()
     for metric in metrics:
       check_metric(metric)
-    config, params = load_model(base)
+    config, params = load_model(base, quant=quant[0], quant_block=quant[1])
     tokenizer = load_tokenizer(base)
     model = Llama(config, peft=methods)
     variables = {'params': params} if peft is None else {'params': params, 'peft': peft}

@@ -87,6 +87,12 @@ def _check_writable(format: str, saved, model_config) -> None:
   """Raises the error writing would, before any array is read: the format's own writer run on
   zeros of the trainables' shapes, into a scratch folder that is then removed."""
   if format == 'merged':
+    quant = saved.config.get('base_quant', 'none')
+    if quant != 'none':  # PEFT #2321: a merge into a widened copy, silently, is not what trained
+      raise AdapterFileError(f"this run trained over a base in blocks (base_quant='{quant}'): a "
+                             'merged checkpoint would fold the adapter into weights it was not '
+                             'trained over (widened, or rounded again); export the adapter '
+                             '(--format=aj, hf_peft or adapterhub) and load it over the same base')
     unmergeable = [m.call_string() for m in saved.methods if not m.mergeable]
     if unmergeable:
       raise AdapterFileError(f'{", ".join(unmergeable)} cannot be folded into the base weights; a '

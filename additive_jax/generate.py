@@ -34,6 +34,7 @@ from additive_jax.eval.decode import generate
 from additive_jax.eval.sampling import Sampling
 from additive_jax.model.llama import Llama
 from additive_jax.model.load import load_config, load_model
+from additive_jax.model.quant_layout import MODES
 from additive_jax.model.tokenizer import load_tokenizer
 from additive_jax.peft.files import load_adapter
 from additive_jax.peft.stack import stack
@@ -54,6 +55,8 @@ _TOP_K = flags.DEFINE_integer('top_k', 0, 'keep the k most likely tokens (0: all
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'keep the nucleus of this probability (1: all)')
 _SEED = flags.DEFINE_integer('seed', 0, 'the sampling seed')
 _STOP = flags.DEFINE_multi_string('stop', [], 'a string that ends a completion; repeatable')
+_BASE_QUANT = flags.DEFINE_enum('base_quant', None, MODES,
+                                "the base in blocks (default: a run's own, else none)")
 
 
 def named_adapters(specs: list[str]) -> dict[str, str]:
@@ -87,19 +90,22 @@ def read_prompts(path: str, names: list[str]) -> list[tuple[str, int]]:
 
 
 def load_adapters():
-  """(base path, {name: (methods, peft)}, the run's chat default, the run's checkpoint in words)
-  from the flags."""
+  """(base path, {name: (methods, peft)}, the run's chat default, the run's checkpoint in words,
+  the base's (quant, quant_block)) from the flags: a run decodes over the base it trained over."""
   if _WORKDIR.value and _ADAPTERS.value:
     raise app.UsageError('give --workdir=DIR (a run) or --adapter=DIR (adapter files), not both')
   if _WORKDIR.value:
     run = restore_run(_WORKDIR.value, _CHECKPOINT.value)
     model = _MODEL.value or run.config['model']
+    quant = (_BASE_QUANT.value or run.config.get('base_quant', 'none'),
+             run.config.get('base_quant_block', 0))
     return (model, {'run': (run.methods, run.peft)}, run.config['data']['template'] == 'chat',
-            f'{_WORKDIR.value}: step {run.step} ({_CHECKPOINT.value})')
+            f'{_WORKDIR.value}: step {run.step} ({_CHECKPOINT.value})', quant)
   if not _MODEL.value:
     raise app.UsageError('give --workdir=DIR (a run), --adapter=DIR with --model (adapter files) '
                          'or --model alone (the base)')
-  return _MODEL.value, dict(named_adapters(_ADAPTERS.value)), False, None
+  return (_MODEL.value, dict(named_adapters(_ADAPTERS.value)), False, None,
+          (_BASE_QUANT.value or 'none', 0))
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
@@ -117,7 +123,7 @@ def main(argv):
     raise app.UsageError('give --prompt="..." or --prompts=FILE.jsonl')
   try:
     sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value)
-    base, sources, run_chat, checkpoint = load_adapters()
+    base, sources, run_chat, checkpoint, (quant, quant_block) = load_adapters()
     config = load_config(base)  # the adapters are checked against it before a weight is read
     adapters = {name: source if isinstance(source, tuple) else load_adapter(source, config)
                 for name, source in sources.items()}
@@ -127,7 +133,7 @@ def main(argv):
       rows = [(_PROMPT.value, index) for index in range(len(names))]
     else:
       rows = read_prompts(_PROMPTS.value, names)
-    config, params = load_model(base)
+    config, params = load_model(base, quant=quant, quant_block=quant_block)
     tokenizer = load_tokenizer(base)
   except (ValueError, OSError) as err:
     sys.exit(f'error: {err}')

@@ -12,6 +12,8 @@ from typing import Callable
 import numpy as np
 
 from additive_jax.model.config import LlamaConfig
+from additive_jax.model.quant import QuantizedWeight, stack
+from additive_jax.model.quant_layout import Layout, blocks_to_ours, quantize_weight
 
 
 class ModelLoadError(ValueError):
@@ -62,8 +64,21 @@ def hf_tensor_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def params_from_hf(cfg: LlamaConfig, read: Callable[[str], np.ndarray], source: str) -> dict:
-  """Builds our params tree from HF-named tensors; `read(name)` returns one as numpy.
+def our_paths(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
+  """HF tensor name -> the path of its weight in our params (a layer's weights share one)."""
+  paths = {'model.embed_tokens.weight': ('embed_tokens', 'embedding'),
+           'model.norm.weight': ('norm', 'scale'), 'lm_head.weight': ('lm_head', 'kernel')}
+  for i in range(cfg.num_layers):
+    for path, suffix, _, _ in _layer_tensors(cfg):
+      paths[f'model.layers.{i}.{suffix}'] = ('layers', *path)
+  return paths
+
+
+def params_from_hf(cfg: LlamaConfig, read: Callable[[str], np.ndarray], source: str,
+                   layout: Layout | None = None) -> dict:
+  """Builds our params tree from HF-named tensors; `read(name)` returns one as numpy, or as a
+  GGUF tensor's blocks (a `QuantizedWeight` in the HF layout, kept as they are). With `layout`
+  (model/quant_layout.py) its weights are quantized one tensor at a time as they are read.
 
   Every tensor is checked against the config before it is used, and a bad one is
   named with `source`; nothing is returned half-built.
@@ -79,14 +94,24 @@ def params_from_hf(cfg: LlamaConfig, read: Callable[[str], np.ndarray], source: 
     if tuple(tensor.shape) != expected[name]:
       raise ModelLoadError(f'{source}: tensor {name!r} has shape {tuple(tensor.shape)}, '
                             f'the config implies {expected[name]}')
+    if isinstance(tensor, QuantizedWeight):
+      return tensor
     return np.asarray(tensor).astype(dtype)
 
-  params: dict = {'embed_tokens': {'embedding': get('model.embed_tokens.weight')},
+  def ours(path, name, to_ours):
+    value = get(name)
+    if isinstance(value, QuantizedWeight):  # its blocks move with their rows (quant_layout.py)
+      return blocks_to_ours(value, path, to_ours(np.broadcast_to(np.float32(0), value.shape)).shape)
+    return quantize_weight(layout, path, to_ours(value))
+
+  params: dict = {'embed_tokens': {'embedding': ours(('embed_tokens', 'embedding'),
+                                                     'model.embed_tokens.weight', lambda w: w)},
                   'norm': {'scale': get('model.norm.weight')}, 'layers': {}}
   if not cfg.tie_word_embeddings:
-    params['lm_head'] = {'kernel': get('lm_head.weight').T}
+    params['lm_head'] = {'kernel': ours(('lm_head', 'kernel'), 'lm_head.weight', lambda w: w.T)}
   for path, suffix, _, to_ours in _layer_tensors(cfg):
-    stacked = np.stack([to_ours(get(f'model.layers.{i}.{suffix}')) for i in range(cfg.num_layers)])
+    stacked = stack([ours(('layers', *path), f'model.layers.{i}.{suffix}', to_ours)
+                     for i in range(cfg.num_layers)])
     node = params['layers']
     for key in path[:-1]:
       node = node.setdefault(key, {})

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from additive_jax.model.config import ConfigError, LlamaConfig
-from additive_jax.model.convert import ModelLoadError, hf_tensor_shapes, params_from_hf
+from additive_jax.model.convert import ModelLoadError, hf_tensor_shapes, our_paths, params_from_hf
+from additive_jax.model.quant import QuantizedWeight
+from additive_jax.model.quant_layout import GGUF_FORMATS, Layout
 
 if TYPE_CHECKING:
   import gguf
@@ -137,17 +139,40 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
   return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: str, **overrides):
-  """(config, params) from a GGUF file of a llama model."""
+def _tensors(reader: gguf.GGUFReader) -> dict:
+  """HF name -> the file's tensor, for the tensors we read."""
+  return {name: tensor for tensor in reader.tensors if (name := _hf_name(tensor.name)) is not None}
+
+
+def tensor_types(reader: gguf.GGUFReader, cfg: LlamaConfig) -> dict[tuple[str, ...], list[str]]:
+  """Our weight path -> the GGUF types its tensors have (one per layer): what `base_quant='gguf'`
+  keeps as blocks (model/quant_layout.py)."""
+  paths, types = our_paths(cfg), {}
+  for name, tensor in _tensors(reader).items():
+    if name in paths:
+      types.setdefault(paths[name], []).append(tensor.tensor_type.name)
+  return types
+
+
+def _blocks(tensor, shape, format: str, dtype: str) -> QuantizedWeight:
+  """A Q8_0 / Q4_0 / Q4_1 tensor's bytes as blocks in the HF layout [out, in], not widened:
+  a block is an fp16 d (and an fp16 m for Q4_1), then 32 int8 codes or 16 bytes of nibbles."""
+  raw = np.asarray(tensor.data).view(np.uint8).reshape(shape[0], shape[1] // 32, -1)
+  scale = np.ascontiguousarray(raw[..., 0:2]).view(np.float16)
+  offset = np.ascontiguousarray(raw[..., 2:4]).view(np.float16) if format == 'int4_min' else None
+  codes = np.ascontiguousarray(raw[..., 4 if offset is not None else 2:])
+  return QuantizedWeight(codes.view(np.int8) if format == 'int8' else codes, scale, offset,
+                         format, -1, dtype)
+
+
+def load_gguf(path: str, layout: Layout | None = None, **overrides):
+  """(config, params) from a GGUF file of a llama model. With `layout` the weights it names are
+  quantized as they are read, or, for `layout.mode == 'gguf'`, kept in the file's blocks."""
   from gguf.quants import dequantize  # see _read_gguf
   reader = open_gguf(path)
   cfg = config_from_gguf(reader, path, **overrides)
-  tensors = {}
-  for tensor in reader.tensors:
-    name = _hf_name(tensor.name)
-    if name is not None:
-      tensors[name] = tensor
-
+  tensors = _tensors(reader)
+  paths = our_paths(cfg)
   expected = hf_tensor_shapes(cfg)
 
   def read(name):
@@ -156,16 +181,31 @@ def load_gguf(path: str, **overrides):
     if shape != expected[name]:  # refused before dequantizing: nothing of its size is allocated
       raise ModelLoadError(f'{path}: tensor {tensor.name!r} ({name}) has shape {shape}, the config '
                            f'implies {expected[name]}')
+    if layout is not None and layout.mode == 'gguf' and layout.format(paths[name]):
+      values = _blocks(tensor, shape, GGUF_FORMATS[tensor.tensor_type.name], layout.dtype)
+    else:
+      values = widen(tensor, shape)
+    if name.endswith('q_proj.weight'):  # whole rows move: a row's blocks move with it
+      values = _unpermute_rows(values, cfg.num_heads)
+    elif name.endswith('k_proj.weight'):
+      values = _unpermute_rows(values, cfg.num_kv_heads)
+    return values
+
+  def widen(tensor, shape):
     try:
       values = dequantize(tensor.data, tensor.tensor_type)
       values = values.reshape(shape)
     except (NotImplementedError, ValueError) as err:
       raise ModelLoadError(f'{path}: tensor {tensor.name!r} ({tensor.tensor_type.name}) cannot be '
                             f'dequantized ({err})') from None
-    if name.endswith('q_proj.weight'):
-      values = _unpermute(values, cfg.num_heads)
-    elif name.endswith('k_proj.weight'):
-      values = _unpermute(values, cfg.num_kv_heads)
     return values.astype(np.float32)
 
-  return cfg, params_from_hf(cfg, read, path)
+  return cfg, params_from_hf(cfg, read, path, layout)
+
+
+def _unpermute_rows(w, heads: int):
+  """`_unpermute` of an array, or of each part of a weight in blocks (rows first in all)."""
+  if isinstance(w, QuantizedWeight):
+    return w.replace(codes=_unpermute(w.codes, heads), scale=_unpermute(w.scale, heads),
+                     offset=None if w.offset is None else _unpermute(w.offset, heads))
+  return _unpermute(w, heads)

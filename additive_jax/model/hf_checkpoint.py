@@ -71,7 +71,7 @@ def _tensor_files(directory: str) -> dict[str, str]:
   raise ModelLoadError(f'{directory} has neither model.safetensors nor model.safetensors.index.json')
 
 
-def _read_safetensors(directory: str, cfg: LlamaConfig) -> dict:
+def _read_safetensors(directory: str, cfg: LlamaConfig, layout) -> dict:
   files = _tensor_files(directory)
   expected = hf_tensor_shapes(cfg)
   handles = {}
@@ -93,7 +93,7 @@ def _read_safetensors(directory: str, cfg: LlamaConfig) -> dict:
         return handles[path].get_tensor(name)
       except Exception as err:
         raise ModelLoadError(f'{path}: tensor {name!r} cannot be read ({err})') from None
-    return params_from_hf(cfg, read, directory)
+    return params_from_hf(cfg, read, directory, layout)
   finally:
     for handle in handles.values():
       handle.__exit__(None, None, None)
@@ -113,8 +113,9 @@ def read_tensor_pickle(path: str, error: type[ValueError]) -> dict[str, np.ndarr
   return {name: tensor.float().numpy() for name, tensor in state.items()}
 
 
-def load_hf_directory(directory: str, allow_pickle: bool = False, **overrides):
-  """(config, params) from an HF `LlamaForCausalLM` directory."""
+def load_hf_directory(directory: str, allow_pickle: bool = False, layout=None, **overrides):
+  """(config, params) from an HF `LlamaForCausalLM` directory; `layout`: the weights to
+  quantize as they are read (model/quant_layout.py)."""
   cfg = read_hf_config(directory, **overrides)
   has_safetensors = any(os.path.exists(os.path.join(directory, name)) for name in
                         ('model.safetensors', 'model.safetensors.index.json'))
@@ -124,6 +125,6 @@ def load_hf_directory(directory: str, allow_pickle: bool = False, **overrides):
                             'unless allow_pickle=True (then with torch.load(weights_only=True))')
     path = os.path.join(directory, 'pytorch_model.bin')
     state = read_tensor_pickle(path, ModelLoadError)
-    return cfg, params_from_hf(cfg, state.__getitem__, path)
-  return cfg, _read_safetensors(directory, cfg)
+    return cfg, params_from_hf(cfg, state.__getitem__, path, layout)
+  return cfg, _read_safetensors(directory, cfg, layout)
 

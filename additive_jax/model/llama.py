@@ -34,6 +34,7 @@ from additive_jax.model.context import AttentionContext, call_context
 from additive_jax.model.hooks import Hooks, check_methods, init_methods
 from additive_jax.model.kv_cache import KVCache
 from additive_jax.model.prefix_slots import ungate, with_prefixes
+from additive_jax.model.quant import widened
 from additive_jax.model.rope import apply_rotary
 
 # The logical axes of the residual stream [B, T, D] and the logits [B, T, V].
@@ -224,7 +225,8 @@ class Llama(nn.Module):
 
   def init_peft(self, rng, params, tokenizer=None) -> dict[str, Any]:
     """`{'params': params, 'peft': {key: leaves}}`, every method at its initial value."""
-    return {'params': params, 'peft': init_methods(self.peft, rng, self.config, params, tokenizer)}
+    return {'params': params,
+            'peft': init_methods(self.peft, rng, self.config, widened(params), tokenizer)}
 
   @property
   def num_virtual_tokens(self) -> int:
@@ -348,10 +350,10 @@ def lm_head_logits(config: LlamaConfig, params, x_MD) -> jax.Array:
   """The LM head of `Llama` applied to final hidden states [..., D] (from `return_hidden`):
   fp32 logits [..., V], computed as the model computes them (tied embedding or `lm_head`)."""
   if config.tie_word_embeddings:
-    weight_VD = params['embed_tokens']['embedding']
+    weight_VD = nn.unbox(params['embed_tokens']['embedding'])  # widened if in blocks
     x_MD, weight_VD = nn.dtypes.promote_dtype(x_MD, weight_VD, dtype=config.dtype)
     return jnp.dot(x_MD, weight_VD.T).astype(jnp.float32)
-  kernel_DV = params['lm_head']['kernel']
+  kernel_DV = nn.unbox(params['lm_head']['kernel'])
   x_MD, kernel_DV = nn.dtypes.promote_dtype(x_MD, kernel_DV, dtype=config.dtype)
   return jnp.dot(x_MD, kernel_DV).astype(jnp.float32)
 

@@ -28,13 +28,18 @@ within one or two fp32 roundings (see ia3.py, lora.py). In bf16 the rounding of
 the merged weight (2⁻⁸ relative) changes the logits and the base cannot be
 recovered, so `merge` refuses a base that is not fp32 unless told
 `allow_low_precision=True` (for deployment, when the unmerged base is kept
-elsewhere). Merge and unmerge are eager, one-off tree surgery, not for `jit`.
+elsewhere). A base in blocks (`base_quant`, model/quant.py) is refused whatever the flag:
+the merged weight would be rounded to the blocks' grid again, or kept widened (PEFT #2321
+merges into a widened copy without a word), and either is a model the adapter was not
+trained as. Merge and unmerge are eager, one-off tree surgery, not for `jit`.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from additive_jax.model.quant import is_quantized
 
 STAGES = ('project', 'mlp_hidden')
 
@@ -53,6 +58,11 @@ def merge(model, variables, allow_low_precision: bool = False):
   mergeable = [m for m in model.peft if m.mergeable]
   trees = variables.get('peft', {})
   params = variables['params']
+  if mergeable and is_quantized(params):
+    raise ValueError('merge folds the methods into base weights stored in blocks (base_quant): '
+                     'the merged weights would be rounded to the blocks again, or widened, a '
+                     'model the adapter was not trained as; keep the adapter apart (save_adapter) '
+                     'and apply it over the same base')
   if mergeable and not allow_low_precision:
     low = sorted({str(x.dtype) for x in jax.tree.leaves(params)
                   if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != jnp.float32})

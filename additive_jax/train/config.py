@@ -36,6 +36,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = 'smollm2-135m-instruct'  # HF checkpoint dir, .gguf file, or the embedded default
   c.dtype = 'auto'                   # compute dtype: 'auto' is bfloat16 on GPU/TPU, float32 on CPU
   c.param_dtype = 'float32'          # storage dtype of the frozen base
+  # the frozen base in blocks of 8 or 4 bits, widened where a product reads it (model/quant.py):
+  # 'none' | 'int8' | 'int4' | 'nf4' | 'gguf' (a GGUF file's own Q8_0/Q4_0/Q4_1 blocks)
+  c.base_quant = 'none'
+  c.base_quant_block = 0             # weights per block; 0: the mode's (32; nf4: 64)
   c.remat = 'none'                   # 'none' | 'full' | 'dots': activation checkpointing policy
   c.attention = 'auto'               # 'auto' | 'xla' | 'cudnn' | 'splash' | 'pallas' (model/attention.py)
   # logits only at the loss positions, this many a row: 'auto' (from the data) | 'all' | a number

@@ -30,7 +30,8 @@ from additive_jax.model.config import ATTENTION_IMPLEMENTATIONS, DTYPES, REMAT_P
 from additive_jax.eval.exact_match import Extractor
 from additive_jax.eval.metrics import check_metric
 from additive_jax.model.hooks import check_methods
-from additive_jax.model.load import load_config
+from additive_jax.model.config import ConfigError
+from additive_jax.model.load import base_layout, load_config
 from additive_jax.peft.registry import class_for_key, method_from_fields
 from additive_jax.train import mesh as mesh_lib
 from additive_jax.train.loss_budget import check_setting as check_loss_positions
@@ -41,7 +42,7 @@ _POSITIVE = ('batch_size', 'seq_len', 'accumulation', 'log_every', 'checkpoint_e
 # implementations that run on one backend alone ('pallas' runs on GPU and TPU, and on a CPU
 # only in Pallas's interpreter, which the tests use)
 _ATTENTION_BACKENDS = {'cudnn': 'gpu', 'splash': 'tpu'}
-_NOT_NEGATIVE = ('num_steps', 'eval_every', 'eval_batches', 'keep_best', 'test_limit', 'eval_metric_limit')
+_NOT_NEGATIVE = ('base_quant_block', 'num_steps', 'eval_every', 'eval_batches', 'keep_best', 'test_limit', 'eval_metric_limit')
 # The extra of setup.py that installs what a file system or a format needs.
 _EXTRAS = {'gcsfs': 'gcs', 'pyarrow': 'parquet'}
 # Formats read by a package the install does not require (data/readers.py imports it when read).
@@ -221,6 +222,11 @@ def _check_methods_and_optimizer(config) -> tuple:
                        f'{", ".join(SCHEDULES)}, got {settings["schedule"]!r}')
   model_config = load_config(config.model)  # the model's config alone: no weights read
   check_methods(methods, model_config)
+  try:  # which weights go in blocks: from the config (and a GGUF file's tensor types) alone
+    base_layout(config.model, config.base_quant, config.base_quant_block)
+  except (ConfigError, ValueError) as err:
+    raise ValueError(f'config.{err}' if str(err).startswith('base_quant') else
+                     f'config.base_quant: {err}') from None
   acausal = next((m for m in methods if not m.causal), None)
   if acausal is not None:
     raise ValueError(f'config.peft.{acausal.key}: {acausal.call_string()} reads every token of '

@@ -53,7 +53,9 @@ def shardings_for(boxed_tree, mesh: Mesh, rules: Rules):
   each rule that could not be followed because the mesh axis does not divide the size.
   """
   specs = nn.logical_to_mesh(nn.get_partition_spec(boxed_tree), rules)
-  shapes = nn.unbox(boxed_tree)
+  # the boxes' values (a weight in blocks is a tree of boxes: its codes' and scales' shardings)
+  shapes = jax.tree.map(lambda box: box.value, boxed_tree,
+                        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   fallback = []
 
   def fit(path, spec, leaf):

@@ -14,20 +14,26 @@ from jax.sharding import Mesh
 
 from additive_jax.model.config import LlamaConfig
 from additive_jax.model.llama import Llama, abstract_variables
-from additive_jax.model.load import load_config, load_model
+from additive_jax.model.load import base_layout, load_config, load_model
+from additive_jax.model.quant_layout import Layout, abstract_quantized
 from additive_jax.train.mesh import Rules, replicated, shardings_for
 from additive_jax.train.step import TrainState
 
 
-def base_shardings(config: LlamaConfig, mesh: Mesh, rules: Rules):
-  """(NamedSharding per base weight, [(path, axis, size, mesh axis) replicated instead])."""
-  return shardings_for(abstract_variables(config)['params'], mesh, rules)
+def base_shardings(config: LlamaConfig, mesh: Mesh, rules: Rules, layout: Layout | None = None):
+  """(NamedSharding per base weight, [(path, axis, size, mesh axis) replicated instead]); a
+  weight in blocks (`layout`) shards its codes and scales by the weight's axis names."""
+  return shardings_for(abstract_quantized(abstract_variables(config)['params'], layout), mesh,
+                       rules)
 
 
-def load_base(path: str, mesh: Mesh, rules: Rules, **overrides):
+def load_base(path: str, mesh: Mesh, rules: Rules, quant: str = 'none', quant_block: int = 0,
+              **overrides):
   """(config, params on the mesh, their shardings, the replicated-instead report)."""
-  shardings, fallback = base_shardings(load_config(path, **overrides), mesh, rules)
-  config, params = load_model(path, shardings=shardings, **overrides)
+  layout = base_layout(path, quant, quant_block, **overrides)
+  shardings, fallback = base_shardings(load_config(path, **overrides), mesh, rules, layout)
+  config, params = load_model(path, shardings=shardings, quant=quant, quant_block=quant_block,
+                              **overrides)
   return config, params, shardings, fallback
 
 

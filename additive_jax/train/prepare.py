@@ -44,7 +44,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, methods, start_peft=Non
   tokenizer = load_tokenizer(config.model)
   dtype = compute_dtype_name(config.dtype)
   model_config, params, param_shardings, fallback = load_base(
-      config.model, mesh, config.rules, dtype=DTYPES[dtype],
+      config.model, mesh, config.rules, config.base_quant, config.base_quant_block,
+      dtype=DTYPES[dtype],
       param_dtype=DTYPES[config.param_dtype], remat=config.remat,
       attention='xla')  # chosen below; the base's shapes are traced with what always traces
   for path, dim, size, axis in fallback:
