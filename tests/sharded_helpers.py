@@ -33,9 +33,10 @@ def batches(vocab, rows=8, length=16):
   return out
 
 
-def setup(checkpoint, mesh, accumulation=1, rules=RULES):
+def setup(checkpoint, mesh, accumulation=1, rules=RULES, quant='none', quant_block=0):
   """(the jitted step, the initial state, the params on the mesh, the fallback report)."""
-  config, params, param_shardings, fallback = load_base(checkpoint, mesh, rules)
+  config, params, param_shardings, fallback = load_base(checkpoint, mesh, rules, quant,
+                                                        quant_block)
   model = Llama(config, peft=METHODS)
   settings = {m.key: method_settings(type(m), {'schedule': 'constant'}) for m in METHODS}
   optimizer = make_optimizer(list(settings), settings, STEPS)
@@ -45,9 +46,10 @@ def setup(checkpoint, mesh, accumulation=1, rules=RULES):
   return step, state, params, fallback
 
 
-def train(checkpoint, mesh, accumulation=1):
+def train(checkpoint, mesh, accumulation=1, quant='none', quant_block=0):
   """(losses, final state, params before, params after, the fallback report) of STEPS steps."""
-  step, state, params, fallback = setup(checkpoint, mesh, accumulation)
+  step, state, params, fallback = setup(checkpoint, mesh, accumulation, quant=quant,
+                                        quant_block=quant_block)
   config_vocab = params['embed_tokens']['embedding'].shape[0]
   before = jax.tree.map(np.asarray, params)
   losses = []

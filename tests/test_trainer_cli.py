@@ -105,6 +105,12 @@ def test_a_bad_config_key_is_one_line_naming_the_nearest(tmp_path, override, mes
     ({'data.over_long': 'skip'}, ValueError, r'config.data.over_long must be one of truncate, drop'),
     ({'data.source.name': 'gsm8k', 'data.eval_split': 'test'}, ValueError,
      r"config.test_metric='accuracy' needs a classification source"),
+    ({'base_quant': 'int3'}, ValueError, r"config.base_quant='int3': one of \('none', 'int8'"),
+    ({'base_quant': 'nf4', 'base_quant_block': 7}, ValueError,
+     r'config.base_quant_block=7: embed_tokens/embedding sums over 576 values, which blocks of 7'),
+    ({'base_quant': 'gguf', 'base_quant_block': 64}, ValueError,
+     r"config.base_quant_block=64: a GGUF file's blocks are 32 long"),
+    ({'base_quant_block': -32}, ValueError, r'config.base_quant_block must be an integer ≥ 0'),
 ])
 def test_bad_configs_are_refused_before_any_compute(changes, error, message):
   config = sst2_config()

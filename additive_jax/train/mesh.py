@@ -52,10 +52,11 @@ def shardings_for(boxed_tree, mesh: Mesh, rules: Rules):
   Returns (shardings, fallback) where `fallback` lists the (path, axis, size, mesh axis) of
   each rule that could not be followed because the mesh axis does not divide the size.
   """
-  specs = nn.logical_to_mesh(nn.get_partition_spec(boxed_tree), rules)
-  # the boxes' values (a weight in blocks is a tree of boxes: its codes' and scales' shardings)
-  shapes = jax.tree.map(lambda box: box.value, boxed_tree,
-                        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  # box by box: a weight in blocks (model/quant.py) is a tree of boxes, its codes' and scales'
+  def boxes(fn):
+    return jax.tree.map(fn, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  specs = nn.logical_to_mesh(boxes(lambda box: box.get_partition_spec()), rules)
+  shapes = boxes(lambda box: box.value)
   fallback = []
 
   def fit(path, spec, leaf):
