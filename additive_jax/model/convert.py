@@ -64,14 +64,16 @@ def hf_tensor_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def our_paths(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
-  """HF tensor name -> the path of its weight in our params (a layer's weights share one)."""
+def our_path(cfg: LlamaConfig, name: str) -> tuple[str, ...] | None:
+  """The path in our params of the weight an HF tensor name holds (a layer's weights share
+  one), or None."""
   paths = {'model.embed_tokens.weight': ('embed_tokens', 'embedding'),
            'model.norm.weight': ('norm', 'scale'), 'lm_head.weight': ('lm_head', 'kernel')}
-  for i in range(cfg.num_layers):
-    for path, suffix, _, _ in _layer_tensors(cfg):
-      paths[f'model.layers.{i}.{suffix}'] = ('layers', *path)
-  return paths
+  if name.startswith('model.layers.') and name.count('.') >= 3:
+    suffix = name.split('.', 3)[3]
+    paths = {f'model.layers.{name.split(".")[2]}.{s}': ('layers', *path)
+             for path, s, _, _ in _layer_tensors(cfg) if s == suffix}
+  return paths.get(name)
 
 
 def params_from_hf(cfg: LlamaConfig, read: Callable[[str], np.ndarray], source: str,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from additive_jax.model.config import ConfigError, LlamaConfig
-from additive_jax.model.convert import ModelLoadError, hf_tensor_shapes, our_paths, params_from_hf
+from additive_jax.model.convert import ModelLoadError, hf_tensor_shapes, our_path, params_from_hf
 from additive_jax.model.quant import QuantizedWeight
 from additive_jax.model.quant_layout import GGUF_FORMATS, Layout
 
@@ -147,10 +147,10 @@ def _tensors(reader: gguf.GGUFReader) -> dict:
 def tensor_types(reader: gguf.GGUFReader, cfg: LlamaConfig) -> dict[tuple[str, ...], list[str]]:
   """Our weight path -> the GGUF types its tensors have (one per layer): what `base_quant='gguf'`
   keeps as blocks (model/quant_layout.py)."""
-  paths, types = our_paths(cfg), {}
+  types = {}
   for name, tensor in _tensors(reader).items():
-    if name in paths:
-      types.setdefault(paths[name], []).append(tensor.tensor_type.name)
+    if (path := our_path(cfg, name)) is not None:
+      types.setdefault(path, []).append(tensor.tensor_type.name)
   return types
 
 
@@ -172,7 +172,6 @@ def load_gguf(path: str, layout: Layout | None = None, **overrides):
   reader = open_gguf(path)
   cfg = config_from_gguf(reader, path, **overrides)
   tensors = _tensors(reader)
-  paths = our_paths(cfg)
   expected = hf_tensor_shapes(cfg)
 
   def read(name):
@@ -181,7 +180,7 @@ def load_gguf(path: str, layout: Layout | None = None, **overrides):
     if shape != expected[name]:  # refused before dequantizing: nothing of its size is allocated
       raise ModelLoadError(f'{path}: tensor {tensor.name!r} ({name}) has shape {shape}, the config '
                            f'implies {expected[name]}')
-    if layout is not None and layout.mode == 'gguf' and layout.format(paths[name]):
+    if layout is not None and layout.mode == 'gguf' and layout.format(our_path(cfg, name)):
       values = _blocks(tensor, shape, GGUF_FORMATS[tensor.tensor_type.name], layout.dtype)
     else:
       values = widen(tensor, shape)

@@ -34,7 +34,7 @@ from additive_jax.model.context import AttentionContext, call_context
 from additive_jax.model.hooks import Hooks, check_methods, init_methods
 from additive_jax.model.kv_cache import KVCache
 from additive_jax.model.prefix_slots import ungate, with_prefixes
-from additive_jax.model.quant import widened
+from additive_jax.model.quant import is_quantized, widened
 from additive_jax.model.rope import apply_rotary
 
 # The logical axes of the residual stream [B, T, D] and the logits [B, T, V].
@@ -290,9 +290,14 @@ class Llama(nn.Module):
                               0 if cache is None or cache.fresh else virtual,
                               any(m.wants_token_order for m in methods))
 
-    block = Block
-    if cfg.remat != 'none':
-      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    block, remat = Block, cfg.remat
+    if remat == 'none' and is_quantized(self.variables.get('params', {})):
+      # A base in blocks (model/quant.py): a backward pass without remat would keep every
+      # layer's widened weights, the scan stacking them (the whole base at full width, more than
+      # the blocks save); 'dots' keeps the matmul outputs alone and widens each weight again
+      remat = 'dots'
+    if remat != 'none':
+      block = nn.remat(Block, policy=REMAT_POLICIES[remat], prevent_cse=False)
     layers = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
                      in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                      metadata_params={nn.PARTITION_NAME: 'layers'})

@@ -85,22 +85,27 @@ class QuantizedWeight(flax.struct.PyTreeNode, meta.AxisMetadata):
 
 def dequantize(w: QuantizedWeight, dtype=None) -> jax.Array:
   """The widened weight, computed as gguf-py's `dequantize` computes it, in fp32, then cast to
-  `dtype` (default: the weight's)."""
-  codes, a = jnp.asarray(w.codes), w.axis
-  if w.format != 'int8':  # low nibbles are the block's first half, high nibbles its second
-    codes = jnp.concatenate([codes & 15, codes >> 4], axis=a)
-  if w.format == 'int8':
-    values = codes.astype(jnp.float32)
-  elif w.format == 'int4':
-    values = (codes.astype(jnp.int8) - 8).astype(jnp.float32)
-  elif w.format == 'int4_min':
-    values = codes.astype(jnp.float32)
-  else:
-    values = jnp.asarray(NF4)[codes]
-  x = jnp.asarray(w.scale).astype(jnp.float32) * values
-  if w.offset is not None:
-    x = x + jnp.asarray(w.offset).astype(jnp.float32)
-  return x.reshape(w.shape).astype(dtype or w.dtype)
+  `dtype` (default: the weight's). Nothing of it is kept for a backward pass (`jax.checkpoint`:
+  recomputed from the codes, the model's remat policy keeping matmul outputs alone)."""
+  def widen(codes, scale, offset):
+    a = w.axis
+    if w.format != 'int8':  # low nibbles are the block's first half, high nibbles its second
+      codes = jnp.concatenate([codes & 15, codes >> 4], axis=a)
+    if w.format == 'int8':
+      values = codes.astype(jnp.float32)
+    elif w.format == 'int4':
+      values = (codes.astype(jnp.int8) - 8).astype(jnp.float32)
+    elif w.format == 'int4_min':
+      values = codes.astype(jnp.float32)
+    else:
+      values = jnp.asarray(NF4)[codes]
+    x = scale.astype(jnp.float32) * values
+    if offset is not None:
+      x = x + offset.astype(jnp.float32)
+    return x.reshape(w.shape).astype(dtype or w.dtype)
+  widen = jax.checkpoint(widen, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+  return widen(jnp.asarray(w.codes), jnp.asarray(w.scale),
+               None if w.offset is None else jnp.asarray(w.offset))
 
 
 def _round_away(x):
