@@ -100,7 +100,11 @@ def test_a_run_over_int4_trains_and_is_scored_over_the_base_it_trained_over(
   config.seq_len, config.num_steps, config.checkpoint_every = 32, 2, 2
   config.base_quant, config.base_quant_block = 'int4', 8
   train_and_evaluate(config, str(tmp_path))
-  assert np.isfinite(json.loads((tmp_path / 'summary.json').read_text())['final_loss'])
+  summary = json.loads((tmp_path / 'summary.json').read_text())
+  assert np.isfinite(summary['final_loss'])
+  widened_bytes = sum(x.nbytes for x in jax.tree.leaves(aj.load_model(tiny_with_tokenizer)[1]))
+  # the projections at 4.5 bits, the embedding and head (most of the tiny model) at 8.5
+  assert summary['base_bytes'] < 0.3 * widened_bytes, (summary['base_bytes'], widened_bytes)
 
   def perplexity(*flags):
     out = tmp_path / 'scored.json'

@@ -172,6 +172,10 @@ def load_gguf(path: str, layout: Layout | None = None, **overrides):
   reader = open_gguf(path)
   cfg = config_from_gguf(reader, path, **overrides)
   tensors = _tensors(reader)
+  last = f'model.layers.{cfg.num_layers - 1}.self_attn.q_proj.weight'
+  if last not in tensors:  # before anything loops over the layers the metadata claims
+    raise ModelLoadError(f'{path}: tensor {last!r} is missing (the metadata says '
+                         f'{cfg.num_layers} layers)')
   expected = hf_tensor_shapes(cfg)
 
   def read(name):

@@ -8,7 +8,8 @@ Einsum letters, used in every shape suffix of the project:
 Pre-norm block:  r = x; f = Attn(RMSNorm(x)); x = r + f; r = x; f = MLP(RMSNorm(x)); x = r + f.
 With no method configured, logits equal `transformers`' `LlamaForCausalLM`.
 
-Variables: `{'params': frozen base (logical axis names on every weight),
+Variables: `{'params': frozen base (logical axis names on every weight; a weight may be a
+`QuantizedWeight`, widened where a module reads it: model/quant.py),
 'peft': {method.key: its trainable leaves}}`. Methods (additive_jax/peft) act at
 the sites named in hooks.py; the block calls every method's hook at every site,
 so adding a method never edits this file.

@@ -128,7 +128,9 @@ def prepare(config, workdir: str, closing: contextlib.ExitStack) -> Session:
   shares = ShareLog(iterator)  # counted from the iterator's position, restored or not
   trainable = sum(c.leaves for c in counts)
   summary = {'trainable_params': trainable,
-             'trainable_percent': 100 * trainable / run.model.config.num_base_params}
+             'trainable_percent': 100 * trainable / run.model.config.num_base_params,
+             # the frozen base as stored (in blocks with config.base_quant), all devices' shards
+             'base_bytes': sum(x.nbytes for x in jax.tree.leaves(run.params))}
   if any(c.frozen for c in counts):  # adapters a method loads and never trains
     summary['frozen_params'] = sum(c.frozen for c in counts)
   return Session(config, folder, methods, run, say, iterator, shares, budget, checkpoints, writer,
