@@ -120,7 +120,7 @@ def memory_plans() -> dict:
 def hlo_widening(text: str) -> dict:
   """Over the optimized HLO: dots inside a fusion that takes 8/4-bit codes (fused), and dots
   that read an f32 buffer a fusion of codes wrote (materialized)."""
-  computations = dict(re.findall(r'\n(%?[\w.\-]+) (?:\([^\n]*\) -> [^\n]*)?\{(.*?)\n\}', text,
+  computations = dict(re.findall(r'\n(?:ENTRY )?(%?[\w.\-]+) (?:\([^\n]*\) -> [^\n]*)?\{(.*?)\n\}', text,
                                  re.S))
   narrow = re.compile(r'\b[su](8|4)\[')
 
