@@ -1,7 +1,8 @@
 """A base in blocks (`base_quant`): its bytes, train and decode speed, and what XLA does with it.
 
     .venv/bin/python benchmarks/quant.py [--rounds=5] [--modes=none,int8,int4,nf4,gguf]
-        [--shapes=smollm2,llama-3.2-1b,llama-3.1-8b] [--out=benchmarks/results/quant_cpu.json]
+        [--shapes=smollm2,llama-3.2-1b,llama-3.1-8b] [--parts=memory,speed]
+        [--out=benchmarks/results/quant_{part}_cpu.json]
 
 Three parts, all in this process, on the CPU (one device):
 
@@ -21,7 +22,7 @@ Three parts, all in this process, on the CPU (one device):
   weight into a buffer of its own first (a fusion of the codes whose f32 output a `dot`
   reads), counted over the step's dots; and the step's temporary bytes.
 
-Writes the machine (machine.py), the settings and every raw timing to `--out`.
+Writes the machine (machine.py), the settings and every raw timing to `--out`, a file a part.
 """
 
 from __future__ import annotations
@@ -70,7 +71,10 @@ _MODES = flags.DEFINE_list('modes', list(MODES), f'of {", ".join(MODES)}')
 _SHAPES = flags.DEFINE_list('shapes', list(SHAPES), f'memory plans of {", ".join(SHAPES)}')
 _NEW_TOKENS = flags.DEFINE_integer('new_tokens', 64, 'decode: greedy tokens timed', lower_bound=1)
 _TRAIN_STEPS = flags.DEFINE_integer('train_steps', 3, 'train steps timed a round', lower_bound=1)
-_OUT = flags.DEFINE_string('out', os.path.join(HERE, 'results', 'quant_cpu.json'), 'JSON results')
+_PARTS = flags.DEFINE_list('parts', ['memory', 'speed'], 'memory (plans compiled from shapes: '
+                           'no timing) and speed (timings and the HLO), in one JSON each')
+_OUT = flags.DEFINE_string('out', os.path.join(HERE, 'results', 'quant_{part}_cpu.json'),
+                           'JSON results, {part} the part')
 
 
 def abstract_params(config: LlamaConfig, mode: str, gguf_types=None):
@@ -146,9 +150,24 @@ def hlo_widening(text: str) -> dict:
   return {'dots_fused_with_widening': fused, 'dots_reading_a_widened_buffer': materialized}
 
 
+def write(part: str, results: dict) -> None:
+  path = _OUT.value.format(part=part)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump({'date': datetime.date.today().isoformat(), 'command': ' '.join(sys.argv),
+               'machine': machine_lib.describe(), 'method': LORA.call_string(), **results}, f,
+              indent=2)
+
+
 def main(argv):
   del argv
-  plans = memory_plans()
+  if 'memory' in _PARTS.value:
+    write('memory', {'batch': 1, 'seq_len': 512, 'memory_plans': memory_plans()})
+  if 'speed' in _PARTS.value:
+    speed_and_hlo()
+
+
+def speed_and_hlo():
   bases = {mode: aj.load_model(embedded.NAME, quant=mode) for mode in _MODES.value}
   rng = np.random.default_rng(0)
   batch = {k: jnp.asarray(rng.integers(0, 49152, (8, 128)), jnp.int32)
@@ -203,11 +222,8 @@ def main(argv):
   for mode, s in speed.items():
     print(f'{mode:>5}: base {s["base_bytes"] / 2**20:6.1f} MiB, train {s["train_tokens_per_s"]:7.1f} '
           f'tokens/s, decode {s["decode_ms_per_token"]:6.1f} ms/token, {hlo[mode]}')
-  os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
-  with open(_OUT.value, 'w', encoding='utf-8') as f:
-    json.dump({'date': datetime.date.today().isoformat(), 'command': ' '.join(sys.argv),
-               'machine': machine_lib.describe(), 'method': LORA.call_string(),
-               'memory_plans': plans, 'speed': speed, 'hlo': hlo, 'raw': raw}, f, indent=2)
+  write('speed', {'batch': 8, 'seq_len': 128, 'new_tokens': _NEW_TOKENS.value, 'speed': speed,
+                  'hlo': hlo, 'raw': raw})
 
 
 if __name__ == '__main__':

@@ -121,9 +121,12 @@ def reference_logits(smollm2, text_tokens):
 
 
 @pytest.mark.parametrize('mode', list(BOUNDS))
-def test_smollm2s_logits_over_each_mode_are_within_the_documented_error(reference_logits,
+def test_smollm2s_logits_over_each_mode_are_within_the_documented_error(smollm2, reference_logits,
                                                                        text_tokens, mode):
-  config, params = aj.load_model(SMOLLM2, quant=mode)
+  """The widened base quantized in memory: what `load_model(quant=mode)` does tensor by tensor
+  as it reads them (tests/test_quant_methods.py runs that path)."""
+  config, widened_params = smollm2
+  params = quantize_params(jax.tree.map(np.asarray, widened_params), layout_for(config, mode))
   logits = jax.jit(Llama(config).apply)({'params': params}, text_tokens)
   reference = reference_logits
   rms, kl, top1 = next_token_errors(logits, reference)

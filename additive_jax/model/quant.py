@@ -88,9 +88,13 @@ def dequantize(w: QuantizedWeight, dtype=None) -> jax.Array:
   `dtype` (default: the weight's). Nothing of it is kept for a backward pass (`jax.checkpoint`:
   recomputed from the codes, the model's remat policy keeping matmul outputs alone)."""
   def widen(codes, scale, offset):
-    a = w.axis
-    if w.format != 'int8':  # low nibbles are the block's first half, high nibbles its second
-      codes = jnp.concatenate([codes & 15, codes >> 4], axis=a)
+    if w.format != 'int8':  # low nibbles are the block's first half, high nibbles its second:
+      # [.., b/2, ..] -> [.., 2, b/2, ..] by two shifts, then merged (a concatenation of the two
+      # halves computes the same, 9x slower on XLA:CPU: it does not vectorize)
+      p = codes.ndim + w.axis
+      shifts = jnp.asarray([0, 4], codes.dtype).reshape((2,) + (1,) * (codes.ndim - p))
+      codes = (jnp.expand_dims(codes, p) >> shifts) & 15
+      codes = codes.reshape(codes.shape[:p] + (2 * codes.shape[p + 1],) + codes.shape[p + 2:])
     if w.format == 'int8':
       values = codes.astype(jnp.float32)
     elif w.format == 'int4':

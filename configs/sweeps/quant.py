@@ -6,15 +6,15 @@ r"""Pfeiffer and LoRA over a base in blocks: the benchmarks page's accuracy per 
 
 Each point is the quickstart (configs/sst2.py: 60 steps of 8 rows of 128 tokens, seed 0) with
 the preset over `base_quant`; the base's own accuracy over its blocks is scored before the
-Pfeiffer runs train. The embedded SmolLM2 is a Q4_1 file: `none` widens its 4-bit values,
-`gguf` keeps its blocks (the same weights, so the same numbers), and int8, int4 and nf4 round
-those values onto a grid of their own. An argument runs some points, e.g. `:int4_lora,nf4_lora`.
+Pfeiffer runs train. The embedded SmolLM2 is a Q4_1 file: `none` widens its 4-bit values, and
+int8, int4 and nf4 round those values onto a grid of their own (`gguf` keeps the file's blocks:
+the logits of `none` bit for bit, so it has no point here). An argument runs some points,
+e.g. `:int4_lora,nf4_lora`.
 """
 
 BASE = 'configs/sst2.py'
 POINTS = {f'{quant}_{method}': (quant, method) for quant in ('none', 'int8', 'int4', 'nf4')
           for method in ('pfeiffer', 'lora')}
-POINTS['gguf_pfeiffer'] = ('gguf', 'pfeiffer')
 
 
 def get_hyper(h, arg=None):
