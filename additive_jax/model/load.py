@@ -53,6 +53,8 @@ def load_config(path: str, **overrides) -> LlamaConfig:
 def base_layout(path: str, quant: str = 'none', block: int = 0, **overrides) -> Layout | None:
   """Which weights `load_model(path, quant=quant, quant_block=block)` keeps in blocks, and how
   (None for 'none'); read from the config (and a GGUF file's tensor types), no weight read."""
+  if quant == 'none':  # every plain load passes here: no second read of the config
+    return None
   path = resolve(path)
   config = load_config(path, **overrides)
   if quant == 'gguf' and not path.endswith('.gguf'):
